@@ -1,0 +1,3 @@
+from crosssite.cli import main
+
+main()
