@@ -1,10 +1,10 @@
-"""The `crosssite` command line."""
+"""The `crosssite` command line: one module per command group, all registering on one typer app."""
 
 from __future__ import annotations
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cross-site COVID-19 CT classification.")
+from crosssite.cli.app import app
 
 
 @app.command()

@@ -1,0 +1,17 @@
+"""The typer application every command module registers on."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Cross-site COVID-19 CT classification (Wang, Liu, Dou, IEEE JBHI 2020).",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Cross-site COVID-19 CT classification (Wang, Liu, Dou, IEEE JBHI 2020)."""
