@@ -1,0 +1,31 @@
+"""Exceptions raised for bad input. Each message names the file or argument and what is wrong with it.
+
+The command line turns any `CrossSiteError` into a one-line message and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CrossSiteError(Exception):
+    """Base class of every error crosssite raises on purpose for bad input or bad state."""
+
+
+class ImageReadError(CrossSiteError):
+    """An image file that cannot be decoded (corrupt, truncated, unsupported, not an image)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class SiteError(CrossSiteError):
+    """A site that cannot be loaded: missing path, unknown layout, empty, wrong class folders, bad split file."""
+
+
+class ConfigError(CrossSiteError):
+    """An invalid configuration key or value."""
+
+
+class CheckpointError(CrossSiteError):
+    """A model or checkpoint file that is corrupt, truncated, or from an incompatible version."""
