@@ -1,0 +1,30 @@
+"""Networks of the paper's Table I: original and redesigned COVID-Net with per-site norms, adapters,
+MS-Net auxiliary heads and a contrastive projection head; registry and safetensors save/load.
+
+    model = create_model("covidnet_redesign", num_sites=2, norm="site", projection=True)
+    out = model(images, site)          # ModelOutput(logits, embedding, projection, aux_logits)
+"""
+
+from crosssite.models.adapters import ParallelAdapter, SeriesAdapter, SiteConv1x1
+from crosssite.models.covidnet import CovidNet, ModelOutput
+from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteModule, adapt_norm, get_norm_layer
+from crosssite.models.registry import create_model, is_model, list_models, register_model
+
+__all__ = [
+    "BatchNorm",
+    "CovidNet",
+    "ModelOutput",
+    "NORMS",
+    "NoNorm",
+    "ParallelAdapter",
+    "SeriesAdapter",
+    "SiteBatchNorm",
+    "SiteConv1x1",
+    "SiteModule",
+    "adapt_norm",
+    "create_model",
+    "get_norm_layer",
+    "is_model",
+    "list_models",
+    "register_model",
+]

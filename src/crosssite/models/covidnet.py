@@ -1,0 +1,334 @@
+"""COVID-Net, original and redesigned, for any number of sites.
+
+* COVID-Net: Wang, Lin, Wong, "COVID-Net: a tailored deep convolutional neural network design for
+  detection of COVID-19 cases from chest X-ray images", Scientific Reports 2020 -- PEPX blocks
+  (projection, expansion, depthwise representation, projection, extension) with dense connections.
+* Redesign, SepNorm and contrastive projection head: Wang, Liu, Dou, "Contrastive Cross-site Learning with
+  Redesigned Net for COVID-19 CT Classification", IEEE JBHI 2020 (section III-A, III-B).
+* Site-specific adapters (Rebuffi et al. 2017, 2018): `crosssite.models.adapters`.
+* MS-Net auxiliary heads: Liu, Dou, Yu, Heng, "MS-Net: Multi-Site Network for Improving Prostate
+  Segmentation with Heterogeneous MRI Data", IEEE TMI 2020 -- one auxiliary head per site beside the
+  universal head; the training loss adds cross-entropy on the auxiliary heads and distils their softened
+  predictions into the universal head.
+
+Topology (width 1, 224 px; ``../shared/SPEC.md`` is the reference):
+
+    stem       7x7/2 conv 3 -> 64 [+ norm + ReLU], max-pool 2            224 -> 112 -> 56
+    stage s    (56, 3, 256), (28, 4, 512), (14, 6, 1024), (7, 3, 2048)   (resolution, blocks, channels)
+    shortcut   upper branch: 1x1 conv [+ norm] + ReLU of the stage input, max-pooled for stages 2-4
+    blocks     lower branch: block k's input = shortcut + outputs of blocks 1..k-1 (block 1: the stage
+               input, max-pooled for stages 2-4); the stage input of stage s+1 is shortcut + all of stage
+               s's block outputs, each used exactly once (kept as a running sum)
+    head       redesign: adaptive average pool 2x2 -> 8192-d embedding -> [Linear+BN1d+ReLU] 1024, 256
+               -> num_classes (raw logits); original: flatten 7x7x2048 -> Linear+ReLU 1024, 256 -> logits
+
+Choices this file makes (documented, not in the paper):
+* ``block_act="relu"`` puts a ReLU after each of the first four convolutions of a PEPX block; the block's
+  output (it is summed into the dense connections) is never activated. ``"none"`` is the authors' release.
+* ``width`` scales every channel count and hidden size, rounded to a multiple of 8 and at least 8, which
+  keeps the PEPX widths C/2 and 3C/4 integral; the class count is never scaled.
+* The original COVID-Net's flatten size follows the feature map of ``image_size`` (224 -> 7x7).
+* The projection head is Linear+norm+ReLU (8192 -> 1024) then Linear (1024 -> 128): the release ends with
+  a second BN+ReLU, which would confine every projection to the positive orthant of the cosine
+  similarity's unit sphere, so the final layer is linear as in SimCLR.
+* The auxiliary heads have the universal head's architecture; being per site already, their BN is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from crosssite.errors import ConfigError
+from crosssite.models.adapters import AdapterLayer, get_adapter_layer
+from crosssite.models.norms import BatchNorm, NoNorm, NormLayer, SiteModule, get_norm_layer, per_site
+from crosssite.models.registry import register_model
+
+__all__ = ["ModelOutput", "PEPX", "ConvNormAct", "DenseStage", "MLPHead", "SiteHeads", "CovidNet"]
+
+BLOCK_ACTS = ("none", "relu")
+
+
+class ModelOutput(NamedTuple):
+    """What a forward pass returns. Shapes for a batch of B images."""
+
+    logits: Tensor  # (B, num_classes) raw logits of the universal head
+    embedding: Tensor  # (B, D) pooled embedding the heads read (8192-d for the redesign at width 1)
+    projection: Tensor | None  # (B, 128) projection-head output, None without a projection head
+    aux_logits: Tensor | None  # (B, num_classes) each sample's own site's auxiliary head, None without
+
+
+def _channels(c: int, width: float) -> int:
+    """``c`` scaled by ``width``, rounded to a multiple of 8, at least 8."""
+    return max(8, int(round(c * width / 8)) * 8)
+
+
+class ConvNormAct(nn.Module):
+    """Convolution, norm (shared, per site or none), ReLU. The stem and the upper-branch shortcuts."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, *, norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2)
+        self.norm = norm_layer(out_chs)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+        return self.act(self.norm(self.conv(x), site))
+
+
+class PEPX(nn.Module):
+    """Projection-expansion-projection-extension block: 1x1, 1x1, depthwise 3x3, 1x1, 1x1 convs, all biased.
+
+    Cin -> Cin/2 -> 3Cin/4 -> (3x3 depthwise) 3Cin/4 -> Cin/2 -> Cout, spatial size kept. The adapter (if
+    any) wraps the depthwise conv.
+    """
+
+    def __init__(
+        self, in_chs: int, out_chs: int, *, act_layer: type[nn.Module], adapter_layer: AdapterLayer
+    ) -> None:
+        super().__init__()
+        half, three_quarters = in_chs // 2, 3 * in_chs // 4
+        self.project = nn.Conv2d(in_chs, half, 1)
+        self.expand = nn.Conv2d(half, three_quarters, 1)
+        self.depthwise = nn.Conv2d(three_quarters, three_quarters, 3, padding=1, groups=three_quarters)
+        self.adapter = adapter_layer(three_quarters)
+        self.project2 = nn.Conv2d(three_quarters, half, 1)
+        self.extend = nn.Conv2d(half, out_chs, 1)
+        self.act = act_layer()
+
+    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+        x = self.act(self.project(x))  # (B, Cin/2, H, W)
+        x = self.act(self.expand(x))  # (B, 3Cin/4, H, W)
+        x = self.act(self.adapter(x, self.depthwise(x), site))  # (B, 3Cin/4, H, W)
+        x = self.act(self.project2(x))  # (B, Cin/2, H, W)
+        return self.extend(x)  # (B, Cout, H, W)
+
+
+class DenseStage(nn.Module):
+    """A stage of densely connected PEPX blocks plus its upper-branch shortcut.
+
+    ``forward(x)`` takes the previous stage's total (shortcut + every block output; the pooled stem output
+    for stage 1) and returns ``(total, last)``: this stage's total and its last block's output.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        depth: int,
+        *,
+        downsample: bool,
+        norm_layer: NormLayer,
+        act_layer: type[nn.Module],
+        adapter_layer: AdapterLayer,
+    ) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(2) if downsample else nn.Identity()
+        self.shortcut = ConvNormAct(in_chs, out_chs, 1, norm_layer=norm_layer)
+        self.blocks = nn.ModuleList(
+            PEPX(in_chs if i == 0 else out_chs, out_chs, act_layer=act_layer, adapter_layer=adapter_layer)
+            for i in range(depth)
+        )
+
+    def forward(self, x: Tensor, site: Tensor | None) -> tuple[Tensor, Tensor]:
+        total = self.pool(self.shortcut(x, site))  # (B, Cout, H/2, W/2) (stage 1: H, W)
+        inp = self.pool(x)  # (B, Cin, H/2, W/2): the first block's input
+        for block in self.blocks:
+            out = block(inp, site)
+            total = total + out  # running sum: every block output enters exactly once
+            inp = total
+        return total, out
+
+
+class LinearNormAct(nn.Module):
+    """Linear, norm (B, C), ReLU."""
+
+    def __init__(self, in_features: int, out_features: int, *, norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, out_features)
+        self.norm = norm_layer(out_features)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+        return self.act(self.norm(self.fc(x), site))
+
+
+class MLPHead(nn.Module):
+    """Hidden layers Linear+norm+ReLU, then a final Linear. (B, in_features) -> (B, out_features)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, *, norm_layer: NormLayer) -> None:
+        super().__init__()
+        sizes = [in_features, *hidden]
+        self.hidden = nn.ModuleList(LinearNormAct(a, b, norm_layer=norm_layer) for a, b in zip(sizes, sizes[1:]))
+        self.fc = nn.Linear(sizes[-1], out_features)
+
+    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+        for layer in self.hidden:
+            x = layer(x, site)
+        return self.fc(x)
+
+
+class SiteHeads(SiteModule):
+    """MS-Net auxiliary heads: one `MLPHead` per site; each sample goes through its own site's head."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, num_sites: int, *, norm: bool) -> None:
+        super().__init__()
+        self.head_args = (in_features, tuple(hidden), out_features)
+        self.norm_layer: NormLayer = BatchNorm if norm else NoNorm
+        self.heads = nn.ModuleList(MLPHead(*self.head_args, norm_layer=self.norm_layer) for _ in range(num_sites))
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.heads)
+
+    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+        if site is None:  # an unknown site: the mean of every auxiliary head's logits
+            return torch.stack([head(x, None) for head in self.heads]).mean(0)
+        return per_site(x, site, lambda xs, s: self.heads[s](xs, None))
+
+    @torch.no_grad()
+    def add_site(self) -> None:
+        """Append a head whose parameters and statistics are the mean of the known sites' heads."""
+        head = MLPHead(*self.head_args, norm_layer=self.norm_layer).to(next(self.heads[0].parameters()))
+        states = [h.state_dict() for h in self.heads]
+        head.load_state_dict(
+            {k: torch.stack([s[k] for s in states]).float().mean(0).to(v.dtype) for k, v in states[0].items()}
+        )
+        self.heads.append(head)
+
+
+class CovidNet(nn.Module):
+    """COVID-Net backbone with a classifier, optional projection head and optional MS-Net auxiliary heads.
+
+    ``forward(x, site)``: ``x`` (B, 3, H, W), ``site`` (B,) long site indices (None: a single-site model,
+    or, in evaluation, an unknown site normalised with the mean of the sites' statistics).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_sites: int,
+        num_classes: int = 2,
+        width: float = 1.0,
+        block_act: str = "none",
+        norm: str = "batch",
+        adapter: str | None = None,
+        aux_heads: bool = False,
+        projection: bool = False,
+        pool: str = "avg",
+        image_size: int = 224,
+        depths: Sequence[int] = (3, 4, 6, 3),
+        stage_chs: Sequence[int] = (256, 512, 1024, 2048),
+        stem_chs: int = 64,
+        head_hidden: Sequence[int] = (1024, 256),
+        proj_hidden: int = 1024,
+        proj_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        if num_sites < 1:
+            raise ConfigError(f"num_sites must be >= 1, got {num_sites}")
+        if block_act not in BLOCK_ACTS:
+            raise ConfigError(f"unknown block_act {block_act!r}; expected one of {', '.join(BLOCK_ACTS)}")
+        if pool not in ("avg", "flatten"):
+            raise ConfigError(f"unknown pool {pool!r}; expected 'avg' or 'flatten'")
+        if width <= 0:
+            raise ConfigError(f"width must be > 0, got {width}")
+        self.num_sites = num_sites
+        self.num_classes = num_classes
+        self.model_kwargs = dict(
+            num_classes=num_classes, width=width, block_act=block_act, norm=norm, adapter=adapter,
+            aux_heads=aux_heads, projection=projection, image_size=image_size,
+        )  # fmt: skip
+        norm_layer = get_norm_layer(norm, num_sites)
+        adapter_layer = get_adapter_layer(adapter, num_sites)
+        act_layer = nn.ReLU if block_act == "relu" else nn.Identity
+        chs = [_channels(c, width) for c in (stem_chs, *stage_chs)]
+
+        self.stem = ConvNormAct(3, chs[0], 7, stride=2, norm_layer=norm_layer)
+        self.stem_pool = nn.MaxPool2d(2)
+        self.stages = nn.ModuleList(
+            DenseStage(
+                chs[i], chs[i + 1], depth, downsample=i > 0,
+                norm_layer=norm_layer, act_layer=act_layer, adapter_layer=adapter_layer,
+            )  # fmt: skip
+            for i, depth in enumerate(depths)
+        )
+        self.num_features = chs[-1]
+        if pool == "avg":
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(1))
+            self.embed_dim = 4 * self.num_features
+        else:
+            side = self.feature_size(image_size, len(depths))
+            self.pool = nn.Flatten(1)
+            self.embed_dim = side * side * self.num_features
+        hidden = [_channels(h, width) for h in head_hidden]
+        self.head = MLPHead(self.embed_dim, hidden, num_classes, norm_layer=norm_layer)
+        self.projector = (
+            MLPHead(self.embed_dim, [_channels(proj_hidden, width)], _channels(proj_dim, width), norm_layer=norm_layer)
+            if projection
+            else None
+        )
+        self.aux_heads = (
+            SiteHeads(self.embed_dim, hidden, num_classes, num_sites, norm=norm != "none") if aux_heads else None
+        )
+
+    @staticmethod
+    def feature_size(image_size: int, num_stages: int = 4) -> int:
+        """Side of the last feature map for a square input: stride-2 7x7 stem, then 2x2 max-pools."""
+        side = (image_size + 1) // 2  # 7x7 conv, stride 2, padding 3
+        for _ in range(num_stages):
+            side //= 2  # the stem's pool and the pools of stages 2..4
+        if side < 1:
+            raise ConfigError(f"image_size {image_size} is too small for {num_stages} stages")
+        return side
+
+    def _check_site(self, site: Tensor | None, batch: int) -> Tensor | None:
+        if site is None:
+            return None
+        if site.dtype != torch.long or site.shape != (batch,):
+            raise ValueError(f"site must be a LongTensor of shape ({batch},), got {site.dtype} {tuple(site.shape)}")
+        if batch and not (0 <= int(site.min()) and int(site.max()) < self.num_sites):
+            raise ValueError(f"site indices must lie in [0, {self.num_sites}), got {site.tolist()}")
+        return site
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_features(self, x: Tensor, site: Tensor | None = None) -> Tensor:
+        """The last PEPX block's output (B, C, h, w) (7x7x2048 at width 1 and 224 px)."""
+        site = self._check_site(site, x.shape[0])
+        x = self.stem_pool(self.stem(x, site))  # (B, 64, H/4, W/4)
+        for stage in self.stages:
+            x, last = stage(x, site)
+        return last
+
+    def forward_head(self, x: Tensor, site: Tensor | None = None, pre_logits: bool = False) -> Tensor:
+        """Logits (B, num_classes) from a feature map, or the pooled embedding (B, D) if ``pre_logits``."""
+        site = self._check_site(site, x.shape[0])
+        x = self.pool(x)  # (B, D)
+        return x if pre_logits else self.head(x, site)
+
+    def forward(self, x: Tensor, site: Tensor | None = None) -> ModelOutput:
+        site = self._check_site(site, x.shape[0])
+        embedding = self.forward_head(self.forward_features(x, site), site, pre_logits=True)  # (B, D)
+        return ModelOutput(
+            logits=self.head(embedding, site),
+            embedding=embedding,
+            projection=None if self.projector is None else self.projector(embedding, site),
+            aux_logits=None if self.aux_heads is None else self.aux_heads(embedding, site),
+        )
+
+
+@register_model
+def covidnet(*, num_sites: int, norm: str | None = None, **kwargs) -> CovidNet:
+    """The original COVID-Net (baseline rows of Table I): no BN by default, flatten of the 7x7x2048 map."""
+    return CovidNet(num_sites=num_sites, norm="none" if norm is None else norm, pool="flatten", **kwargs)
+
+
+@register_model
+def covidnet_redesign(*, num_sites: int, norm: str | None = None, **kwargs) -> CovidNet:
+    """The redesigned COVID-Net (JBHI 2020, III-A): BN+ReLU on stem and shortcuts, 2x2 average-pooled head."""
+    return CovidNet(num_sites=num_sites, norm="batch" if norm is None else norm, pool="avg", **kwargs)
