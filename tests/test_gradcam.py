@@ -81,17 +81,19 @@ def test_no_positive_evidence_gives_zero_map_not_nan() -> None:
     assert out.cam.max() == 0.0
 
 
-def test_registry_model_maps_have_input_size() -> None:
-    models = pytest.importorskip("crosssite.models")
-    if not hasattr(models, "create_model"):
-        pytest.skip("crosssite.models.create_model not available yet")
-    for name in ("covidnet_redesign",):
-        model = models.create_model(name, num_sites=2, width=0.0625)
-        images = torch.randn(2, 3, 64, 64)
+@pytest.mark.parametrize("options", [{}, {"norm": "site", "aux_heads": True, "projection": True}])
+def test_registry_models_maps_have_input_size(options: dict) -> None:
+    from crosssite.models import create_model, list_models
+
+    images = torch.randn(2, 3, 64, 64)
+    for name in list_models():
+        model = create_model(name, num_sites=2, width=0.0625, image_size=64, **options)
         out = grad_cam(model, images, site=torch.tensor([0, 1]))
-        assert out.cam.shape == (2, 64, 64)
-        assert out.cam.min() >= 0.0 and out.cam.max() <= 1.0
-        assert torch.isfinite(out.cam).all()
+        assert out.cam.shape == (2, 64, 64), name
+        assert out.cam.min() >= 0.0 and out.cam.max() <= 1.0, name
+        assert torch.isfinite(out.cam).all(), name
+        logits = model.eval()(images, torch.tensor([0, 1])).logits
+        torch.testing.assert_close(out.p_covid, torch.softmax(logits, dim=1)[:, 1])
 
 
 def test_overlay_and_png(tmp_path: Path) -> None:
