@@ -1,0 +1,341 @@
+"""Image readers: every supported file becomes float32 grey slices (H, W) in [0, 1].
+
+* PNG / JPEG / BMP / TIFF (Pillow), any mode: ``L``, ``LA``, ``RGB``, ``RGBA``, ``P``, ``1``, ``CMYK``, 16-bit
+  (``I;16``) and 32-bit (``I``, ``F``). Colour is turned to grey with ITU-R 601 luma weights; alpha is dropped.
+* DICOM (pydicom): stored values go through the modality LUT (rescale slope / intercept) to Hounsfield
+  units and a window (default lung window, level -600, width 1500) maps them to [0, 1]; ``MONOCHROME1`` is
+  inverted; a multi-frame file holds one slice per frame. Images without a modality LUT that are not CT
+  (e.g. secondary captures) are scaled by their bit depth.
+* NIfTI (``.nii``, ``.nii.gz``, nibabel): reoriented to the closest canonical (RAS+) orientation; slice
+  ``k`` is the ``k``-th axial slice from inferior to superior, shown in radiological convention (rows run
+  anterior to posterior, columns from the patient's right to left); values are taken as Hounsfield units
+  and windowed like DICOM.
+
+Every failure raises `ImageReadError(path, reason)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from crosssite.errors import ImageReadError
+
+__all__ = [
+    "LUNG_WINDOW",
+    "READER_VERSION",
+    "SliceRef",
+    "is_supported_file",
+    "image_kind",
+    "num_frames",
+    "read_image",
+    "read_volume",
+    "expand_inputs",
+    "apply_window",
+]
+
+READER_VERSION = 1
+"""Bumped whenever decoding changes, so decode caches built by an older reader are not reused."""
+
+LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
+"""Default (level, width) window in Hounsfield units."""
+
+PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class SliceRef(NamedTuple):
+    """One 2D slice of an input file: ``frame`` is None for single-slice files."""
+
+    path: Path
+    frame: int | None
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def image_kind(path: Path | str) -> str | None:
+    """``"pil"``, ``"dicom"``, ``"nifti"`` or None for a file no reader handles (by suffix, or DICOM magic)."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    suffix = path.suffix.lower()
+    if suffix in PIL_SUFFIXES:
+        return "pil"
+    if suffix in DICOM_SUFFIXES or _has_dicom_magic(path):
+        return "dicom"
+    return None
+
+
+def is_supported_file(path: Path | str) -> bool:
+    """Whether `read_image` can read ``path`` (judged by name and, for DICOM, by its magic bytes)."""
+    return image_kind(path) is not None
+
+
+# ------------------------------------------------------------------------------------------ windowing
+
+
+def apply_window(hu: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Map values to [0, 1] through a (level, width) window; None stretches the slice's own min..max."""
+    hu = hu.astype(np.float32, copy=False)
+    if window is None:
+        lo, hi = float(hu.min()), float(hu.max())
+        width = hi - lo if hi > lo else 1.0
+    else:
+        level, width = window
+        if width <= 0:
+            raise ValueError(f"window width must be positive, got {width}")
+        lo = level - width / 2.0
+    return np.clip((hu - lo) / width, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------------------------------------ PIL
+
+
+def _pil_to_grey(img) -> np.ndarray:
+    """Any Pillow image -> float32 grey in [0, 1]."""
+    mode = img.mode
+    if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
+        mode = img.mode
+    if mode == "1":
+        return np.asarray(img, dtype=np.float32)
+    if mode in ("L", "LA"):
+        arr = np.asarray(img)
+        return (arr[..., 0] if arr.ndim == 3 else arr).astype(np.float32) / 255.0
+    if mode in ("RGB", "RGBA", "RGBX", "RGBa"):
+        arr = np.asarray(img)[..., :3].astype(np.float32)
+        return (arr @ _LUMA) / 255.0
+    if mode.startswith("I;16"):
+        return np.asarray(img).astype(np.float32) / 65535.0
+    if mode in ("I", "F"):
+        arr = np.asarray(img).astype(np.float32)
+        if mode == "I" and arr.min() >= 0 and arr.max() <= 65535:
+            return arr / 65535.0
+        return apply_window(arr, None)
+    raise ValueError(f"unsupported image mode {mode}")
+
+
+def _read_pil(path: Path, frame: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if frame:
+            img.seek(frame)
+        img.load()
+        return _pil_to_grey(img)
+
+
+# ---------------------------------------------------------------------------------------------- DICOM
+
+
+def _dicom_to_grey(ds, pixels: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, convert_color_space
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric.startswith("YBR"):
+        pixels = convert_color_space(pixels, photometric, "RGB")
+        photometric = "RGB"
+    if photometric in ("RGB", "PALETTE COLOR"):
+        if photometric == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            pixels = apply_color_lut(pixels, ds)
+        scale = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        return np.clip((pixels[..., :3].astype(np.float32) @ _LUMA) / scale, 0.0, 1.0)
+    is_ct = str(ds.get("Modality", "")).upper() == "CT" or "RescaleSlope" in ds or "RescaleIntercept" in ds
+    if is_ct:
+        grey = apply_window(apply_modality_lut(pixels, ds), window)
+    else:
+        grey = apply_window(pixels.astype(np.float32), None)
+    return 1.0 - grey if photometric == "MONOCHROME1" else grey
+
+
+def _dicom_num_frames(ds) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def _read_dicom(path: Path, frame: int | None, window: tuple[float, float] | None) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(path, force=True)
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file holds no pixel data")
+    n = _dicom_num_frames(ds)
+    if n > 1:
+        if frame is None:
+            raise ValueError(f"multi-frame DICOM of {n} frames; choose a frame (or use read_volume)")
+        if not 0 <= frame < n:
+            raise ValueError(f"frame {frame} out of range (file has {n} frames)")
+        pixels = ds.pixel_array[frame]
+    else:
+        if frame not in (None, 0):
+            raise ValueError(f"frame {frame} out of range (file has 1 frame)")
+        pixels = ds.pixel_array
+    return _dicom_to_grey(ds, pixels, window)
+
+
+# ---------------------------------------------------------------------------------------------- NIfTI
+
+
+def _nifti_volume(path: Path):
+    """The canonical (RAS+) image and its data proxy, 3D (a 2D image gets a slice axis of 1)."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    shape = img.shape
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) > 3 and any(d != 1 for d in shape[3:]):
+        raise ValueError(f"NIfTI of shape {img.shape}: only 3D volumes (one time point) are supported")
+    return img, shape[:3]
+
+
+def _nifti_slice(img, k: int) -> np.ndarray:
+    data = np.asanyarray(img.dataobj[..., k] if img.ndim == 3 else img.dataobj)
+    data = data.reshape(data.shape[:2])
+    # RAS+: x grows toward the patient's right, y toward anterior. Rows must run anterior -> posterior and
+    # columns from the patient's right to left, so both axes are reversed and then transposed.
+    return np.ascontiguousarray(data[::-1, ::-1].T).astype(np.float32)
+
+
+def _read_nifti(path: Path, frame: int | None, window: tuple[float, float] | None) -> np.ndarray:
+    img, shape = _nifti_volume(path)
+    n = shape[2]
+    if frame is None:
+        if n > 1:
+            raise ValueError(f"NIfTI volume of {n} axial slices; choose a frame (or use read_volume)")
+        frame = 0
+    if not 0 <= frame < n:
+        raise ValueError(f"slice {frame} out of range (volume has {n} axial slices)")
+    if img.ndim > 3:
+        img = img.slicer[..., 0]
+    return apply_window(_nifti_slice(img, frame), window)
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def _fail(path: Path, e: BaseException) -> ImageReadError:
+    reason = str(e) or type(e).__name__
+    return ImageReadError(path, reason)
+
+
+def read_image(
+    path: Path | str, frame: int | None = None, window: tuple[float, float] | None = LUNG_WINDOW
+) -> np.ndarray:
+    """Read one 2D slice as float32 (H, W) in [0, 1]; ``frame`` picks a slice of a multi-slice file.
+
+    ``window`` is the (level, width) in Hounsfield units for DICOM CT and NIfTI (None: the slice's own
+    range); it does not affect PNG/JPEG.
+    """
+    path = Path(path)
+    kind = image_kind(path)
+    if kind is None:
+        raise ImageReadError(path, "unsupported file type (expected PNG, JPEG, BMP, TIFF, DICOM or NIfTI)")
+    try:
+        if kind == "pil":
+            image = _read_pil(path, frame)
+        elif kind == "dicom":
+            image = _read_dicom(path, frame, window)
+        else:
+            image = _read_nifti(path, frame, window)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(path, "file does not exist") from None
+    except Exception as e:  # decoders raise many types (OSError, ValueError, SyntaxError, struct.error...)
+        raise _fail(path, e) from e
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ImageReadError(path, f"decoded to shape {image.shape}, expected a 2D image")
+    if not np.isfinite(image).all():
+        raise ImageReadError(path, "decoded pixels are not finite")
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def num_frames(path: Path | str) -> int | None:
+    """Number of slices of a multi-slice file (multi-frame DICOM, NIfTI volume); None for a 2D image."""
+    path = Path(path)
+    kind = image_kind(path)
+    if kind == "pil" or kind is None:
+        return None
+    try:
+        if kind == "dicom":
+            import pydicom
+
+            n = _dicom_num_frames(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+        else:
+            n = _nifti_volume(path)[1][2]
+    except Exception as e:
+        raise _fail(path, e) from e
+    return n if n > 1 else None
+
+
+def read_volume(
+    path: Path | str,
+    frames: Sequence[int] | None = None,
+    window: tuple[float, float] | None = LUNG_WINDOW,
+) -> list[np.ndarray]:
+    """All slices (or the chosen ``frames``) of a file or of a DICOM series folder, in order."""
+    refs = expand_inputs([path])
+    if frames is not None:
+        n = len(refs)
+        bad = [f for f in frames if not 0 <= f < n]
+        if bad:
+            raise ImageReadError(Path(path), f"slice(s) {bad} out of range (input has {n} slices)")
+        refs = [refs[f] for f in frames]
+    return [read_image(r.path, r.frame, window) for r in refs]
+
+
+def _dicom_series_order(files: list[Path]) -> list[Path]:
+    """Sort the files of a DICOM series along the patient axis (position, else instance number, else name)."""
+    import pydicom
+
+    keys = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        except Exception as e:
+            raise _fail(f, e) from e
+        position = ds.get("ImagePositionPatient")
+        z = float(position[2]) if position is not None and len(position) == 3 else None
+        instance = ds.get("InstanceNumber")
+        keys.append((z is None, z or 0.0, instance is None, int(instance or 0), f.name))
+    return [f for _, f in sorted(zip(keys, files), key=lambda t: t[0])]
+
+
+def expand_inputs(paths: Iterable[Path | str]) -> list[SliceRef]:
+    """Turn files and folders into 2D slices: a volume gives one `SliceRef` per slice, a folder gives its
+    supported files (a DICOM series in patient-axis order, other images by name)."""
+    refs: list[SliceRef] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and is_supported_file(f))
+            if not files:
+                raise ImageReadError(p, "folder holds no supported image files")
+            dicoms = [f for f in files if image_kind(f) == "dicom"]
+            others = [f for f in files if image_kind(f) != "dicom"]
+            refs.extend(expand_inputs(others))
+            for f in _dicom_series_order(dicoms):
+                refs.extend(expand_inputs([f]))
+        elif p.is_file():
+            if not is_supported_file(p):
+                raise ImageReadError(p, "unsupported file type (expected PNG, JPEG, BMP, TIFF, DICOM or NIfTI)")
+            n = num_frames(p)
+            refs.extend([SliceRef(p, None)] if n is None else [SliceRef(p, k) for k in range(n)])
+        else:
+            raise ImageReadError(p, "file does not exist")
+    return refs

@@ -1,0 +1,148 @@
+"""Datasets and data loaders over several sites, yielding the batches the training loop consumes.
+
+A batch is a dict: ``image`` float (B, 3, H, W), ``label`` long (B,), ``site`` long (B,) (the site's
+position in the list of sites given), ``index`` long (B,) (the sample's index in ``site.samples``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from crosssite.data.cache import SliceCache
+from crosssite.data.sampler import MultiSiteBatchSampler
+from crosssite.data.sites import Sample, Site
+from crosssite.data.transforms import eval_transform, short_side_for, train_transform
+
+__all__ = ["SliceDataset", "build_cache", "train_loader", "eval_loader"]
+
+
+def _as_indices(sites: Sequence[Site], indices: Sequence[Sequence[int] | None] | None) -> list[np.ndarray]:
+    if indices is None:
+        return [np.arange(len(s.samples)) for s in sites]
+    if len(indices) != len(sites):
+        raise ValueError(f"got {len(indices)} index arrays for {len(sites)} sites")
+    out = [np.arange(len(site.samples)) if ix is None else np.asarray(ix, dtype=np.int64).reshape(-1)
+           for site, ix in zip(sites, indices)]
+    for site, ix in zip(sites, out):
+        if len(ix) and (ix.min() < 0 or ix.max() >= len(site.samples)):
+            raise ValueError(f"site {site.name!r}: index out of range [0, {len(site.samples)})")
+    return out
+
+
+def build_cache(
+    sites: Sequence[Site],
+    indices: Sequence[Sequence[int] | None] | None = None,
+    image_size: int = 224,
+    **kwargs,
+) -> SliceCache:
+    """A `SliceCache` (short side ``short_side_for(image_size)``) of the chosen samples of ``sites``."""
+    ix = _as_indices(sites, indices)
+    samples = [site.samples[i] for site, idx in zip(sites, ix) for i in idx]
+    kwargs.setdefault("short_side", short_side_for(image_size))
+    return SliceCache(samples, **kwargs)
+
+
+class SliceDataset(Dataset):
+    """The chosen samples of several sites, read from a `SliceCache` and transformed.
+
+    Samples the cache skipped as unreadable (``skip_bad=True``) are left out; ``skipped`` lists them.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        indices: Sequence[Sequence[int] | None] | None,
+        cache: SliceCache,
+        transform: Callable[[np.ndarray], torch.Tensor],
+    ) -> None:
+        self.sites = list(sites)
+        self.cache = cache
+        self.transform = transform
+        site_of, index_of, slot_of, self.skipped = [], [], [], []
+        for s, (site, idx) in enumerate(zip(self.sites, _as_indices(self.sites, indices))):
+            for i in idx:
+                sample: Sample = site.samples[i]
+                try:
+                    slot = cache.slot_of(sample)
+                except KeyError:
+                    raise ValueError(f"site {site.name!r}: {sample.path} is not in the cache") from None
+                if not cache.valid[slot]:
+                    self.skipped.append(sample)
+                    continue
+                site_of.append(s)
+                index_of.append(int(i))
+                slot_of.append(slot)
+        self.site_of_item = np.asarray(site_of, dtype=np.int64)
+        self.index_of_item = np.asarray(index_of, dtype=np.int64)
+        self.slot_of_item = np.asarray(slot_of, dtype=np.int64)
+        self.label_of_item = np.asarray(
+            [self.sites[s].samples[i].label for s, i in zip(site_of, index_of)], dtype=np.int64
+        )
+
+    def __len__(self) -> int:
+        return len(self.site_of_item)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor | int]:
+        return {
+            "image": self.transform(self.cache[int(self.slot_of_item[item])]),
+            "label": int(self.label_of_item[item]),
+            "site": int(self.site_of_item[item]),
+            "index": int(self.index_of_item[item]),
+        }
+
+
+def _loader_kwargs(workers: int, seed: int, pin_memory: bool) -> dict:
+    kwargs: dict = {"num_workers": workers, "pin_memory": pin_memory,
+                    "generator": torch.Generator().manual_seed(seed)}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=4)
+    return kwargs
+
+
+def train_loader(
+    sites: Sequence[Site],
+    indices: Sequence[Sequence[int] | None] | None,
+    cache: SliceCache,
+    image_size: int = 224,
+    *,
+    batch_per_site: int = 16,
+    oversample: str | Mapping[int, int] | Sequence[int] | None = "paper",
+    seed: int = 0,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+    transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Training batches: ``batch_per_site`` augmented slices of every site per step (`MultiSiteBatchSampler`).
+
+    Call ``loader.batch_sampler.set_epoch(e)`` before each epoch.
+    """
+    transform = transform or train_transform(image_size, short_side=cache.short_side)
+    dataset = SliceDataset(sites, indices, cache, transform)
+    sampler = MultiSiteBatchSampler(dataset.site_of_item, batch_per_site, oversample, seed, rank, world_size,
+                                    start_step)
+    return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(workers, seed, pin_memory))
+
+
+def eval_loader(
+    sites: Sequence[Site],
+    indices: Sequence[Sequence[int] | None] | None,
+    cache: SliceCache,
+    image_size: int = 224,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+    mode: str = "resize",
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Evaluation batches in order (site by site, in index order), with `eval_transform`."""
+    transform = transform or eval_transform(image_size, mode=mode)
+    dataset = SliceDataset(sites, indices, cache, transform)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **_loader_kwargs(workers, 0, pin_memory))

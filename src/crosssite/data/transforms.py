@@ -1,0 +1,164 @@
+"""Resizing, augmentation and normalisation of grey slices, on numpy / torch (no torchvision).
+
+Training (the paper): the slice is resized so its short side is ``short_side_for(image_size)``
+(256 for 224), a random ``image_size`` square is cropped, and it is flipped horizontally and vertically,
+each with probability 1/2.
+
+Evaluation, "resize to 224" in the paper, read without distorting the aspect ratio: the short side is
+resized to ``image_size`` and the central ``image_size`` square is kept (``mode="resize"``, default; the
+whole field of view of a square slice). ``mode="crop"`` instead keeps the training scale: short side
+``short_side_for(image_size)``, then the central square.
+
+Both end with float conversion, the grey slice repeated to three channels and per-channel normalisation:
+output float32 (3, image_size, image_size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_MEAN",
+    "DEFAULT_STD",
+    "short_side_for",
+    "resize_short_side",
+    "to_uint8",
+    "TrainTransform",
+    "EvalTransform",
+    "train_transform",
+    "eval_transform",
+]
+
+# Mean and standard deviation of the pixels (in [0, 1]) of both real sites together, measured on their
+# short-side-256 slices; the same for all three channels because the slices are grey.
+DEFAULT_MEAN: tuple[float, float, float] = (0.47, 0.47, 0.47)
+DEFAULT_STD: tuple[float, float, float] = (0.32, 0.32, 0.32)
+
+
+def short_side_for(image_size: int) -> int:
+    """Short side an image is resized to before a random ``image_size`` crop (256 for 224, as the paper)."""
+    return int(round(image_size * 256 / 224))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 (rounded); uint8 is returned unchanged."""
+    if image.dtype == np.uint8:
+        return image
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    """Resize (bilinear, antialiased when shrinking) so that min(H, W) == ``short_side``; returns uint8.
+
+    A float image in [0, 1] is resized in float and rounded once, so no precision is lost to a second
+    rounding.
+    """
+    h, w = image.shape
+    if h <= w:
+        size = (max(1, int(round(w * short_side / h))), short_side)
+    else:
+        size = (short_side, max(1, int(round(h * short_side / w))))
+    if image.dtype == np.uint8:
+        if (w, h) == size:
+            return image
+        return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    resized = np.asarray(Image.fromarray(image.astype(np.float32, copy=False), mode="F").resize(size, Image.BILINEAR))
+    return to_uint8(resized)
+
+
+class _Normalise:
+    """uint8 (H, W) -> float32 (3, H, W), grey repeated to three channels, per-channel (x - mean) / std."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (one per channel), got {mean} and {std}")
+        # Fold 1/255 into the affine map: out = x * scale + bias.
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+        self.bias = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        grey = torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)  # (1, H, W) uint8
+        return torch.addcmul(self.bias, grey.float(), self.scale)  # (3, H, W)
+
+
+class TrainTransform:
+    """Random ``image_size`` crop of the short-side-``short_side`` slice, random h/v flips, normalisation.
+
+    Input: a uint8 or float [0, 1] slice (H, W); a slice whose short side is not ``short_side`` is resized
+    first (slices from `SliceCache` already are). Randomness comes from torch's global generator, which a
+    `DataLoader` seeds in each worker.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        short_side: int | None = None,
+        flips: bool = True,
+        mean: Sequence[float] = DEFAULT_MEAN,
+        std: Sequence[float] = DEFAULT_STD,
+    ) -> None:
+        self.image_size = image_size
+        self.short_side = short_side or short_side_for(image_size)
+        if self.short_side < image_size:
+            raise ValueError(f"short side {self.short_side} is smaller than the crop {image_size}")
+        self.flips = flips
+        self.normalise = _Normalise(mean, std)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if min(image.shape) != self.short_side or image.dtype != np.uint8:
+            image = resize_short_side(image, self.short_side)
+        h, w = image.shape
+        s = self.image_size
+        top = int(torch.randint(h - s + 1, ()))
+        left = int(torch.randint(w - s + 1, ()))
+        crop = image[top : top + s, left : left + s]
+        if self.flips:
+            flip_h, flip_v = (bool(v) for v in torch.rand(2) < 0.5)
+            crop = crop[::-1 if flip_v else 1, ::-1 if flip_h else 1]
+        return self.normalise(crop)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, short_side={self.short_side}, flips={self.flips})"
+
+
+class EvalTransform:
+    """Deterministic: resize the short side (to ``image_size`` or, with ``mode="crop"``, to
+    ``short_side_for(image_size)``), keep the central square, normalise."""
+
+    def __init__(
+        self,
+        image_size: int,
+        mode: str = "resize",
+        mean: Sequence[float] = DEFAULT_MEAN,
+        std: Sequence[float] = DEFAULT_STD,
+    ) -> None:
+        if mode not in ("resize", "crop"):
+            raise ValueError(f"eval mode must be 'resize' or 'crop', got {mode!r}")
+        self.image_size = image_size
+        self.mode = mode
+        self.short_side = image_size if mode == "resize" else short_side_for(image_size)
+        self.normalise = _Normalise(mean, std)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        image = resize_short_side(image, self.short_side)
+        h, w = image.shape
+        s = self.image_size
+        top, left = (h - s) // 2, (w - s) // 2
+        return self.normalise(image[top : top + s, left : left + s])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, mode={self.mode!r})"
+
+
+def train_transform(image_size: int = 224, **kwargs) -> TrainTransform:
+    """The paper's training augmentation at ``image_size`` (see `TrainTransform`)."""
+    return TrainTransform(image_size, **kwargs)
+
+
+def eval_transform(image_size: int = 224, **kwargs) -> EvalTransform:
+    """The evaluation transform at ``image_size`` (see `EvalTransform`)."""
+    return EvalTransform(image_size, **kwargs)
