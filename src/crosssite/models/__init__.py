@@ -3,10 +3,13 @@ MS-Net auxiliary heads and a contrastive projection head; registry and safetenso
 
     model = create_model("covidnet_redesign", num_sites=2, norm="site", projection=True)
     out = model(images, site)          # ModelOutput(logits, embedding, projection, aux_logits)
+    save(model, "run/model", card)     # run/model.safetensors + run/model.json
+    model, card = load("run/model")
 """
 
 from crosssite.models.adapters import ParallelAdapter, SeriesAdapter, SiteConv1x1
 from crosssite.models.covidnet import CovidNet, ModelOutput
+from crosssite.models.hub import load, model_paths, save
 from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteModule, adapt_norm, get_norm_layer
 from crosssite.models.registry import create_model, is_model, list_models, register_model
 
@@ -26,5 +29,8 @@ __all__ = [
     "get_norm_layer",
     "is_model",
     "list_models",
+    "load",
+    "model_paths",
     "register_model",
+    "save",
 ]
