@@ -13,7 +13,7 @@
 
 Topology (width 1, 224 px; ``../shared/SPEC.md`` is the reference):
 
-    stem       7x7/2 conv 3 -> 64 [+ norm + ReLU], max-pool 2            224 -> 112 -> 56
+    stem       7x7/2 conv 3 -> 64 [+ norm] + ReLU, max-pool 2            224 -> 112 -> 56
     stage s    (56, 3, 256), (28, 4, 512), (14, 6, 1024), (7, 3, 2048)   (resolution, blocks, channels)
     shortcut   upper branch: 1x1 conv [+ norm] + ReLU of the stage input, max-pooled for stages 2-4
     blocks     lower branch: block k's input = shortcut + outputs of blocks 1..k-1 (block 1: the stage
@@ -25,8 +25,11 @@ Topology (width 1, 224 px; ``../shared/SPEC.md`` is the reference):
 Choices this file makes (documented, not in the paper):
 * ``block_act="relu"`` puts a ReLU after each of the first four convolutions of a PEPX block; the block's
   output (it is summed into the dense connections) is never activated. ``"none"`` is the authors' release.
-* ``width`` scales every channel count and hidden size, rounded to a multiple of 8 and at least 8, which
-  keeps the PEPX widths C/2 and 3C/4 integral; the class count is never scaled.
+* ``width`` scales every channel count and head size (the projection's 128 included), rounded to a
+  multiple of 8 and at least 8, which keeps the PEPX widths C/2 and 3C/4 integral; the class count is
+  never scaled.
+* ``norm`` places its layers where the redesign has BN (stem, shortcuts, hidden head layers); the original
+  COVID-Net defaults to ``norm="none"`` and keeps the ReLUs there, the redesign to ``norm="batch"``.
 * The original COVID-Net's flatten size follows the feature map of ``image_size`` (224 -> 7x7).
 * The projection head is Linear+norm+ReLU (8192 -> 1024) then Linear (1024 -> 128): the release ends with
   a second BN+ReLU, which would confine every projection to the positive orthant of the cosine
@@ -47,7 +50,7 @@ from crosssite.models.adapters import AdapterLayer, get_adapter_layer
 from crosssite.models.norms import BatchNorm, NoNorm, NormLayer, SiteModule, get_norm_layer, per_site
 from crosssite.models.registry import register_model
 
-__all__ = ["ModelOutput", "PEPX", "ConvNormAct", "DenseStage", "MLPHead", "SiteHeads", "CovidNet"]
+__all__ = ["ModelOutput", "ConvNormAct", "PEPX", "DenseStage", "LinearNormAct", "MLPHead", "SiteHeads", "CovidNet"]
 
 BLOCK_ACTS = ("none", "relu")
 
@@ -174,7 +177,9 @@ class MLPHead(nn.Module):
 class SiteHeads(SiteModule):
     """MS-Net auxiliary heads: one `MLPHead` per site; each sample goes through its own site's head."""
 
-    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, num_sites: int, *, norm: bool) -> None:
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], out_features: int, num_sites: int, *, norm: bool
+    ) -> None:
         super().__init__()
         self.head_args = (in_features, tuple(hidden), out_features)
         self.norm_layer: NormLayer = BatchNorm if norm else NoNorm
@@ -205,6 +210,19 @@ class CovidNet(nn.Module):
 
     ``forward(x, site)``: ``x`` (B, 3, H, W), ``site`` (B,) long site indices (None: a single-site model,
     or, in evaluation, an unknown site normalised with the mean of the sites' statistics).
+
+    Args:
+        num_sites: site slots of every site-specific module.
+        num_classes: classifier outputs (raw logits).
+        width: channel multiplier (1.0 is the paper's network).
+        block_act: ``"none"`` (the release) or ``"relu"`` inside PEPX blocks.
+        norm: ``"batch"`` (shared), ``"site"`` (one BN copy per site) or ``"none"``.
+        adapter: ``None``, ``"series"`` or ``"parallel"`` site-specific adapters in every PEPX block.
+        aux_heads: add MS-Net's per-site auxiliary heads (``ModelOutput.aux_logits``).
+        projection: add the contrastive projection head (``ModelOutput.projection``).
+        pool: ``"avg"`` (adaptive average pool to 2x2, the redesign) or ``"flatten"`` (the original).
+        image_size: input side the ``"flatten"`` head is sized for; unused by ``"avg"``.
+        depths, stage_chs, stem_chs, head_hidden, proj_hidden, proj_dim: sizes at width 1.
     """
 
     def __init__(
@@ -238,10 +256,16 @@ class CovidNet(nn.Module):
             raise ConfigError(f"width must be > 0, got {width}")
         self.num_sites = num_sites
         self.num_classes = num_classes
-        self.model_kwargs = dict(
-            num_classes=num_classes, width=width, block_act=block_act, norm=norm, adapter=adapter,
-            aux_heads=aux_heads, projection=projection, image_size=image_size,
-        )  # fmt: skip
+        self.model_kwargs = {
+            "num_classes": num_classes,
+            "width": width,
+            "block_act": block_act,
+            "norm": norm,
+            "adapter": adapter,
+            "aux_heads": aux_heads,
+            "projection": projection,
+            "image_size": image_size,
+        }
         norm_layer = get_norm_layer(norm, num_sites)
         adapter_layer = get_adapter_layer(adapter, num_sites)
         act_layer = nn.ReLU if block_act == "relu" else nn.Identity
@@ -251,9 +275,14 @@ class CovidNet(nn.Module):
         self.stem_pool = nn.MaxPool2d(2)
         self.stages = nn.ModuleList(
             DenseStage(
-                chs[i], chs[i + 1], depth, downsample=i > 0,
-                norm_layer=norm_layer, act_layer=act_layer, adapter_layer=adapter_layer,
-            )  # fmt: skip
+                chs[i],
+                chs[i + 1],
+                depth,
+                downsample=i > 0,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                adapter_layer=adapter_layer,
+            )
             for i, depth in enumerate(depths)
         )
         self.num_features = chs[-1]

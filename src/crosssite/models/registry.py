@@ -1,8 +1,9 @@
 """Model registry: ``@register_model`` constructors looked up by name, as in timm.
 
 `create_model` records the architecture name on the model (``model.arch``), and the model records its
-resolved keyword arguments (``model.model_kwargs``, everything but ``num_sites``), so that `crosssite.models.hub.save` can write them into the model
-card and `crosssite.models.hub.load` can rebuild the same network.
+resolved keyword arguments (``model.model_kwargs``, everything but ``num_sites``), so that
+`crosssite.models.hub.save` can write them into the model card and `crosssite.models.hub.load` can
+rebuild the same network.
 """
 
 from __future__ import annotations
