@@ -1,0 +1,468 @@
+"""`report.md` and a self-contained `report.html` for an experiment directory.
+
+The report states how the data were split and grouped, then gives Table I (mean ± std over folds x
+seeds, the paper's AUC beside ours), Tables II and III (paired t-tests of ours against every other row),
+Fig. 3 (mean ROC curves per site) and Fig. 4/5 (Grad-CAM of correct and failed test cases of ours), and
+lists every run with its machine, commit and wall time.
+
+The document is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered twice:
+to Markdown, with figures as PNG files beside it, and to HTML, with the same PNGs embedded as base64 so
+the file needs nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import crosssite
+from crosssite.errors import CrossSiteError
+from crosssite.gradcam import grad_cam
+from crosssite.reporting.figures import GradCamCase, gradcam_figure, roc_figure
+from crosssite.reporting.tables import (
+    OURS,
+    PAPER_SITES,
+    ROWS,
+    ReportError,
+    RunResult,
+    Table,
+    load_results,
+    runs_of,
+    site_order,
+    table_one,
+    ttest_table,
+)
+
+__all__ = ["ReportOutput", "build_report", "PATIENT_GROUPING"]
+
+# How each real site's slices are grouped into patients, and what that means for the test numbers.
+PATIENT_GROUPING = {
+    "sars_cov2_ct": (
+        "no per-image patient ids (about 120 patients in all), so folds split slices, not patients: slices of "
+        "one patient, often near-duplicates, may sit in both the training and the test part, which makes "
+        "this site's numbers optimistic."
+    ),
+    "covid_ct": (
+        "patient ids from `Meta/COVID-CT-MetaInfo.csv` and `Meta/NonCOVID-CT-MetaInfo.csv`; folds are grouped "
+        "by patient, so no patient has slices in both the training and the test part."
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Paragraph:
+    text: str
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class FigureBlock:
+    path: Path
+    caption: str
+
+
+Block = Heading | Paragraph | Bullets | Table | FigureBlock
+
+
+def _inline_html(text: str) -> str:
+    """Escape text and turn the Markdown inline marks used here (`code`, **bold**) into HTML."""
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
+def _to_markdown(blocks: Sequence[Block], base: Path) -> str:
+    parts = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append("#" * b.level + " " + b.text)
+        elif isinstance(b, Paragraph):
+            parts.append(b.text)
+        elif isinstance(b, Bullets):
+            parts.append("\n".join(f"- {item}" for item in b.items))
+        elif isinstance(b, Table):
+            parts.append(b.to_markdown())
+        else:
+            parts.append(f"![{b.caption}]({b.path.relative_to(base).as_posix()})\n\n*{b.caption}*")
+    return "\n\n".join(parts) + "\n"
+
+
+def _table_html(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in t.body)
+    caption = f"<p class='caption'>{_inline_html(t.caption)}</p>" if t.caption else ""
+    return (
+        f"<p><strong>{html.escape(t.title)}</strong></p><div class='scroll'><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{rows}</tbody></table></div>{caption}"
+    )
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f2f2f2; }
+.scroll { overflow-x: auto; }
+.caption { font-size: 0.85em; color: #555; }
+img { max-width: 100%; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+
+
+def _to_html(blocks: Sequence[Block], title: str) -> str:
+    parts = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"<h{b.level}>{_inline_html(b.text)}</h{b.level}>")
+        elif isinstance(b, Paragraph):
+            parts.append(f"<p>{_inline_html(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b.items) + "</ul>")
+        elif isinstance(b, Table):
+            parts.append(_table_html(b))
+        else:
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            parts.append(
+                f"<figure><img alt='{html.escape(b.caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption class='caption'>{_inline_html(b.caption)}</figcaption></figure>"
+            )
+    return (
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------- sections
+def _distinct(values: Sequence[Any]) -> list[Any]:
+    seen: list[Any] = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
+def _config_values(runs: Sequence[RunResult], key: str) -> str:
+    values = _distinct([r.config.get(key) for r in runs if key in r.config])
+    return ", ".join(str(v) for v in values) if values else "not recorded"
+
+
+def _site_letter(position: int) -> str:
+    return chr(ord("A") + position)
+
+
+def _split_json(exp_dir: Path, runs: Sequence[RunResult]) -> dict[str, Any]:
+    """The first readable split.json of any run (it records the sites' layouts and patient grouping)."""
+    for run in runs:
+        path = exp_dir / run.run_dir / "split.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+    return {}
+
+
+def _grouping_text(site: str, split: dict[str, Any]) -> str:
+    info = (split.get("sites") or {}).get(site) or {}
+    layout = info.get("layout", site)
+    if layout in PATIENT_GROUPING:
+        return PATIENT_GROUPING[layout]
+    if info.get("has_patients") is True:
+        return "patient ids given by the site's layout; folds are grouped by patient."
+    if info.get("has_patients") is False:
+        return (
+            "no patient ids, so folds split slices, not patients: slices of one patient may sit in both the "
+            "training and the test part."
+        )
+    return "patient grouping not recorded in the runs; see the site's layout in `crosssite.data`."
+
+
+def _protocol_section(exp_dir: Path, runs: Sequence[RunResult], sites: Sequence[str]) -> list[Block]:
+    protocol = _config_values(runs, "protocol")
+    if protocol == "official":
+        split_text = "the official split of each site (train / val / test); the test part is scored once."
+    else:
+        split_text = (
+            f"{_config_values(runs, 'folds')}-fold cross-validation per site, folds stratified by class and grouped "
+            f"by patient where patient ids exist; a validation part ({_config_values(runs, 'val_fraction')} of the "
+            "training folds) chooses the checkpoint, and each fold's test part is scored once, never used for "
+            "selection."
+        )
+    split = _split_json(exp_dir, runs)
+    site_items = []
+    for pos, site in enumerate(sites):
+        sizes = _distinct([len(r.sites[site].y_true) for r in runs if site in r.sites])
+        paper = f" (the paper's site {_site_letter(PAPER_SITES.index(site))})" if site in PAPER_SITES else ""
+        site_items.append(
+            f"**Site {_site_letter(pos)}: `{site}`**{paper}: test slices per run {'/'.join(map(str, sizes))}; "
+            + _grouping_text(site, split)
+        )
+    return [
+        Heading("Protocol"),
+        Paragraph(f"**Split**: {split_text} Seeds: {_config_values(runs, 'seed')}."),
+        Bullets(site_items),
+        Paragraph(
+            f"**Scale**: image size {_config_values(runs, 'image_size')} px, width {_config_values(runs, 'width')}, "
+            f"epochs {_config_values(runs, 'epochs')}, batch {_config_values(runs, 'batch_per_site')} per site, "
+            f"learning rate {_config_values(runs, 'lr')}. The paper used 224 px, width 1 and 100 epochs."
+        ),
+        Paragraph(
+            "Metrics use COVID as the positive class and a threshold of 0.5 on P(COVID) unless a model card "
+            "records one chosen on validation."
+        ),
+    ]
+
+
+def _machine_text(machine: Any) -> str:
+    if isinstance(machine, dict):
+        device = machine.get("gpu") or machine.get("processor") or "?"
+        return f"{machine.get('host', '?')} ({device}, {machine.get('cpu_count', '?')} CPUs)"
+    return str(machine)
+
+
+def _runs_section(runs: Sequence[RunResult], notes: Sequence[str]) -> list[Block]:
+    walls = [r.wall_s for r in runs if np.isfinite(r.wall_s)]
+    wall_text = (
+        f"median {statistics.median(walls) / 60:.1f} min per run, {sum(walls) / 3600:.2f} h in all"
+        if walls
+        else "not recorded"
+    )
+    missing = [row.label for row in ROWS if not runs_of(runs, row)]
+    body = [
+        [r.method, r.backbone, str(r.fold), str(r.seed), f"{r.wall_s:.0f}", _machine_text(r.machine),
+         r.git_commit[:12], r.finished_at]
+        for r in sorted(runs, key=lambda r: (r.method, r.backbone, r.seed, r.fold))
+    ]  # fmt: skip
+    table = Table(
+        "Runs",
+        ["method", "backbone", "fold", "seed", "wall s", "machine", "commit", "finished (UTC)"],
+        body,
+    )
+    items = [
+        f"{len(runs)} finished runs; wall time {wall_text}.",
+        "Machines: " + "; ".join(_distinct([_machine_text(r.machine) for r in runs])) + ".",
+        "Commits: " + ", ".join(f"`{c}`" for c in _distinct([r.git_commit for r in runs])) + ".",
+    ]
+    if missing:
+        items.append("Rows of Table I without any run: " + ", ".join(missing) + ".")
+    items += list(notes)
+    other = sorted({(r.method, r.backbone) for r in runs} - {(row.method, row.backbone) for row in ROWS})
+    if other:
+        items.append("Runs outside Table I's rows (not tabulated): " + ", ".join(f"{m}/{b}" for m, b in other) + ".")
+    return [Heading("Runs"), Bullets(items), table]
+
+
+def _roc_section(runs: Sequence[RunResult], sites: Sequence[str], fig_dir: Path) -> list[Block]:
+    blocks: list[Block] = [
+        Heading("Fig. 3: ROC curves"),
+        Paragraph(
+            "Mean ROC per row: each run's test ROC is interpolated on a common false-positive-rate grid and the "
+            "true-positive rates are averaged; the legend's AUC is the mean ± std of the runs' AUCs (as in Table I). "
+            "(a) backbones, (b) baselines on the redesigned backbone, (c) comparison methods."
+        ),
+    ]
+    for pos, site in enumerate(sites):
+        name = f"Site {_site_letter(pos)} ({site})"
+        path = roc_figure(runs, site, f"ROC curves, {name}", fig_dir / f"roc_site{_site_letter(pos)}_{site}.png")
+        blocks.append(FigureBlock(path, f"Fig. 3, {name}: mean ROC curves over folds x seeds."))
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------- Grad-CAM
+def _test_samples(run_dir: Path, site: str) -> list[tuple[Path, int, int | None]]:
+    """(path, label, frame) of every slice of `site`'s test part, read from run_dir/split.json."""
+    path = run_dir / "split.json"
+    if not path.is_file():
+        raise ReportError(f"{path}: not found, so the test part of {site!r} is unknown")
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON ({e.msg})") from None
+    info = (split.get("sites") or split).get(site)
+    if not isinstance(info, dict) or "test" not in info:
+        raise ReportError(f"{path}: no test part recorded for site {site!r}")
+    out = []
+    for item in info["test"]:
+        if not isinstance(item, dict) or "path" not in item or "label" not in item:
+            raise ReportError(f"{path}: test entries of {site!r} must be objects with 'path' and 'label'")
+        file = Path(item["path"])
+        if not file.is_absolute():
+            file = (run_dir / file) if (run_dir / file).exists() else file
+        out.append((file, int(item["label"]), item.get("frame")))
+    return out
+
+
+def _pick_cases(labels: np.ndarray, p: np.ndarray, k: int) -> tuple[list[int], list[int]]:
+    """Indices of the k most confident correct cases (COVID first, as the paper shows lesions) and the k
+    most confident failures."""
+    pred = (p >= 0.5).astype(np.int64)
+    confidence = np.abs(p - 0.5)
+    correct = np.flatnonzero(pred == labels)
+    failed = np.flatnonzero(pred != labels)
+    correct = correct[np.lexsort((-confidence[correct], -labels[correct]))][:k]
+    failed = failed[np.argsort(-confidence[failed], kind="stable")][:k]
+    return correct.tolist(), failed.tolist()
+
+
+def _gradcam_for_site(
+    model: torch.nn.Module, card: dict[str, Any], run_dir: Path, site: str, max_images: int, k: int, seed: int
+) -> tuple[list[GradCamCase], list[GradCamCase], int]:
+    from crosssite.data.io import read_image
+    from crosssite.data.transforms import eval_transform
+
+    names = list(card.get("site_names") or [])
+    if site not in names:
+        raise ReportError(f"the model card of {run_dir} does not name site {site!r} (sites: {names})")
+    samples = _test_samples(run_dir, site)
+    if len(samples) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(samples), max_images, replace=False))
+        samples = [samples[i] for i in keep]
+    image_size = int((card.get("preprocessing") or {}).get("image_size", 224))
+    transform = eval_transform(image_size)
+    images = torch.stack([transform(read_image(p, frame)) for p, _, frame in samples])  # (N, 3, S, S)
+    labels = np.array([label for _, label, _ in samples])
+    site_idx = names.index(site)
+    cams, probs = [], []
+    for chunk in images.split(32):
+        out = grad_cam(model, chunk, site=site_idx)
+        cams.append(out.cam)
+        probs.append(out.p_covid)
+    cam = torch.cat(cams).numpy()
+    p = torch.cat(probs).double().numpy()
+    correct, failed = _pick_cases(labels, p, k)
+
+    def case(i: int) -> GradCamCase:
+        grey = images[i, 0].numpy()
+        grey = (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-12)  # what the model saw, in [0, 1]
+        return GradCamCase(grey, cam[i], int(labels[i]), float(p[i]), samples[i][0].name)
+
+    return [case(i) for i in correct], [case(i) for i in failed], len(samples)
+
+
+def _gradcam_section(
+    exp_dir: Path, runs: Sequence[RunResult], sites: Sequence[str], fig_dir: Path, max_images: int, k: int
+) -> list[Block]:
+    blocks: list[Block] = [Heading("Fig. 4 and 5: Grad-CAM of ours")]
+    ours = runs_of(runs, OURS)
+    candidates = [exp_dir / r.run_dir for r in ours if (exp_dir / r.run_dir / "model.safetensors").is_file()]
+    if not candidates:
+        reason = "no run of ours" if not ours else "no run of ours kept its model.safetensors / model.json"
+        return blocks + [Paragraph(f"Panels skipped: {reason} in `{exp_dir}`.")]
+    run_dir = candidates[0]
+    try:
+        from crosssite.models import load
+
+        model, card = load(run_dir)
+        blocks.append(
+            Paragraph(
+                f"Model of `{run_dir.relative_to(exp_dir).as_posix()}`; Grad-CAM of the predicted class on the last "
+                "convolutional feature map, on its test slices of each site: the most confident correct cases "
+                "(COVID first) and the most confident failures."
+            )
+        )
+        for pos, site in enumerate(sites):
+            name = f"Site {_site_letter(pos)} ({site})"
+            try:
+                correct, failed, n = _gradcam_for_site(model, card, run_dir, site, max_images, k, seed=pos)
+            except (CrossSiteError, OSError, KeyError, ValueError) as e:
+                blocks.append(Paragraph(f"{name}: panels skipped ({e})."))
+                continue
+            for cases, what, fig in ((correct, "correct", "Fig. 4"), (failed, "failed", "Fig. 5")):
+                if not cases:
+                    blocks.append(Paragraph(f"{name}: no {what} case among {n} test slices."))
+                    continue
+                path = fig_dir / f"gradcam_{what}_site{_site_letter(pos)}_{site}.png"
+                gradcam_figure(cases, f"{fig}: {what} cases, {name}", path)
+                blocks.append(FigureBlock(path, f"{fig}, {name}: {what} cases among {n} test slices."))
+    except (CrossSiteError, ImportError, OSError) as e:
+        blocks.append(Paragraph(f"Panels skipped: {e}"))
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------------ report
+@dataclass
+class ReportOutput:
+    """Where the report went."""
+
+    markdown: Path
+    html: Path
+    figures: list[Path] = field(default_factory=list)
+
+
+def build_report(
+    exp_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    gradcam: bool = True,
+    gradcam_cases: int = 4,
+    gradcam_max_images: int = 256,
+    log: Callable[[str], None] = lambda _: None,
+) -> ReportOutput:
+    """Write `report.md`, `report.html` and `figures/*.png` for the experiment in `exp_dir`.
+
+    Args:
+        exp_dir: experiment directory holding `results.jsonl` and the runs' directories.
+        out_dir: where to write (default `exp_dir`).
+        gradcam: draw the Grad-CAM panels (needs a saved model of ours).
+        gradcam_cases: cases per panel.
+        gradcam_max_images: test slices per site scored to find the cases (a random subset if more).
+    """
+    exp_dir = Path(exp_dir)
+    out = Path(out_dir) if out_dir is not None else exp_dir
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    runs, notes = load_results(exp_dir / "results.jsonl")
+    sites = site_order(runs)
+    log(f"{len(runs)} runs, sites {', '.join(sites)}")
+    title = f"crosssite experiment report: {exp_dir.resolve().name}"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    blocks: list[Block] = [
+        Heading(title, 1),
+        Paragraph(
+            f"Generated {stamp} by crosssite {crosssite.__version__} from `results.jsonl` ({len(runs)} runs). "
+            "Reproduces the evaluation of Wang, Liu, Dou, \"Contrastive Cross-site Learning with Redesigned Net "
+            "for COVID-19 CT Classification\", IEEE JBHI 2020."
+        ),
+        *_protocol_section(exp_dir, runs, sites),
+        Heading("Table I"),
+        table_one(runs, sites),
+        Heading("Tables II and III"),
+        ttest_table(runs, sites, "baselines"),
+        ttest_table(runs, sites, "comparisons"),
+    ]
+    log("ROC figures")
+    blocks += _roc_section(runs, sites, fig_dir)
+    if gradcam:
+        log("Grad-CAM panels")
+        blocks += _gradcam_section(exp_dir, runs, sites, fig_dir, gradcam_max_images, gradcam_cases)
+    else:
+        blocks += [Heading("Fig. 4 and 5: Grad-CAM of ours"), Paragraph("Panels skipped: disabled (--no-gradcam).")]
+    blocks += _runs_section(runs, notes)
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text(_to_markdown(blocks, out), encoding="utf-8")
+    html_path.write_text(_to_html(blocks, title), encoding="utf-8")
+    figures = [b.path for b in blocks if isinstance(b, FigureBlock)]
+    return ReportOutput(md_path, html_path, figures)

@@ -1,0 +1,344 @@
+"""Reading an experiment's results.jsonl, and the paper's Tables I-III computed from it.
+
+`results.jsonl` holds one JSON object per finished run (written by `crosssite.experiment`):
+``{"method", "backbone", "fold", "seed", "run_dir", "sites": {name: {metric: value, ..., "y_true": [...],
+"p_covid": [...]}}, "config", "git_commit", "machine", "wall_s", "finished_at"}``, metrics as fractions.
+
+Table I is mean +- sample standard deviation (ddof=1) over the folds x seeds of each row, in %.
+Tables II and III are two-sided paired t-tests of ours against the other rows, pairing runs by (fold, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crosssite.errors import CrossSiteError
+from crosssite.evaluation import paired_ttest
+
+__all__ = [
+    "ReportError",
+    "PaperRow",
+    "ROWS",
+    "OURS",
+    "TABLE_METRICS",
+    "SiteResult",
+    "RunResult",
+    "Table",
+    "load_results",
+    "site_order",
+    "runs_of",
+    "summarise",
+    "table_one",
+    "ttest_pvalues",
+    "ttest_table",
+]
+
+
+class ReportError(CrossSiteError):
+    """An experiment directory or results file that cannot be reported on."""
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of the paper's Table I: how it was trained, its label, and the paper's own numbers."""
+
+    method: str
+    backbone: str
+    label: str
+    paper_auc: tuple[float, float]  # % on site A (SARS-CoV-2 CT), site B (COVID-CT)
+    paper_p: tuple[float, float] | None = None  # Tables II/III of the paper (metric unstated), sites A, B
+
+
+ROWS: tuple[PaperRow, ...] = (
+    PaperRow("single", "covidnet", "Single (COVID-Net)", (84.08, 71.09)),
+    PaperRow("single", "covidnet_redesign", "Single (Redesign)", (94.12, 84.13), (0.002, 0.004)),
+    PaperRow("joint", "covidnet", "Joint (COVID-Net)", (74.78, 68.12)),
+    PaperRow("joint", "covidnet_redesign", "Joint (Redesign)", (85.72, 72.48), (0.007, 0.005)),
+    PaperRow("series-adapter", "covidnet_redesign", "Series Adapter", (92.93, 73.92), (0.009, 1e-5)),
+    PaperRow("parallel-adapter", "covidnet_redesign", "Parallel Adapter", (89.99, 80.29), (0.012, 0.014)),
+    PaperRow("ms-net", "covidnet_redesign", "MS-Net", (94.37, 82.19), (0.021, 0.008)),
+    PaperRow("sepnorm", "covidnet_redesign", "SepNorm", (94.57, 83.94), (0.023, 0.009)),
+    PaperRow("sepnorm-contrastive", "covidnet_redesign", "SepNorm + Contrastive", (96.24, 85.32)),
+)
+OURS = ROWS[-1]
+# Table II: ours against the baselines; Table III: ours against the comparison methods.
+BASELINES = tuple(r for r in ROWS if r.method in ("single", "joint", "sepnorm"))
+COMPARISONS = tuple(r for r in ROWS if r.method in ("series-adapter", "parallel-adapter", "ms-net"))
+
+TABLE_METRICS = ("accuracy", "f1", "recall", "precision", "auc")
+METRIC_LABELS = {
+    "accuracy": "Accuracy",
+    "f1": "F1",
+    "recall": "Recall",
+    "specificity": "Specificity",
+    "precision": "Precision",
+    "auc": "AUC",
+}
+# The paper's site A and site B, by the layout names of the real datasets.
+PAPER_SITES = ("sars_cov2_ct", "covid_ct")
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """One run's test result on one site."""
+
+    metrics: dict[str, float]  # fractions; NaN where undefined
+    y_true: np.ndarray  # (N,) int
+    p_covid: np.ndarray  # (N,) float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One line of results.jsonl."""
+
+    method: str
+    backbone: str
+    fold: int
+    seed: int
+    run_dir: str
+    sites: dict[str, SiteResult]
+    config: dict[str, Any] = field(default_factory=dict)
+    git_commit: str = "unknown"
+    machine: Any = None
+    wall_s: float = float("nan")
+    finished_at: str = ""
+    site_order: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.method, self.backbone, self.fold, self.seed)
+
+
+def _metric_value(value: Any, where: str) -> float:
+    if value is None:
+        return float("nan")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ReportError(f"{where}: not a number: {value!r}") from None
+    if not math.isnan(v) and not 0.0 <= v <= 1.0:
+        raise ReportError(f"{where}: {v} is not a fraction in [0, 1]")
+    return v
+
+
+def _parse_site(name: str, raw: Any, where: str) -> SiteResult:
+    if not isinstance(raw, dict):
+        raise ReportError(f"{where}: site {name!r} is not an object")
+    missing = [k for k in TABLE_METRICS if k not in raw]
+    if missing:
+        raise ReportError(f"{where}: site {name!r} lacks {', '.join(missing)}")
+    metrics = {k: _metric_value(raw[k], f"{where}: site {name!r} {k}") for k in METRIC_LABELS if k in raw}
+    y_true = np.asarray(raw.get("y_true", []), dtype=np.int64)  # predictions are optional: no ROC without them
+    p_covid = np.asarray(raw.get("p_covid", []), dtype=np.float64)
+    if y_true.shape != p_covid.shape or y_true.ndim != 1:
+        raise ReportError(f"{where}: site {name!r} has {y_true.size} labels but {p_covid.size} probabilities")
+    return SiteResult(metrics=metrics, y_true=y_true, p_covid=p_covid)
+
+
+def _parse_line(text: str, where: str) -> RunResult:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{where}: not valid JSON ({e.msg})") from None
+    missing = [k for k in ("method", "backbone", "fold", "seed", "sites") if k not in raw]
+    if missing:
+        raise ReportError(f"{where}: missing {', '.join(missing)}")
+    if not isinstance(raw["sites"], dict) or not raw["sites"]:
+        raise ReportError(f"{where}: 'sites' must be a non-empty object")
+    sites = {name: _parse_site(name, value, where) for name, value in raw["sites"].items()}
+    return RunResult(
+        method=str(raw["method"]),
+        backbone=str(raw["backbone"]),
+        fold=int(raw["fold"]),
+        seed=int(raw["seed"]),
+        run_dir=str(raw.get("run_dir", "")),
+        sites=sites,
+        config=dict(raw.get("config") or {}),
+        git_commit=str(raw.get("git_commit", "unknown")),
+        machine=raw.get("machine"),
+        wall_s=float(raw.get("wall_s", float("nan"))),
+        finished_at=str(raw.get("finished_at", "")),
+        site_order=tuple(raw.get("site_order") or ()),
+    )
+
+
+def load_results(path: str | Path) -> tuple[list[RunResult], list[str]]:
+    """Parse results.jsonl.
+
+    Returns:
+        The runs in file order, one per (method, backbone, fold, seed) (a later line of the same run replaces
+        an earlier one), and notes on what was replaced.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path}: no results file (run `crosssite experiment` first)")
+    runs: dict[tuple[str, str, int, int], RunResult] = {}
+    notes = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        run = _parse_line(text, f"{path}:{number}")
+        if run.key in runs:
+            notes.append(f"{path.name}:{number} repeats run {run.key}; the later line is used")
+        runs[run.key] = run
+    if not runs:
+        raise ReportError(f"{path}: holds no finished run")
+    return list(runs.values()), notes
+
+
+def site_order(runs: Sequence[RunResult]) -> list[str]:
+    """Sites in report order: a run's explicit `site_order`, else the paper's (A = sars_cov2_ct, B = covid_ct),
+    then any other site by name."""
+    names = {name for run in runs for name in run.sites}
+    for run in runs:
+        if run.site_order and set(run.site_order) >= names:
+            return list(run.site_order)
+    paper = [n for n in PAPER_SITES if n in names]
+    return paper + sorted(names - set(paper))
+
+
+def runs_of(runs: Iterable[RunResult], row: PaperRow) -> list[RunResult]:
+    """The runs of one table row, ordered by (seed, fold)."""
+    mine = [r for r in runs if r.method == row.method and r.backbone == row.backbone]
+    return sorted(mine, key=lambda r: (r.seed, r.fold))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    std = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    return float(v.mean()), std, int(len(v))
+
+
+def summarise(runs: Sequence[RunResult], row: PaperRow, site: str, metric: str) -> tuple[float, float, int]:
+    """(mean, std, n) in % of one metric of one row on one site over its runs; NaN where there is none."""
+    values = [100.0 * r.sites[site].metrics.get(metric, float("nan")) for r in runs_of(runs, row) if site in r.sites]
+    return _mean_std(values)
+
+
+@dataclass
+class Table:
+    """A rendered table: header, body cells as text, and a caption with notes."""
+
+    title: str
+    header: list[str]
+    body: list[list[str]]
+    caption: str = ""
+
+    def to_markdown(self) -> str:
+        lines = [f"**{self.title}**", "", "| " + " | ".join(self.header) + " |"]
+        lines.append("|" + "|".join(["---"] + ["---:"] * (len(self.header) - 1)) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in self.body]
+        if self.caption:
+            lines += ["", self.caption]
+        return "\n".join(lines)
+
+
+def _pct(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _site_heading(site: str, position: int) -> str:
+    letter = chr(ord("A") + position)
+    return f"Site {letter} ({site})"
+
+
+def _paper_auc(row: PaperRow, site: str) -> str:
+    """The paper's AUC for this column, when the column is one of the paper's two sites."""
+    if site in PAPER_SITES:
+        return f"{row.paper_auc[PAPER_SITES.index(site)]:.2f}"
+    return "–"
+
+
+def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
+    """Table I: per row and site, mean ± std in % over folds x seeds, the paper's AUC beside ours."""
+    header = ["Method", "runs"]
+    for pos, site in enumerate(sites):
+        name = _site_heading(site, pos)
+        header += [f"{name} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{name} AUC (paper)"]
+    body = []
+    for row in ROWS:
+        mine = runs_of(runs, row)
+        cells = [row.label, str(len(mine))]
+        for site in sites:
+            cells += [_pct(*summarise(runs, row, site, m)[:2]) for m in TABLE_METRICS]
+            cells.append(_paper_auc(row, site))
+        body.append(cells)
+    caption = (
+        "Mean ± sample standard deviation (ddof=1) over every finished fold x seed run of each row, in %; "
+        "'runs' counts them, '–' marks a row or site without runs. The paper's AUC (mean of 4 folds x 3 runs) "
+        f"stands beside ours; the paper's site A is {PAPER_SITES[0]} (SARS-CoV-2 CT-scan) and its site B is "
+        f"{PAPER_SITES[1]} (COVID-CT)."
+    )
+    return Table("Table I. COVID-19 CT classification per site (mean ± std)", header, body, caption)
+
+
+def _matched(ours: Sequence[RunResult], other: Sequence[RunResult], site: str, metric: str) -> tuple[list, list]:
+    theirs = {(r.fold, r.seed): r for r in other if site in r.sites}
+    a, b = [], []
+    for r in ours:
+        match = theirs.get((r.fold, r.seed))
+        if match is not None and site in r.sites:
+            a.append(r.sites[site].metrics.get(metric, float("nan")))
+            b.append(match.sites[site].metrics.get(metric, float("nan")))
+    return a, b
+
+
+def ttest_pvalues(
+    runs: Sequence[RunResult], other: PaperRow, site: str, metric: str, ours: PaperRow = OURS
+) -> tuple[float, float, int]:
+    """(p, mean difference ours - other in %, pairs) of a paired t-test matched by (fold, seed)."""
+    a, b = _matched(runs_of(runs, ours), runs_of(runs, other), site, metric)
+    res = paired_ttest(a, b)
+    diff = 100.0 * float(np.nanmean(np.subtract(a, b))) if res.n else float("nan")
+    return res.p, diff, res.n
+
+
+def _p_text(p: float, diff: float, n: int) -> str:
+    if n < 2:
+        return "n/a"
+    if math.isnan(p):
+        return "– (=)"  # every difference is zero
+    text = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return f"{text} ({'+' if diff > 0 else '-' if diff < 0 else '='})"
+
+
+def ttest_table(runs: Sequence[RunResult], sites: Sequence[str], which: str) -> Table:
+    """Table II (`which="baselines"`) or Table III (`which="comparisons"`): p-values of ours against each row."""
+    if which not in ("baselines", "comparisons"):
+        raise ValueError(f"which must be 'baselines' or 'comparisons', got {which!r}")
+    rows = BASELINES if which == "baselines" else COMPARISONS
+    header = ["Ours vs.", "pairs"]
+    for pos, site in enumerate(sites):
+        name = _site_heading(site, pos)
+        header += [f"{name} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{name} paper"]
+    body = []
+    for row in rows:
+        counts = [ttest_pvalues(runs, row, site, "auc")[2] for site in sites]
+        cells = [row.label, "/".join(str(c) for c in counts)]
+        for site in sites:
+            cells += [_p_text(*ttest_pvalues(runs, row, site, m)) for m in TABLE_METRICS]
+            paper = row.paper_p[PAPER_SITES.index(site)] if row.paper_p and site in PAPER_SITES else None
+            cells.append("–" if paper is None else f"{paper:g}")
+        body.append(cells)
+    number, against = ("II", "Single, Joint and SepNorm") if which == "baselines" else (
+        "III",
+        "the comparison methods",
+    )
+    caption = (
+        f"Two-sided paired t-test (scipy.stats.ttest_rel) of {OURS.label} against {against}, runs paired by "
+        "(fold, seed); 'pairs' counts the matched pairs per site. (+) ours has the higher mean, (-) the lower; "
+        "'n/a' means fewer than 2 matched pairs. The paper reports one p-value per site without naming the "
+        "metric, and only for the redesigned backbone."
+    )
+    return Table(f"Table {number}. p-values of ours against {against}", header, body, caption)
