@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
+from crosssite.data import eval_transform, read_image
 from crosssite.evaluation import binary_metrics
 from crosssite.reporting import ROWS, ReportError, build_report, load_results, site_order, table_one, ttest_table
 from crosssite.reporting.report import _pick_cases
@@ -115,8 +116,9 @@ def test_table_one_rows_and_values(experiment: tuple[Path, list[dict]]) -> None:
     runs, _ = load_results(exp / "results.jsonl")
     table = table_one(runs, ["sars_cov2_ct", "covid_ct"])
     assert [r[0] for r in table.body] == [row.label for row in ROWS]  # the paper's nine rows, its order
-    assert table.header[2] == "Site A (sars_cov2_ct) Accuracy"
-    assert table.header[7] == "Site A (sars_cov2_ct) AUC (paper)"
+    assert table.header[2] == "A Accuracy" and table.header[8] == "B Accuracy"
+    assert table.header[7] == "A AUC (paper)"
+    assert "site A = sars_cov2_ct, site B = covid_ct" in table.caption
     by_label = {r[0]: r for r in table.body}
     for (method, backbone), _ in QUALITY.items():
         label = next(row.label for row in ROWS if (row.method, row.backbone) == (method, backbone))
@@ -211,16 +213,18 @@ def test_report_gradcam_panels_from_saved_model(experiment: tuple[Path, list[dic
     save(model.eval(), run_dir / "model", {"site_names": ["sars_cov2_ct", "covid_ct"],
                                             "preprocessing": {"image_size": 32}})  # fmt: skip
     rng = np.random.default_rng(0)
-    split = {"sites": {}}
-    for site in ("sars_cov2_ct",):  # covid_ct has no test part recorded: its panels are skipped
-        entries = []
-        for i in range(6):
-            path = run_dir / "images" / site / f"slice_{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(path)
-            entries.append({"path": str(path), "label": i % 2})
-        split["sites"][site] = {"layout": site, "test": entries}
-    (run_dir / "split.json").write_text(json.dumps(split))
+    transform = eval_transform(32)
+    lines = ["site,path,frame,label,p_covid,part"]
+    for i in range(6):  # only site A has test slices: site B's panels are skipped with the reason
+        path = run_dir / "images" / f"slice {i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(path)
+        with torch.no_grad():
+            logits = model(transform(read_image(path))[None], torch.tensor([0])).logits
+        p = float(torch.softmax(logits, 1)[0, 1])
+        lines.append(f"sars_cov2_ct,{path},,{i % 2},{p:.6f},test")
+        lines.append(f"sars_cov2_ct,{path},,{i % 2},{p:.6f},val")
+    (run_dir / "predictions.csv").write_text("\n".join(lines) + "\n")
     out = build_report(exp, gradcam_cases=2)
     names = sorted(p.name for p in out.figures)
     assert [n for n in names if n.startswith("gradcam_")], names
@@ -229,5 +233,19 @@ def test_report_gradcam_panels_from_saved_model(experiment: tuple[Path, list[dic
             im.load()
     md = out.markdown.read_text()
     assert "Fig. 4, Site A (sars_cov2_ct)" in md or "Fig. 5, Site A (sars_cov2_ct)" in md
-    assert "Site B (covid_ct): panels skipped" in md and "no test part recorded for site 'covid_ct'" in md
+    assert "Site B (covid_ct): panels skipped" in md and "no test slice of site 'covid_ct'" in md
+    assert "warning" not in md  # the recomputed P(COVID) matches predictions.csv
     assert out.html.read_text().count("data:image/png;base64,") == len(out.figures)
+
+
+def test_site_order_and_paper_columns_follow_recorded_layouts(tmp_path: Path) -> None:
+    rows = [r for r in _rows() if r["method"] == "single"]
+    for r in rows:  # sites named by the user, layouts recorded by the runner
+        r["sites"] = {"hospital_b": r["sites"]["covid_ct"], "hospital_a": r["sites"]["sars_cov2_ct"]}
+        r["site_info"] = {"hospital_a": {"layout": "sars_cov2_ct", "has_patients": False},
+                          "hospital_b": {"layout": "covid_ct", "has_patients": True}}  # fmt: skip
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs, _ = load_results(tmp_path / "results.jsonl")
+    assert site_order(runs) == ["hospital_a", "hospital_b"]
+    first = table_one(runs, site_order(runs)).body[0]
+    assert first[0] == "Single (COVID-Net)" and first[7] == "84.08" and first[13] == "71.09"

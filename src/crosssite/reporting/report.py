@@ -13,6 +13,7 @@ the file needs nothing else.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import re
@@ -39,6 +40,7 @@ from crosssite.reporting.tables import (
     Table,
     load_results,
     runs_of,
+    site_layout,
     site_order,
     table_one,
     ttest_table,
@@ -173,34 +175,22 @@ def _site_letter(position: int) -> str:
     return chr(ord("A") + position)
 
 
-def _split_json(exp_dir: Path, runs: Sequence[RunResult]) -> dict[str, Any]:
-    """The first readable split.json of any run (it records the sites' layouts and patient grouping)."""
-    for run in runs:
-        path = exp_dir / run.run_dir / "split.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                continue
-    return {}
-
-
-def _grouping_text(site: str, split: dict[str, Any]) -> str:
-    info = (split.get("sites") or {}).get(site) or {}
-    layout = info.get("layout", site)
+def _grouping_text(runs: Sequence[RunResult], site: str) -> str:
+    layout = site_layout(runs, site)
     if layout in PATIENT_GROUPING:
         return PATIENT_GROUPING[layout]
-    if info.get("has_patients") is True:
+    has_patients = next((r.site_info[site].get("has_patients") for r in runs if site in r.site_info), None)
+    if has_patients is True:
         return "patient ids given by the site's layout; folds are grouped by patient."
-    if info.get("has_patients") is False:
+    if has_patients is False:
         return (
             "no patient ids, so folds split slices, not patients: slices of one patient may sit in both the "
             "training and the test part."
         )
-    return "patient grouping not recorded in the runs; see the site's layout in `crosssite.data`."
+    return f"layout `{layout}`; patient grouping not recorded in results.jsonl (see `crosssite.data` for the layout)."
 
 
-def _protocol_section(exp_dir: Path, runs: Sequence[RunResult], sites: Sequence[str]) -> list[Block]:
+def _protocol_section(runs: Sequence[RunResult], sites: Sequence[str]) -> list[Block]:
     protocol = _config_values(runs, "protocol")
     if protocol == "official":
         split_text = "the official split of each site (train / val / test); the test part is scored once."
@@ -211,14 +201,14 @@ def _protocol_section(exp_dir: Path, runs: Sequence[RunResult], sites: Sequence[
             "training folds) chooses the checkpoint, and each fold's test part is scored once, never used for "
             "selection."
         )
-    split = _split_json(exp_dir, runs)
     site_items = []
     for pos, site in enumerate(sites):
         sizes = _distinct([len(r.sites[site].y_true) for r in runs if site in r.sites])
-        paper = f" (the paper's site {_site_letter(PAPER_SITES.index(site))})" if site in PAPER_SITES else ""
+        layout = site_layout(runs, site)
+        paper = f" (the paper's site {_site_letter(PAPER_SITES.index(layout))})" if layout in PAPER_SITES else ""
         site_items.append(
             f"**Site {_site_letter(pos)}: `{site}`**{paper}: test slices per run {'/'.join(map(str, sizes))}; "
-            + _grouping_text(site, split)
+            + _grouping_text(runs, site)
         )
     return [
         Heading("Protocol"),
@@ -292,34 +282,40 @@ def _roc_section(runs: Sequence[RunResult], sites: Sequence[str], fig_dir: Path)
 
 
 # ---------------------------------------------------------------------------------------------- Grad-CAM
-def _test_samples(run_dir: Path, site: str) -> list[tuple[Path, int, int | None]]:
-    """(path, label, frame) of every slice of `site`'s test part, read from run_dir/split.json."""
-    path = run_dir / "split.json"
+@dataclass(frozen=True)
+class _TestSlice:
+    path: Path
+    frame: int | None
+    label: int
+    p_covid: float  # as the run scored it
+
+
+def _test_slices(run_dir: Path, site: str) -> list[_TestSlice]:
+    """`site`'s test part with labels and the run's P(COVID), from run_dir/predictions.csv (the training
+    engine writes one row per validation and test slice of the best model)."""
+    path = run_dir / "predictions.csv"
     if not path.is_file():
         raise ReportError(f"{path}: not found, so the test part of {site!r} is unknown")
-    try:
-        split = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: not valid JSON ({e.msg})") from None
-    info = (split.get("sites") or split).get(site)
-    if not isinstance(info, dict) or "test" not in info:
-        raise ReportError(f"{path}: no test part recorded for site {site!r}")
     out = []
-    for item in info["test"]:
-        if not isinstance(item, dict) or "path" not in item or "label" not in item:
-            raise ReportError(f"{path}: test entries of {site!r} must be objects with 'path' and 'label'")
-        file = Path(item["path"])
-        if not file.is_absolute():
-            file = (run_dir / file) if (run_dir / file).exists() else file
-        out.append((file, int(item["label"]), item.get("frame")))
+    with open(path, newline="", encoding="utf-8") as fh:
+        for number, rec in enumerate(csv.DictReader(fh), 2):
+            if rec.get("site") != site or rec.get("part", "test") != "test":
+                continue
+            try:
+                frame = int(rec["frame"]) if rec.get("frame") else None
+                out.append(_TestSlice(Path(rec["path"]), frame, int(rec["label"]), float(rec["p_covid"])))
+            except (KeyError, TypeError, ValueError):
+                raise ReportError(f"{path}:{number}: needs path, frame, label and p_covid columns") from None
+    if not out:
+        raise ReportError(f"{path}: no test slice of site {site!r}")
     return out
 
 
-def _pick_cases(labels: np.ndarray, p: np.ndarray, k: int) -> tuple[list[int], list[int]]:
+def _pick_cases(labels: np.ndarray, p: np.ndarray, k: int, threshold: float = 0.5) -> tuple[list[int], list[int]]:
     """Indices of the k most confident correct cases (COVID first, as the paper shows lesions) and the k
     most confident failures."""
-    pred = (p >= 0.5).astype(np.int64)
-    confidence = np.abs(p - 0.5)
+    pred = (p >= threshold).astype(np.int64)
+    confidence = np.abs(p - threshold)
     correct = np.flatnonzero(pred == labels)
     failed = np.flatnonzero(pred != labels)
     correct = correct[np.lexsort((-confidence[correct], -labels[correct]))][:k]
@@ -328,42 +324,38 @@ def _pick_cases(labels: np.ndarray, p: np.ndarray, k: int) -> tuple[list[int], l
 
 
 def _gradcam_for_site(
-    model: torch.nn.Module, card: dict[str, Any], run_dir: Path, site: str, max_images: int, k: int, seed: int
-) -> tuple[list[GradCamCase], list[GradCamCase], int]:
-    from crosssite.data.io import read_image
-    from crosssite.data.transforms import eval_transform
+    model: torch.nn.Module, card: dict[str, Any], run_dir: Path, site: str, k: int
+) -> tuple[list[GradCamCase], list[GradCamCase], int, float]:
+    """Correct and failed cases of `site` with their maps, the number of test slices, and the largest gap
+    between the P(COVID) recomputed here and the run's own (a check that model and preprocessing match)."""
+    from crosssite.data import eval_transform, read_image
 
     names = list(card.get("site_names") or [])
     if site not in names:
         raise ReportError(f"the model card of {run_dir} does not name site {site!r} (sites: {names})")
-    samples = _test_samples(run_dir, site)
-    if len(samples) > max_images:
-        keep = np.sort(np.random.default_rng(seed).choice(len(samples), max_images, replace=False))
-        samples = [samples[i] for i in keep]
-    image_size = int((card.get("preprocessing") or {}).get("image_size", 224))
-    transform = eval_transform(image_size)
-    images = torch.stack([transform(read_image(p, frame)) for p, _, frame in samples])  # (N, 3, S, S)
-    labels = np.array([label for _, label, _ in samples])
-    site_idx = names.index(site)
-    cams, probs = [], []
-    for chunk in images.split(32):
-        out = grad_cam(model, chunk, site=site_idx)
-        cams.append(out.cam)
-        probs.append(out.p_covid)
-    cam = torch.cat(cams).numpy()
-    p = torch.cat(probs).double().numpy()
-    correct, failed = _pick_cases(labels, p, k)
+    slices = _test_slices(run_dir, site)
+    labels = np.array([s.label for s in slices])
+    threshold = float(card.get("threshold", 0.5))
+    correct, failed = _pick_cases(labels, np.array([s.p_covid for s in slices]), k, threshold)
+    chosen = correct + failed
+    if not chosen:
+        return [], [], len(slices), 0.0
+    transform = eval_transform(int((card.get("preprocessing") or {}).get("image_size", 224)))
+    images = torch.stack([transform(read_image(slices[i].path, slices[i].frame)) for i in chosen])  # (n, 3, S, S)
+    out = grad_cam(model, images, site=names.index(site))
+    gap = float(np.max(np.abs(out.p_covid.double().numpy() - [slices[i].p_covid for i in chosen])))
 
-    def case(i: int) -> GradCamCase:
-        grey = images[i, 0].numpy()
+    def case(j: int) -> GradCamCase:
+        grey = images[j, 0].numpy()
         grey = (grey - grey.min()) / max(float(grey.max() - grey.min()), 1e-12)  # what the model saw, in [0, 1]
-        return GradCamCase(grey, cam[i], int(labels[i]), float(p[i]), samples[i][0].name)
+        i = chosen[j]
+        return GradCamCase(grey, out.cam[j].numpy(), int(labels[i]), float(out.p_covid[j]), slices[i].path.name)
 
-    return [case(i) for i in correct], [case(i) for i in failed], len(samples)
+    return [case(j) for j in range(len(correct))], [case(j) for j in range(len(correct), len(chosen))], len(slices), gap
 
 
 def _gradcam_section(
-    exp_dir: Path, runs: Sequence[RunResult], sites: Sequence[str], fig_dir: Path, max_images: int, k: int
+    exp_dir: Path, runs: Sequence[RunResult], sites: Sequence[str], fig_dir: Path, k: int
 ) -> list[Block]:
     blocks: list[Block] = [Heading("Fig. 4 and 5: Grad-CAM of ours")]
     ours = runs_of(runs, OURS)
@@ -379,17 +371,24 @@ def _gradcam_section(
         blocks.append(
             Paragraph(
                 f"Model of `{run_dir.relative_to(exp_dir).as_posix()}`; Grad-CAM of the predicted class on the last "
-                "convolutional feature map, on its test slices of each site: the most confident correct cases "
-                "(COVID first) and the most confident failures."
+                "convolutional feature map. Among the run's test slices of each site (its `predictions.csv`), the "
+                "most confident correct cases (COVID first) and the most confident failures."
             )
         )
         for pos, site in enumerate(sites):
             name = f"Site {_site_letter(pos)} ({site})"
             try:
-                correct, failed, n = _gradcam_for_site(model, card, run_dir, site, max_images, k, seed=pos)
+                correct, failed, n, gap = _gradcam_for_site(model, card, run_dir, site, k)
             except (CrossSiteError, OSError, KeyError, ValueError) as e:
                 blocks.append(Paragraph(f"{name}: panels skipped ({e})."))
                 continue
+            if gap > 1e-3:
+                blocks.append(
+                    Paragraph(
+                        f"{name}: warning, P(COVID) recomputed for the panels differs from the run's predictions.csv "
+                        f"by up to {gap:.3f}; the model files or the preprocessing may not be the run's."
+                    )
+                )
             for cases, what, fig in ((correct, "correct", "Fig. 4"), (failed, "failed", "Fig. 5")):
                 if not cases:
                     blocks.append(Paragraph(f"{name}: no {what} case among {n} test slices."))
@@ -418,7 +417,6 @@ def build_report(
     *,
     gradcam: bool = True,
     gradcam_cases: int = 4,
-    gradcam_max_images: int = 256,
     log: Callable[[str], None] = lambda _: None,
 ) -> ReportOutput:
     """Write `report.md`, `report.html` and `figures/*.png` for the experiment in `exp_dir`.
@@ -428,7 +426,6 @@ def build_report(
         out_dir: where to write (default `exp_dir`).
         gradcam: draw the Grad-CAM panels (needs a saved model of ours).
         gradcam_cases: cases per panel.
-        gradcam_max_images: test slices per site scored to find the cases (a random subset if more).
     """
     exp_dir = Path(exp_dir)
     out = Path(out_dir) if out_dir is not None else exp_dir
@@ -446,7 +443,7 @@ def build_report(
             "Reproduces the evaluation of Wang, Liu, Dou, \"Contrastive Cross-site Learning with Redesigned Net "
             "for COVID-19 CT Classification\", IEEE JBHI 2020."
         ),
-        *_protocol_section(exp_dir, runs, sites),
+        *_protocol_section(runs, sites),
         Heading("Table I"),
         table_one(runs, sites),
         Heading("Tables II and III"),
@@ -457,7 +454,7 @@ def build_report(
     blocks += _roc_section(runs, sites, fig_dir)
     if gradcam:
         log("Grad-CAM panels")
-        blocks += _gradcam_section(exp_dir, runs, sites, fig_dir, gradcam_max_images, gradcam_cases)
+        blocks += _gradcam_section(exp_dir, runs, sites, fig_dir, gradcam_cases)
     else:
         blocks += [Heading("Fig. 4 and 5: Grad-CAM of ours"), Paragraph("Panels skipped: disabled (--no-gradcam).")]
     blocks += _runs_section(runs, notes)

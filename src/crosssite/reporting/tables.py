@@ -32,6 +32,7 @@ __all__ = [
     "RunResult",
     "Table",
     "load_results",
+    "site_layout",
     "site_order",
     "runs_of",
     "summarise",
@@ -109,7 +110,8 @@ class RunResult:
     machine: Any = None
     wall_s: float = float("nan")
     finished_at: str = ""
-    site_order: tuple[str, ...] = ()
+    site_order: tuple[str, ...] = ()  # optional: the sites in the order they were given
+    site_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # optional: layout, has_patients per site
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -166,6 +168,7 @@ def _parse_line(text: str, where: str) -> RunResult:
         wall_s=float(raw.get("wall_s", float("nan"))),
         finished_at=str(raw.get("finished_at", "")),
         site_order=tuple(raw.get("site_order") or ()),
+        site_info=dict(raw.get("site_info") or {}),
     )
 
 
@@ -193,15 +196,22 @@ def load_results(path: str | Path) -> tuple[list[RunResult], list[str]]:
     return list(runs.values()), notes
 
 
-def site_order(runs: Sequence[RunResult]) -> list[str]:
-    """Sites in report order: a run's explicit `site_order`, else the paper's (A = sars_cov2_ct, B = covid_ct),
-    then any other site by name."""
-    names = {name for run in runs for name in run.sites}
+def site_layout(runs: Sequence[RunResult], site: str) -> str:
+    """The layout a site was read with, where the runs record it (`site_info`), else its name."""
     for run in runs:
-        if run.site_order and set(run.site_order) >= names:
-            return list(run.site_order)
-    paper = [n for n in PAPER_SITES if n in names]
-    return paper + sorted(names - set(paper))
+        layout = (run.site_info.get(site) or {}).get("layout")
+        if layout:
+            return str(layout)
+    return site
+
+
+def site_order(runs: Sequence[RunResult]) -> list[str]:
+    """Sites in report order: the paper's (A = the sars_cov2_ct site, B = the covid_ct site) first, then the
+    order the runs recorded (`site_order`), else by name."""
+    names = {name for run in runs for name in run.sites}
+    given = next((list(r.site_order) for r in runs if r.site_order and set(r.site_order) >= names), sorted(names))
+    rank = {layout: i for i, layout in enumerate(PAPER_SITES)}
+    return sorted(given, key=lambda n: (rank.get(site_layout(runs, n), len(rank)), given.index(n)))
 
 
 def runs_of(runs: Iterable[RunResult], row: PaperRow) -> list[RunResult]:
@@ -248,33 +258,37 @@ def _pct(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def _site_heading(site: str, position: int) -> str:
-    letter = chr(ord("A") + position)
-    return f"Site {letter} ({site})"
+def _site_letter(position: int) -> str:
+    return chr(ord("A") + position)
 
 
-def _paper_auc(row: PaperRow, site: str) -> str:
+def _sites_legend(sites: Sequence[str]) -> str:
+    return ", ".join(f"site {_site_letter(i)} = {site}" for i, site in enumerate(sites))
+
+
+def _paper_auc(row: PaperRow, layout: str) -> str:
     """The paper's AUC for this column, when the column is one of the paper's two sites."""
-    if site in PAPER_SITES:
-        return f"{row.paper_auc[PAPER_SITES.index(site)]:.2f}"
+    if layout in PAPER_SITES:
+        return f"{row.paper_auc[PAPER_SITES.index(layout)]:.2f}"
     return "–"
 
 
 def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     """Table I: per row and site, mean ± std in % over folds x seeds, the paper's AUC beside ours."""
     header = ["Method", "runs"]
-    for pos, site in enumerate(sites):
-        name = _site_heading(site, pos)
-        header += [f"{name} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{name} AUC (paper)"]
+    for pos in range(len(sites)):
+        letter = _site_letter(pos)
+        header += [f"{letter} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{letter} AUC (paper)"]
     body = []
     for row in ROWS:
         mine = runs_of(runs, row)
         cells = [row.label, str(len(mine))]
         for site in sites:
             cells += [_pct(*summarise(runs, row, site, m)[:2]) for m in TABLE_METRICS]
-            cells.append(_paper_auc(row, site))
+            cells.append(_paper_auc(row, site_layout(runs, site)))
         body.append(cells)
     caption = (
+        f"Columns: {_sites_legend(sites)}. "
         "Mean ± sample standard deviation (ddof=1) over every finished fold x seed run of each row, in %; "
         "'runs' counts them, '–' marks a row or site without runs. The paper's AUC (mean of 4 folds x 3 runs) "
         f"stands beside ours; the paper's site A is {PAPER_SITES[0]} (SARS-CoV-2 CT-scan) and its site B is "
@@ -319,16 +333,17 @@ def ttest_table(runs: Sequence[RunResult], sites: Sequence[str], which: str) -> 
         raise ValueError(f"which must be 'baselines' or 'comparisons', got {which!r}")
     rows = BASELINES if which == "baselines" else COMPARISONS
     header = ["Ours vs.", "pairs"]
-    for pos, site in enumerate(sites):
-        name = _site_heading(site, pos)
-        header += [f"{name} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{name} paper"]
+    for pos in range(len(sites)):
+        letter = _site_letter(pos)
+        header += [f"{letter} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{letter} paper"]
     body = []
     for row in rows:
         counts = [ttest_pvalues(runs, row, site, "auc")[2] for site in sites]
         cells = [row.label, "/".join(str(c) for c in counts)]
         for site in sites:
             cells += [_p_text(*ttest_pvalues(runs, row, site, m)) for m in TABLE_METRICS]
-            paper = row.paper_p[PAPER_SITES.index(site)] if row.paper_p and site in PAPER_SITES else None
+            layout = site_layout(runs, site)
+            paper = row.paper_p[PAPER_SITES.index(layout)] if row.paper_p and layout in PAPER_SITES else None
             cells.append("–" if paper is None else f"{paper:g}")
         body.append(cells)
     number, against = ("II", "Single, Joint and SepNorm") if which == "baselines" else (
@@ -336,7 +351,7 @@ def ttest_table(runs: Sequence[RunResult], sites: Sequence[str], which: str) -> 
         "the comparison methods",
     )
     caption = (
-        f"Two-sided paired t-test (scipy.stats.ttest_rel) of {OURS.label} against {against}, runs paired by "
+        f"Columns: {_sites_legend(sites)}. Two-sided paired t-test (scipy.stats.ttest_rel) of {OURS.label} against {against}, runs paired by "
         "(fold, seed); 'pairs' counts the matched pairs per site. (+) ours has the higher mean, (-) the lower; "
         "'n/a' means fewer than 2 matched pairs. The paper reports one p-value per site without naming the "
         "metric, and only for the redesigned backbone."
