@@ -16,6 +16,7 @@ Every failure raises `ImageReadError(path, reason)`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +36,8 @@ __all__ = [
     "read_volume",
     "expand_inputs",
     "apply_window",
+    "ImageInfo",
+    "inspect_image",
 ]
 
 READER_VERSION = 1
@@ -228,6 +231,16 @@ def _read_nifti(path: Path, frame: int | None, window: tuple[float, float] | Non
 # --------------------------------------------------------------------------------------------- public
 
 
+class ImageInfo(NamedTuple):
+    """What `inspect_image` learns from decoding one slice."""
+
+    format: str  # PNG, JPEG, ..., DICOM, NIfTI
+    mode: str  # Pillow mode, DICOM photometric interpretation, or NIfTI data type
+    width: int
+    height: int
+    digest: str  # SHA-1 of the decoded pixels (with their mode and shape): equal pixels, equal digest
+
+
 def _fail(path: Path, e: BaseException) -> ImageReadError:
     reason = str(e) or type(e).__name__
     return ImageReadError(path, reason)
@@ -339,3 +352,52 @@ def expand_inputs(paths: Iterable[Path | str]) -> list[SliceRef]:
         else:
             raise ImageReadError(p, "file does not exist")
     return refs
+
+
+def _pixel_digest(mode: str, pixels: np.ndarray) -> str:
+    digest = hashlib.sha1(f"{mode}|{pixels.dtype}|{pixels.shape}|".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def _inspect(path: Path, frame: int | None, window: tuple[float, float] | None) -> ImageInfo:
+    kind = image_kind(path)
+    if kind == "pil":
+        from PIL import Image
+
+        with Image.open(path) as img:
+            if frame:
+                img.seek(frame)
+            img.load()
+            _pil_to_grey(img)  # the conversion must succeed too
+            return ImageInfo(img.format or path.suffix.lstrip(".").upper(), img.mode, img.width, img.height,
+                             _pixel_digest(img.mode, np.asarray(img)))
+    grey = read_image(path, frame, window)
+    if kind == "dicom":
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        fmt, mode = "DICOM", str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    else:
+        import nibabel as nib
+
+        fmt, mode = "NIfTI", str(nib.load(str(path)).get_data_dtype())
+    return ImageInfo(fmt, mode, grey.shape[1], grey.shape[0], _pixel_digest(mode, grey))
+
+
+def inspect_image(
+    path: Path | str, frame: int | None = None, window: tuple[float, float] | None = LUNG_WINDOW
+) -> ImageInfo:
+    """Decode one slice fully and describe it (format, mode, size, pixel digest); `ImageReadError` if it
+    cannot be read."""
+    path = Path(path)
+    if image_kind(path) is None:
+        raise ImageReadError(path, "unsupported file type (expected PNG, JPEG, BMP, TIFF, DICOM or NIfTI)")
+    try:
+        return _inspect(path, frame, window)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError(path, "file does not exist") from None
+    except Exception as e:
+        raise _fail(path, e) from e

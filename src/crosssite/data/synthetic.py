@@ -141,14 +141,16 @@ def _lesions(
         kind = kinds[rng.integers(len(kinds))]
         cx, cy = _random_lung_point(rng, x, y, lungs)
         if kind == "ggo":
-            radius, amplitude, edge = rng.uniform(0.05, 0.22), rng.uniform(0.1, 0.28), 0.8
+            radius, amplitude, edge = rng.uniform(0.05, 0.22), rng.uniform(0.12, 0.3), 0.8
         elif kind == "consolidation":
             radius, amplitude, edge = rng.uniform(0.03, 0.11), rng.uniform(0.3, 0.5), 3.0
         else:  # nodule
             radius, amplitude, edge = rng.uniform(0.015, 0.035), rng.uniform(0.3, 0.5), 4.0
         stretch = rng.uniform(0.6, 1.6)
         d2 = ((x - cx) / (radius * stretch)) ** 2 + ((y - cy) / (radius / stretch)) ** 2
-        blob = expit(-edge * 3.0 * (d2 - 1.0 + 0.35 * rough))
+        blob = expit(-edge * 3.0 * (d2 - 1.0 + 0.5 * rough))
+        if kind == "ggo":  # patchy inside, not a flat disc
+            blob *= np.clip(0.75 + 0.25 * rough, 0.3, 1.0)
         out = np.maximum(out, amplitude * blob)
     return out * lungs
 

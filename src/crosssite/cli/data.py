@@ -1,0 +1,76 @@
+"""``crosssite data ...``: commands that inspect sites.
+
+    crosssite data check SITE... [--json]
+
+SITE is ``NAME=PATH[:LAYOUT]`` (``NAME=synthetic[:shift=0.5,n=200,seed=0,size=256]`` for a built-in
+synthetic site). Bad input (missing path, unknown layout, empty site...) gives a one-line message on stderr
+and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from crosssite.cli.app import app
+from crosssite.errors import CrossSiteError
+
+data_app = typer.Typer(no_args_is_help=True, help="Inspect sites: classes, patients, formats, bad files, duplicates.")
+app.add_typer(data_app, name="data")
+
+
+def fail(error: CrossSiteError) -> typer.Exit:
+    """Print ``error`` as one line on stderr; return the exit to raise (status 1)."""
+    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+    return typer.Exit(1)
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="sites")
+    for column in ("site", "layout", "COVID", "non-COVID", "patients", "formats", "modes", "width", "height",
+                   "unreadable", "duplicates"):
+        table.add_column(column)
+    for s in report["sites"]:
+        table.add_row(
+            s["name"], s["layout"], str(s["classes"]["COVID"]), str(s["classes"]["non-COVID"]),
+            "-" if s["patients"] is None else str(s["patients"]),
+            ", ".join(f"{k} {v}" for k, v in s["formats"].items()),
+            ", ".join(f"{k} {v}" for k, v in s["modes"].items()),
+            "{}-{}".format(*s["width"]), "{}-{}".format(*s["height"]),
+            str(len(s["unreadable"])), str(s["duplicates"]),
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a pipe or a file: do not squeeze the table to 80 columns
+    console.print(table)
+    for s in report["sites"]:
+        for e in s["errors"]:
+            console.print(f"unreadable in {s['name']}: {e['path']}: {e['reason']}", markup=False)
+        for group in s["duplicate_groups"]:
+            console.print(f"identical slices in {s['name']}: {' = '.join(group)}", markup=False)
+    for group in report["cross_site_duplicates"]:
+        console.print("identical slices across sites: " + " = ".join(f"{o['site']}:{o['path']}" for o in group),
+                      markup=False)
+
+
+@data_app.command("check")
+def check(
+    sites: list[str] = typer.Argument(..., metavar="SITE...", help="NAME=PATH[:LAYOUT], one or more."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Count classes and patients, list formats, modes, sizes, unreadable files and duplicate images."""
+    from crosssite.data import load_sites
+    from crosssite.data.check import check_sites
+
+    try:
+        report = check_sites(load_sites(sites))
+    except CrossSiteError as e:
+        raise fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+    else:
+        _print_report(report)

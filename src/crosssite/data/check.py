@@ -1,0 +1,81 @@
+"""Inspect sites before training: classes, patients, formats, sizes, unreadable files, duplicate images.
+
+`check_sites` decodes every slice once (in threads) and returns a JSON-ready report::
+
+    {"sites": [{"name", "layout", "root", "classes": {"COVID": n, "non-COVID": n}, "patients",
+                "patients_per_class", "formats", "modes", "width": [min, max], "height": [min, max],
+                "unreadable": [path, ...], "errors": [{"path", "frame", "reason"}],
+                "duplicates": n, "duplicate_groups": [[path, ...], ...]}, ...],
+     "cross_site_duplicates": [[{"site", "path"}, ...], ...]}
+
+``duplicates`` counts the slices of a site whose decoded pixels equal an earlier slice of the same site
+(a pair counts 1); ``cross_site_duplicates`` lists groups of equal slices found in more than one site.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from crosssite.data.io import ImageInfo, inspect_image
+from crosssite.data.sites import Sample, Site
+from crosssite.errors import ImageReadError
+
+__all__ = ["check_sites", "sample_name"]
+
+
+def sample_name(sample: Sample) -> str:
+    """A slice's path, with ``#frame`` for a slice of a multi-slice file."""
+    return str(sample.path) if sample.frame is None else f"{sample.path}#{sample.frame}"
+
+
+def _inspect(sample: Sample) -> ImageInfo | ImageReadError:
+    try:
+        return inspect_image(sample.path, sample.frame)
+    except ImageReadError as e:
+        return e
+
+
+def _site_report(site: Site, results: Sequence[ImageInfo | ImageReadError]) -> dict:
+    infos = [r for r in results if isinstance(r, ImageInfo)]
+    errors = [(s, r) for s, r in zip(site.samples, results) if isinstance(r, ImageReadError)]
+    groups: dict[str, list[str]] = defaultdict(list)
+    for sample, r in zip(site.samples, results):
+        if isinstance(r, ImageInfo):
+            groups[r.digest].append(sample_name(sample))
+    duplicate_groups = [g for g in groups.values() if len(g) > 1]
+    widths = [i.width for i in infos] or [0]
+    heights = [i.height for i in infos] or [0]
+    return {
+        "name": site.name,
+        "layout": site.layout,
+        "root": str(site.root),
+        "classes": {"COVID": site.class_counts()["COVID"], "non-COVID": site.class_counts()["non-COVID"]},
+        "patients": site.num_patients(),
+        "patients_per_class": site.patients_per_class(),
+        "formats": dict(sorted(Counter(i.format for i in infos).items())),
+        "modes": dict(sorted(Counter(i.mode for i in infos).items())),
+        "width": [min(widths), max(widths)],
+        "height": [min(heights), max(heights)],
+        "unreadable": [sample_name(s) for s, _ in errors],
+        "errors": [{"path": str(s.path), "frame": s.frame, "reason": e.reason} for s, e in errors],
+        "duplicates": sum(len(g) - 1 for g in duplicate_groups),
+        "duplicate_groups": duplicate_groups,
+    }
+
+
+def check_sites(sites: Sequence[Site], threads: int | None = None) -> dict:
+    """Decode every slice of ``sites`` and report on them (see the module docstring)."""
+    threads = threads or min(4, os.cpu_count() or 1)
+    reports, owners = [], defaultdict(list)
+    with ThreadPoolExecutor(threads) as pool:
+        for site in sites:
+            results = list(pool.map(_inspect, site.samples))
+            reports.append(_site_report(site, results))
+            for sample, r in zip(site.samples, results):
+                if isinstance(r, ImageInfo):
+                    owners[r.digest].append({"site": site.name, "path": sample_name(sample)})
+    cross = [g for g in owners.values() if len({o["site"] for o in g}) > 1]
+    return {"sites": reports, "cross_site_duplicates": cross}

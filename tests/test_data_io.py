@@ -1,0 +1,210 @@
+"""Readers: PNG/JPEG in every mode, DICOM (modality LUT, window, MONOCHROME1, multi-frame, series), NIfTI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from crosssite.data import expand_inputs, num_frames, read_image, read_volume
+from crosssite.data.io import apply_window, inspect_image
+from crosssite.errors import ImageReadError
+
+RGB = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [10, 20, 30]]], dtype=np.uint8)
+LUMA = (RGB.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) / 255.0
+
+
+def lung(hu: float) -> float:
+    """Expected value of ``hu`` under the default lung window (level -600, width 1500)."""
+    return float(np.clip((hu + 1350.0) / 1500.0, 0.0, 1.0))
+
+
+# ------------------------------------------------------------------------------------------ PNG/JPEG
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_colour_modes_become_luma(tmp_path: Path, mode: str) -> None:
+    img = Image.fromarray(RGB)
+    if mode == "RGBA":
+        img = Image.fromarray(np.dstack([RGB, np.full(RGB.shape[:2], 7, np.uint8)]))
+    elif mode == "P":
+        img = img.quantize(colors=4)
+    assert img.mode == mode
+    img.save(tmp_path / "x.png")
+    np.testing.assert_allclose(read_image(tmp_path / "x.png"), LUMA, atol=1e-6)
+
+
+def test_grey_modes(tmp_path: Path) -> None:
+    grey = np.array([[0, 51], [204, 255]], dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    Image.fromarray(np.dstack([grey, np.zeros_like(grey)])).save(tmp_path / "la.png")
+    sixteen = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "i16.png")
+    assert Image.open(tmp_path / "la.png").mode == "LA"
+    np.testing.assert_allclose(read_image(tmp_path / "l.png"), grey / 255.0, atol=1e-6)
+    np.testing.assert_allclose(read_image(tmp_path / "la.png"), grey / 255.0, atol=1e-6)
+    np.testing.assert_allclose(read_image(tmp_path / "i16.png"), sixteen / 65535.0, atol=1e-6)
+
+
+def test_jpeg_grey_and_rgb(tmp_path: Path) -> None:
+    flat = np.full((16, 16), 128, dtype=np.uint8)
+    Image.fromarray(flat).save(tmp_path / "g.jpg", quality=95)
+    Image.fromarray(np.dstack([flat] * 3)).save(tmp_path / "c.jpeg", quality=95)
+    for name in ("g.jpg", "c.jpeg"):
+        image = read_image(tmp_path / name)
+        assert image.shape == (16, 16) and image.dtype == np.float32
+        np.testing.assert_allclose(image, 128 / 255.0, atol=2 / 255.0)
+
+
+def test_corrupt_png_is_a_named_error(tmp_path: Path, site_a_path: Path) -> None:
+    real = (site_a_path / "COVID" / "Covid (1).png").read_bytes()
+    truncated = tmp_path / "cut (1).png"
+    truncated.write_bytes(real[: len(real) // 2])
+    garbage = tmp_path / "noise%2.png"
+    garbage.write_bytes(b"\x89PNG not really" * 10)
+    for path in (truncated, garbage):
+        with pytest.raises(ImageReadError) as info:
+            read_image(path)
+        assert info.value.path == path and str(path) in str(info.value)
+    with pytest.raises(ImageReadError, match="unsupported file type"):
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(ImageReadError, match="does not exist"):
+        read_image(tmp_path / "missing.png")
+
+
+# --------------------------------------------------------------------------------------------- DICOM
+
+
+def write_dicom(
+    path: Path,
+    stored: np.ndarray,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    photometric: str = "MONOCHROME2",
+    z: float | None = None,
+) -> Path:
+    """A CT DICOM file with ``stored`` int16 values, (H, W) or (frames, H, W)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    if stored.ndim == 3:
+        ds.NumberOfFrames = stored.shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if z is not None:
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+    ds.PixelData = stored.astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_rescale_to_hu_and_window(tmp_path: Path) -> None:
+    hu = np.array([[-1024, -1000], [-600, 150]], dtype=np.float64)
+    stored = ((hu + 1024) / 2).astype(np.int16)  # slope 2, intercept -1024
+    path = write_dicom(tmp_path / "ct.dcm", stored, slope=2.0, intercept=-1024.0)
+    expected = np.vectorize(lung)(hu)
+    np.testing.assert_allclose(read_image(path), expected, atol=1e-6)
+    np.testing.assert_allclose(read_image(path, window=(0.0, 2000.0)), np.clip((hu + 1000) / 2000, 0, 1), atol=1e-6)
+    assert num_frames(path) is None
+    assert inspect_image(path).format == "DICOM"
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
+    stored = np.array([[-1000, -600], [0, 200]], dtype=np.int16)
+    normal = read_image(write_dicom(tmp_path / "m2.dcm", stored, intercept=0.0))
+    inverted = read_image(write_dicom(tmp_path / "m1.dcm", stored, intercept=0.0, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(normal, np.vectorize(lung)(stored.astype(float)), atol=1e-6)
+    np.testing.assert_allclose(inverted, 1.0 - normal, atol=1e-6)
+
+
+def test_dicom_multi_frame(tmp_path: Path) -> None:
+    frames_hu = [-1000.0, -700.0, -100.0]
+    stored = np.stack([np.full((3, 4), h + 1024, dtype=np.int16) for h in frames_hu])
+    path = write_dicom(tmp_path / "multi frame (1).dcm", stored, intercept=-1024.0)
+    assert num_frames(path) == 3
+    for k, h in enumerate(frames_hu):
+        np.testing.assert_allclose(read_image(path, frame=k), lung(h), atol=1e-6)
+    assert expand_inputs([path]) == [(path, 0), (path, 1), (path, 2)]
+    volume = read_volume(path)
+    assert len(volume) == 3 and volume[2].shape == (3, 4)
+    with pytest.raises(ImageReadError, match="choose a frame"):
+        read_image(path)
+    with pytest.raises(ImageReadError, match="out of range"):
+        read_image(path, frame=3)
+
+
+def test_dicom_series_folder_in_patient_order(tmp_path: Path) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    # File names sort the other way round from the slice positions.
+    for name, z, h in (("a.dcm", 30.0, -100.0), ("b.dcm", 10.0, -900.0), ("c.dcm", 20.0, -500.0)):
+        write_dicom(series / name, np.full((2, 2), h, dtype=np.int16), z=z)
+    refs = expand_inputs([series])
+    assert [r.path.name for r in refs] == ["b.dcm", "c.dcm", "a.dcm"]
+    values = [float(v.mean()) for v in read_volume(series)]
+    np.testing.assert_allclose(values, [lung(-900), lung(-500), lung(-100)], atol=1e-6)
+
+
+def test_dicom_without_pixels_is_a_named_error(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "ok.dcm", np.zeros((2, 2), np.int16))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(tmp_path / "empty.dcm")
+    with pytest.raises(ImageReadError, match="empty.dcm.*no pixel data"):
+        read_image(tmp_path / "empty.dcm")
+
+
+# --------------------------------------------------------------------------------------------- NIfTI
+
+
+def test_nifti_slices_in_canonical_order(tmp_path: Path) -> None:
+    """A volume stored flipped in x and z reads slice by slice from inferior to superior, in radiological
+    orientation (anterior at the top, the patient's right on the left)."""
+    nx, ny, nz = 6, 5, 4
+    data = np.zeros((nx, ny, nz), dtype=np.int16)
+    for i in range(nz):
+        data[..., i] = -1000 + 200 * i  # voxel slice i lies at world z = -i
+    data[0, ny - 1, :] = 300  # voxel x=0 is the patient's right-most column, y=ny-1 the most anterior row
+    affine = np.diag([-1.0, 1.0, -1.0, 1.0])
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+    assert num_frames(path) == nz
+    assert len(expand_inputs([path])) == nz
+    for k in range(nz):
+        image = read_image(path, frame=k)
+        assert image.shape == (ny, nx)
+        assert image[0, 0] == pytest.approx(lung(300))  # marker: top-left
+        voxel_slice = nz - 1 - k  # canonical slice 0 is the most inferior = voxel slice nz-1
+        np.testing.assert_allclose(image[1:, 1:], lung(-1000 + 200 * voxel_slice), atol=1e-6)
+    chosen = read_volume(path, frames=[1, 3])
+    np.testing.assert_allclose(chosen[0], read_image(path, frame=1))
+    np.testing.assert_allclose(chosen[1], read_image(path, frame=3))
+    with pytest.raises(ImageReadError, match="out of range"):
+        read_volume(path, frames=[nz])
+
+
+def test_nifti_single_slice_and_uncompressed(tmp_path: Path) -> None:
+    path = tmp_path / "one.nii"
+    nib.save(nib.Nifti1Image(np.full((3, 2, 1), -600, dtype=np.int16), np.eye(4)), str(path))
+    assert num_frames(path) is None
+    np.testing.assert_allclose(read_image(path), 0.5, atol=1e-6)
+
+
+def test_apply_window_none_stretches() -> None:
+    np.testing.assert_allclose(apply_window(np.array([2.0, 4.0, 6.0]), None), [0.0, 0.5, 1.0])
