@@ -1,0 +1,208 @@
+"""`TrainConfig`: every knob of a training run in one dataclass, loaded from YAML and ``--set key=value`` overrides.
+
+Values are typed by the dataclass field types; an unknown key, a value of the wrong type, or an out-of-range value
+raises `crosssite.errors.ConfigError` naming the key (and, for an unknown key, listing the valid ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crosssite.errors import ConfigError
+
+__all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "save_config"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "backbone": ("covidnet", "covidnet_redesign"),
+    "block_act": ("none", "relu"),
+    "schedule_per": ("step", "epoch"),
+    "contrastive_form": ("ntxent", "eq4"),
+    "protocol": ("kfold", "official"),
+    "precision": ("fp32", "bf16"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one training run (the defaults are the paper's; see docs of each group)."""
+
+    # what to train
+    method: str = "sepnorm-contrastive"
+    backbone: str = "covidnet_redesign"
+    width: float = 1.0
+    block_act: str = "none"
+    image_size: int = 224
+    # optimisation (Adam, cosine to lr_min; step decay x0.1 every 30 of 100 epochs for `covidnet`)
+    epochs: int = 100
+    batch_per_site: int = 16
+    oversample: int = 4  # a site with < half the largest site's training items is repeated this often per epoch
+    lr: float = 1e-4
+    lr_min: float = 1e-6
+    weight_decay: float = 1e-7
+    grad_clip: float = 2.0  # 0 disables clipping
+    schedule_per: str = "step"
+    # objectives
+    tau: float = 0.05
+    alpha: float = 1.0
+    contrastive_form: str = "ntxent"
+    kt_weight: float = 1.0
+    kt_temperature: float = 2.0
+    # data and protocol
+    seed: int = 0  # model initialisation, batch order, augmentation
+    split_seed: int = 0  # folds and the limit_per_site subset (kept fixed across seeds)
+    fold: int = 0
+    folds: int = 4
+    val_fraction: float = 0.2
+    protocol: str = "kfold"
+    limit_per_site: int = 0  # 0 = every sample; else a stratified subset of this many per site
+    skip_bad: bool = False
+    # speed
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = 0
+    device: str = "auto"
+    # bookkeeping
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    log_every: int = 10  # steps between progress-bar / TensorBoard updates
+    ckpt_every: int = 50  # steps between mid-epoch checkpoints (0: only at epoch ends)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first key whose value is out of range."""
+        from crosssite.training.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method: unknown {self.method!r}; valid: {', '.join(METHODS)}")
+        for key, choices in _CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        positive = ("width", "image_size", "epochs", "batch_per_site", "lr", "tau", "kt_temperature", "folds")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)!r}")
+        non_negative = (
+            "lr_min", "weight_decay", "grad_clip", "alpha", "kt_weight", "seed", "split_seed", "limit_per_site", "workers",
+            "ckpt_every",
+        )
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
+        for key in ("eval_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
+        if self.oversample < 1:
+            raise ConfigError(f"oversample: must be >= 1, got {self.oversample!r}")
+        if not 0 <= self.fold < self.folds:
+            raise ConfigError(f"fold: must be in [0, folds={self.folds}), got {self.fold!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
+        if self.lr_min > self.lr:
+            raise ConfigError(f"lr_min: must not exceed lr={self.lr}, got {self.lr_min!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Convert ``value`` (a YAML scalar or a ``--set`` string) to the field type, or raise `ConfigError`."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return str(value).strip()
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """A copy of ``config`` with ``values`` (key -> raw value) coerced to the field types and validated."""
+    types = _field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(types)}")
+    changes = {key: _coerce(key, value, types[key]) for key, value in values.items()}
+    return config.replace(**changes)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["lr=1e-3", "epochs=5"]`` -> ``{"lr": "1e-3", "epochs": "5"}``; a pair without ``=`` is an error."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        out[key.strip()] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **base: Any) -> TrainConfig:
+    """Defaults, then ``base`` keyword values, then the YAML file at ``path``, then ``--set`` ``overrides``."""
+    config = apply_overrides(TrainConfig(), base) if base else TrainConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        try:
+            config = apply_overrides(config, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if overrides:
+        config = apply_overrides(config, parse_overrides(overrides))
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from crosssite.training.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,142 @@
+"""Everything a run needs from `crosssite.data`: per-site splits, the decode cache, train and eval loaders.
+
+The split of every site is fixed by ``(protocol, fold, folds, split_seed, val_fraction, limit_per_site)`` only,
+never by the training seed, so the runs of one fold with different seeds see the same test part. It is saved
+beside the run as ``split.json`` and reloaded (and checked against the site's files) on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from crosssite.data import Site, SliceCache, Split, build_cache, eval_loader, official_split, split_fold, train_loader
+from crosssite.errors import ConfigError
+from crosssite.training.checkpoint import atomic_write_text
+from crosssite.training.config import TrainConfig
+
+__all__ = ["RunData", "limit_site", "make_splits", "save_splits", "load_splits", "build_run_data"]
+
+PARTS = ("train", "val", "test")
+
+
+@dataclass
+class RunData:
+    """Sites (after ``limit_per_site``), their splits, and the loaders of one run."""
+
+    sites: list[Site]
+    splits: list[Split]
+    cache: SliceCache
+    train: DataLoader  # batches of `batch_per_site` per site; `train.batch_sampler` is the MultiSiteBatchSampler
+    eval: dict[str, DataLoader]  # "val" / "test": every site's part, in site order then index order
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train.batch_sampler)
+
+
+def limit_site(site: Site, limit: int, seed: int) -> Site:
+    """A class-stratified random subset of ``limit`` samples of ``site`` (the site itself if ``limit`` is 0 or
+    not smaller than the site), in the site's original order."""
+    n = len(site.samples)
+    if limit <= 0 or limit >= n:
+        return site
+    labels = site.labels
+    rng = np.random.default_rng([seed, n])
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = max(1, int(round(limit * len(members) / n)))
+        keep.append(rng.choice(members, size=min(take, len(members)), replace=False))
+    chosen = np.sort(np.concatenate(keep))
+    return dataclasses.replace(site, samples=[site.samples[i] for i in chosen])
+
+
+def make_splits(sites: list[Site], config: TrainConfig) -> list[Split]:
+    """Train / val / test indices of every site under the configured protocol."""
+    if config.protocol == "official":
+        return [official_split(site) for site in sites]
+    return [split_fold(s, config.fold, config.folds, config.split_seed, config.val_fraction) for s in sites]
+
+
+def save_splits(path: Path, sites: list[Site], splits: list[Split]) -> None:
+    """``split.json``: per site (by name) the indices, paths and frames of each part."""
+    data = {"sites": [split.to_json(site) for site, split in zip(sites, splits)]}
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def load_splits(path: Path, sites: list[Site]) -> list[Split]:
+    """Splits saved by `save_splits`, checked against the sites' current files."""
+    data = json.loads(Path(path).read_text())
+    by_name = {entry["site"]: entry for entry in data["sites"]}
+    missing = [s.name for s in sites if s.name not in by_name]
+    if missing or len(by_name) != len(sites):
+        raise ConfigError(f"{path}: saved sites {sorted(by_name)} do not match the given sites "
+                          f"{[s.name for s in sites]}")
+    return [Split.from_json(by_name[site.name], site) for site in sites]
+
+
+def _check_parts(sites: list[Site], splits: list[Split]) -> None:
+    for site, split in zip(sites, splits):
+        for part in PARTS:
+            if len(split.parts()[part]) == 0:
+                raise ConfigError(f"site {site.name!r}: the {part} part of the split is empty")
+
+
+def build_run_data(
+    config: TrainConfig,
+    sites: list[Site],
+    split_file: Path,
+    *,
+    reuse_split: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+    pin_memory: bool = False,
+) -> RunData:
+    """Limit the sites, make (or reload) their splits, decode the cache once, and build the loaders."""
+    sites = [limit_site(site, config.limit_per_site, config.split_seed) for site in sites]
+    splits = load_splits(split_file, sites) if reuse_split else make_splits(sites, config)
+    _check_parts(sites, splits)
+    cache = build_cache(sites, None, config.image_size, skip_bad=config.skip_bad, progress=progress)
+    oversample = None if config.oversample == 1 else _oversample_factors(splits, config.oversample)
+    train = train_loader(
+        sites,
+        [s.train for s in splits],
+        cache,
+        config.image_size,
+        batch_per_site=config.batch_per_site,
+        oversample=oversample,
+        seed=config.seed,
+        workers=config.workers,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=pin_memory,
+    )
+    eval_batch = max(2 * config.batch_per_site, 32)
+    evaluation = {
+        part: eval_loader(
+            sites,
+            [s.parts()[part] for s in splits],
+            cache,
+            config.image_size,
+            batch_size=eval_batch,
+            workers=config.workers,
+            pin_memory=pin_memory,
+        )
+        for part in ("val", "test")
+    }
+    return RunData(sites=sites, splits=splits, cache=cache, train=train, eval=evaluation)
+
+
+def _oversample_factors(splits: list[Split], factor: int) -> list[int]:
+    """The paper's rule with a configurable factor: a site with fewer than half the training items of the
+    largest is repeated ``factor`` times per epoch, every other site once."""
+    sizes = [len(s.train) for s in splits]
+    largest = max(sizes)
+    return [factor if 2 * n < largest else 1 for n in sizes]

@@ -1,0 +1,520 @@
+"""The one training loop behind every method of the paper's Table I.
+
+    metrics = train(TrainConfig(method="sepnorm-contrastive", epochs=100), sites, Path("runs/ours"))
+
+A run directory holds:
+
+    config.yaml           the resolved configuration
+    split.json            per site the train / val / test indices and files (crosssite.data.Split)
+    log.csv               one row per epoch: losses, learning rate, validation AUC per site, images/s, time
+    checkpoints/last.pt   the full training state, written every `ckpt_every` steps and at each epoch end
+    model.safetensors     the best model (highest mean validation AUC over sites; never chosen on test)
+    model.json            its model card (architecture, sites, classes, preprocessing, config, val metrics)
+    metrics.json          validation and test metrics of the best model, per site
+    predictions.csv       the best model's P(COVID) for every validation and test slice
+    skipped.json          unreadable files left out (only with `skip_bad`)
+
+Method `single` trains one such run per site in ``out_dir/<site name>/`` and merges their metrics.
+
+Every step draws ``batch_per_site`` slices from each site and runs one forward pass over the mixed batch; the
+loss is the universal head's cross-entropy plus the method's terms (`compute_loss`). The learning rate is a
+pure function of the global step (`crosssite.training.schedule`), so resuming needs only the counters, the
+model, the optimiser and the random generators saved in ``last.pt``; the batch sampler skips the steps of the
+interrupted epoch that were already done, so a resumed run makes exactly as many optimiser steps as an
+uninterrupted one (and, with ``workers=0`` on CPU, ends with the same weights).
+
+Distributed data parallel is a small addition: ``rank``/``world_size`` are read from the environment and the
+sampler is sharded by rank; wrapping the model in `DistributedDataParallel` where `_forward_model` compiles it
+and initialising the process group are what remains. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crosssite import models
+from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD, Site, load_sites
+from crosssite.errors import ConfigError, CrossSiteError
+from crosssite.evaluation import binary_metrics, collect_probabilities
+from crosssite.losses import ms_net_loss, supervised_contrastive_loss
+from crosssite.training.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from crosssite.training.config import TrainConfig, save_config
+from crosssite.training.data import RunData, build_run_data, save_splits
+from crosssite.training.methods import METHODS, Method, model_kwargs
+from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
+from crosssite.training.schedule import lr_at
+
+__all__ = ["TrainingError", "TrainingDiverged", "train", "compute_loss", "RUNTIME_KEYS"]
+
+# Keys that may change when a run is resumed: they change speed or bookkeeping, not what is computed.
+RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "log_every", "ckpt_every")
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+MODEL_STEM = "model"
+
+
+class TrainingError(CrossSiteError):
+    """A run that cannot start or continue (run directory in use, mismatching resume, ...)."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss (or gradient norm) became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------------- loss
+
+
+def compute_loss(out: models.ModelOutput, labels: Tensor, method: Method, config: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss and its unweighted parts: ``ce`` (+ ``con``) (+ ``aux_ce``, ``kt``), all in float32.
+
+    total = ce + alpha * con + aux_ce + kt_weight * kt
+    """
+    parts = {"ce": F.cross_entropy(out.logits.float(), labels)}
+    if method.contrastive:
+        parts["con"] = supervised_contrastive_loss(out.projection, labels, config.tau, config.contrastive_form)
+    if method.knowledge_transfer:
+        parts.update(ms_net_loss(out.logits, out.aux_logits, labels, config.kt_temperature))
+    weights = {"con": config.alpha, "kt": config.kt_weight}
+    total = sum(weights.get(name, 1.0) * value for name, value in parts.items())
+    return total, parts
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class RunState:
+    """Counters of a run; saved in ``last.pt`` with the model, optimiser and RNG states."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimiser steps done in the current (unfinished) epoch
+    global_step: int = 0  # optimiser steps done in the whole run
+    best_metric: float = -math.inf
+    best_epoch: int = 0  # 1-based epoch of the saved best model (0: none yet)
+    finished: bool = False
+    # running sums of the current epoch (so a resumed epoch logs the same means)
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # rows of log.csv
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world_size) from the environment a distributed launcher sets; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
+    return torch.device(config.device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if config.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _resumed_config(config: TrainConfig, saved: dict[str, Any], where: Path) -> TrainConfig:
+    """The saved config with the runtime keys of ``config``; any other difference is an error."""
+    saved_config = TrainConfig(**saved)
+    differ = [k for k in saved if k not in RUNTIME_KEYS and getattr(config, k) != saved[k]]
+    if differ:
+        changes = ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in differ)
+        raise TrainingError(f"{where}: cannot resume with a different configuration ({changes})")
+    return saved_config.replace(**{k: getattr(config, k) for k in RUNTIME_KEYS})
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model: nn.Module, data: RunData, part: str, device: torch.device, config: TrainConfig
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Metrics per site on ``part`` (``val`` / ``test``) and one prediction row per slice."""
+    with _autocast(config, device):
+        probs = collect_probabilities(model, data.eval[part], device)
+    metrics, rows = {}, []
+    for s, site in enumerate(data.sites):
+        mine = probs.site == s
+        metrics[site.name] = binary_metrics(probs.label[mine], probs.p_covid[mine])
+        for index, label, p in zip(probs.index[mine], probs.label[mine], probs.p_covid[mine]):
+            sample = site.samples[index]
+            rows.append({"site": site.name, "path": str(sample.path), "frame": sample.frame,
+                         "label": int(label), "p_covid": float(p), "part": part})
+    return metrics, rows
+
+
+def _selection_metric(val: dict[str, dict[str, float]]) -> float:
+    """Mean validation AUC over sites (mean accuracy if no site's AUC is defined)."""
+    aucs = [m["auc"] for m in val.values() if not math.isnan(m["auc"])]
+    if aucs:
+        return float(np.mean(aucs))
+    return float(np.mean([m["accuracy"] for m in val.values()]))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ["site", "path", "frame", "label", "p_covid", "part"], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "frame": "" if row["frame"] is None else row["frame"], "p_covid": f"{row['p_covid']:.6f}"})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def train(
+    config: TrainConfig,
+    sites: Sequence[Site | str],
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config.method`` on ``sites`` into ``out_dir``; return the metrics written to ``metrics.json``.
+
+    Args:
+        sites: loaded sites or ``NAME=PATH[:LAYOUT]`` specs; a site's position is its integer id.
+        resume: continue the run in ``out_dir`` from ``checkpoints/last.pt`` (a finished run returns its
+            metrics; a directory without a checkpoint starts a fresh run). Without it, a directory that
+            already holds a run is an error.
+        progress: show a progress bar (only on a terminal) and print one line per epoch.
+    """
+    sites = load_sites(sites)
+    out_dir = Path(out_dir)
+    method = METHODS[config.method]
+    if not method.per_site:
+        return _train_run(config, sites, out_dir, resume, progress)
+    per_site = {}
+    for site in sites:
+        if progress:
+            print(f"[{config.method}] site {site.name}")
+        per_site[site.name] = _train_run(config, [site], out_dir / site.name, resume, progress)
+    rank, _ = _dist()
+    merged = _merge_single(config, per_site)
+    if rank == 0:
+        save_config(config, out_dir / "config.yaml")
+        _write_json(out_dir / "metrics.json", merged)
+    return merged
+
+
+def _merge_single(config: TrainConfig, per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    sites = {name: run["sites"][name] for name, run in per_site.items()}
+    return {
+        **_run_header(config),
+        "steps": sum(run["steps"] for run in per_site.values()),
+        "val_mean_auc": _nanmean([s["val"]["auc"] for s in sites.values()]),
+        "test_mean_auc": _nanmean([s["test"]["auc"] for s in sites.values()]),
+        "sites": sites,
+    }
+
+
+def _nanmean(values: list[float | None]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _run_header(config: TrainConfig) -> dict[str, Any]:
+    return {
+        "method": config.method,
+        "backbone": config.backbone,
+        "protocol": config.protocol,
+        "fold": config.fold,
+        "folds": config.folds,
+        "seed": config.seed,
+        "epochs": config.epochs,
+    }
+
+
+def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    """One model on ``sites``: the loop, best-model selection on validation, final test evaluation."""
+    rank, world_size = _dist()
+    is_main = rank == 0
+    ckpt_path = out_dir / CHECKPOINT
+    saved = None
+    if ckpt_path.is_file():
+        if not resume:
+            raise TrainingError(f"{out_dir}: already holds a run (checkpoints/last.pt); resume it or use a new folder")
+        saved = load_checkpoint(ckpt_path)
+        config = _resumed_config(config, saved["config"], ckpt_path)
+        if saved["state"]["finished"] and (out_dir / "metrics.json").is_file():
+            return json.loads((out_dir / "metrics.json").read_text())
+
+    method = METHODS[config.method]
+    device = _device(config)
+    _seed_everything(config.seed)
+    data = build_run_data(
+        config, sites, out_dir / "split.json", reuse_split=saved is not None, rank=rank, world_size=world_size,
+        progress=progress, pin_memory=device.type == "cuda",
+    )
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+        if saved is None:
+            save_splits(out_dir / "split.json", data.sites, data.splits)
+        if data.cache.skipped:
+            count = data.cache.write_skipped(out_dir / "skipped.json")
+            print(f"skipped {count} unreadable file(s), listed in {out_dir / 'skipped.json'}")
+
+    model = models.create_model(
+        config.backbone,
+        image_size=config.image_size,
+        **model_kwargs(method, config.backbone, num_sites=len(sites), width=config.width, block_act=config.block_act),
+    ).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = RunState()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = RunState(**saved["state"])
+        set_rng_state(saved["rng"])
+    forward = torch.compile(model) if config.compile else model
+
+    loop = _Loop(config, method, data, model, forward, optimizer, state, device, out_dir, is_main, progress)
+    if not state.finished:
+        loop.run()
+    return loop.finish()
+
+
+class _Loop:
+    """The epoch / step loop of one run and its bookkeeping (checkpoints, log, best model)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        method: Method,
+        data: RunData,
+        model: nn.Module,
+        forward: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: RunState,
+        device: torch.device,
+        out_dir: Path,
+        is_main: bool,
+        progress: bool,
+    ) -> None:
+        self.config, self.method, self.data = config, method, data
+        self.model, self.forward, self.optimizer, self.state = model, forward, optimizer, state
+        self.device, self.out_dir, self.is_main, self.progress = device, out_dir, is_main, progress
+        self.steps_per_epoch = data.steps_per_epoch
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.site_names = [s.name for s in data.sites]
+        self.tensorboard = TensorBoard(out_dir / "tb", enabled=is_main)
+
+    # ---------------------------------------------------------------------------------------- steps
+
+    def lr(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based): step decay for `covidnet`, else cosine."""
+        c = self.config
+        kind = "step" if c.backbone == "covidnet" else "cosine"
+        return lr_at(step, steps_per_epoch=self.steps_per_epoch, epochs=c.epochs, lr=c.lr,
+                     lr_min=c.lr_min, kind=kind, per=c.schedule_per)
+
+    def step(self, batch: dict[str, Tensor], epoch: int) -> dict[str, float]:
+        """One optimiser step on a mixed-site batch; returns the loss parts (and ``loss``) as floats."""
+        images = batch["image"].to(self.device, non_blocking=True)  # (B, 3, H, W)
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch["label"].to(self.device, non_blocking=True)  # (B,)
+        site = batch["site"].to(self.device, non_blocking=True)  # (B,)
+        lr = self.lr(self.state.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with _autocast(self.config, self.device):
+            out = self.forward(images, site)
+        total, parts = compute_loss(out, labels, self.method, self.config)
+        values = {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in parts.items()}
+        if not math.isfinite(values["loss"]):
+            self.diverged(epoch, "loss", values)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.config.grad_clip > 0:
+            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+            if not math.isfinite(norm):
+                self.diverged(epoch, "gradient norm", values | {"grad_norm": norm})
+        self.optimizer.step()
+        return values
+
+    def diverged(self, epoch: int, what: str, values: dict[str, float]) -> None:
+        s = self.state
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        kept = self.out_dir / CHECKPOINT
+        where = f"last good checkpoint kept: {kept}" if kept.is_file() else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"non-finite {what} at global step {s.global_step + 1} (epoch {epoch + 1}, step "
+            f"{s.step_in_epoch + 1} of {self.steps_per_epoch}): {parts}; {where}"
+        )
+
+    # ----------------------------------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        s, c = self.state, self.config
+        bar = ProgressBar(self.total_steps, s.global_step, enabled=self.progress and self.is_main,
+                          description=f"{c.method} {'/'.join(self.site_names)}")
+        sampler = self.data.train.batch_sampler
+        try:
+            for epoch in range(s.epoch, c.epochs):
+                sampler.set_epoch(epoch)
+                sampler.start_step = s.step_in_epoch
+                self.model.train()
+                tick = time.perf_counter()
+                for batch in self.data.train:
+                    values = self.step(batch, epoch)
+                    s.global_step += 1
+                    s.step_in_epoch += 1
+                    for k, v in values.items():
+                        s.loss_sums[k] = s.loss_sums.get(k, 0.0) + v
+                    s.images += len(batch["label"])
+                    now = time.perf_counter()
+                    s.seconds += now - tick
+                    tick = now
+                    if s.global_step % c.log_every == 0 or s.step_in_epoch == self.steps_per_epoch:
+                        speed = s.images / max(s.seconds, 1e-9)
+                        bar.update(s.global_step, f"loss {values['loss']:.4f}  {speed:.1f} img/s")
+                        self.tensorboard.scalars({f"train/{k}": v for k, v in values.items()}, s.global_step)
+                    if c.ckpt_every and s.global_step % c.ckpt_every == 0 and s.step_in_epoch < self.steps_per_epoch:
+                        self.save_checkpoint()
+                self.end_epoch(epoch, bar)
+        finally:
+            bar.close()
+            self.tensorboard.close()
+
+    def end_epoch(self, epoch: int, bar: ProgressBar) -> None:
+        """Validate (every `eval_every` epochs and at the end), log, keep the best model, checkpoint."""
+        s, c = self.state, self.config
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": s.global_step, "lr": self.lr(s.global_step - 1)}
+        row |= {k: v / max(s.step_in_epoch, 1) for k, v in s.loss_sums.items()}
+        if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
+            val, _ = evaluate(self.model, self.data, "val", self.device, c)
+            metric = _selection_metric(val)
+            row |= {f"val_auc_{name}": m["auc"] for name, m in val.items()}
+            row |= {"val_auc_mean": _nanmean([m["auc"] for m in val.values()]), "val_selection": metric}
+            if metric > s.best_metric:
+                s.best_metric, s.best_epoch = metric, epoch + 1
+                if self.is_main:
+                    self.save_best(val, epoch + 1)
+        row |= {"images_per_s": s.images / max(s.seconds, 1e-9), "time_s": s.seconds}
+        s.history.append(row)
+        s.epoch, s.step_in_epoch = epoch + 1, 0
+        s.loss_sums, s.images, s.seconds = {}, 0, 0.0
+        if self.is_main:
+            write_log_csv(self.out_dir / "log.csv", s.history)
+            self.tensorboard.scalars({f"val/{k}": v for k, v in row.items() if k.startswith("val_")}, s.global_step)
+            self.save_checkpoint()
+        shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+        bar.print(f"epoch {epoch + 1}/{c.epochs} step {s.global_step} {shown}")
+
+    # ----------------------------------------------------------------------------------------- files
+
+    def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        save_checkpoint(self.out_dir / CHECKPOINT, {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": self.state.to_dict(),
+            "rng": rng_state(),
+            "sites": [{"name": s.name, "layout": s.layout, "root": str(s.root)} for s in self.data.sites],
+        })
+
+    def card(self, val: dict[str, dict[str, float]], epoch: int) -> dict[str, Any]:
+        c = self.config
+        return {
+            "site_names": self.site_names,
+            "class_names": list(CLASS_NAMES),
+            "preprocessing": {"image_size": c.image_size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD),
+                              "eval_resize": "short side to image_size, central square"},
+            "train_config": c.to_dict(),
+            "method": c.method,
+            "threshold": 0.5,
+            "metrics": {"val": _json_safe(val), "epoch": epoch, "selection": "mean validation AUC over sites"},
+        }
+
+    def save_best(self, val: dict[str, dict[str, float]], epoch: int) -> None:
+        models.save(self.model, self.out_dir / MODEL_STEM, self.card(val, epoch))
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate the best model on every site's validation and test parts; write metrics and predictions."""
+        best, _ = models.load(self.out_dir / MODEL_STEM, map_location=self.device)
+        if self.config.channels_last:
+            best = best.to(memory_format=torch.channels_last)
+        val, val_rows = evaluate(best, self.data, "val", self.device, self.config)
+        test, test_rows = evaluate(best, self.data, "test", self.device, self.config)
+        s = self.state
+        metrics = {
+            **_run_header(self.config),
+            "steps": s.global_step,
+            "best_epoch": s.best_epoch,
+            "val_mean_auc": _nanmean([m["auc"] for m in val.values()]),
+            "test_mean_auc": _nanmean([m["auc"] for m in test.values()]),
+            "sites": {
+                site.name: {
+                    "n_train": int(len(split.train)),
+                    "n_val": int(len(split.val)),
+                    "n_test": int(len(split.test)),
+                    "best_epoch": s.best_epoch,
+                    "val": val[site.name],
+                    "test": test[site.name],
+                }
+                for site, split in zip(self.data.sites, self.data.splits)
+            },
+        }
+        metrics = _json_safe(metrics)
+        if self.is_main:
+            _write_predictions(self.out_dir / "predictions.csv", val_rows + test_rows)
+            _write_json(self.out_dir / "metrics.json", metrics)
+            s.finished = True
+            self.save_checkpoint()
+        return metrics
