@@ -162,6 +162,9 @@ def load_site(spec: str | tuple[str, Path | str, str | None] | Site) -> Site:
         return load_synthetic_site(name, str(path))
     path = Path(path).expanduser()
     if not path.exists():
+        head, colon, tail = str(path).rpartition(":")
+        if colon and layout is None and Path(head).exists():
+            raise SiteError(f"site {name!r}: unknown layout {tail!r}; expected one of {', '.join(LAYOUTS)}")
         raise SiteError(f"site {name!r}: path {path} does not exist")
     layout = layout or detect_layout(path)
     loader = {
