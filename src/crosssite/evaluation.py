@@ -16,9 +16,12 @@ orders; here both axes are labelled and share the order of `CLASS_NAMES` (rows: 
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +43,10 @@ __all__ = [
     "bootstrap_ci",
     "paired_ttest",
     "collect_probabilities",
+    "SiteEvaluation",
+    "evaluate_predictions",
+    "norm_strategies",
+    "evaluate_model",
 ]
 
 CLASS_NAMES = ("non-COVID", "COVID")
@@ -296,3 +303,139 @@ def collect_probabilities(
     if not parts["index"]:
         raise EvaluationError("the loader yielded no batch: nothing to evaluate")
     return Probabilities(**{k: np.concatenate(v) for k, v in parts.items()})
+
+
+@dataclass
+class SiteEvaluation:
+    """Metrics of one model on one site under one normalisation strategy."""
+
+    site: str
+    strategy: str  # "own" (a site the model was trained on), "site:<name>", "mean", "adabn" or "shared"
+    description: str  # the strategy in words, for tables
+    n: int
+    threshold: float
+    metrics: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    confusion: ConfusionMatrix
+    alpha: float = 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        def num(v: float) -> float | None:
+            return None if math.isnan(v) else v
+
+        return {
+            "site": self.site,
+            "strategy": self.strategy,
+            "description": self.description,
+            "n": self.n,
+            "n_covid": int(self.confusion.counts[1].sum()),
+            "threshold": self.threshold,
+            "metrics": {k: num(v) for k, v in self.metrics.items()},
+            "ci": {k: [num(lo), num(hi)] for k, (lo, hi) in self.ci.items()},
+            "ci_level": 1 - self.alpha,
+            "confusion_matrix": self.confusion.to_dict(),
+        }
+
+
+def evaluate_predictions(
+    site: str,
+    y_true: object,
+    p_covid: object,
+    *,
+    strategy: str = "own",
+    description: str = "the site's own statistics",
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> SiteEvaluation:
+    """Point metrics, bootstrap intervals and confusion matrix of one site's predictions."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # NaN metrics are reported as such
+        metrics = binary_metrics(y_true, p_covid, threshold)
+        ci = bootstrap_ci(y_true, p_covid, n=n_boot, alpha=alpha, seed=seed, threshold=threshold)
+    return SiteEvaluation(
+        site=site,
+        strategy=strategy,
+        description=description,
+        n=len(np.asarray(y_true)),
+        threshold=threshold,
+        metrics=metrics,
+        ci=ci,
+        confusion=confusion_matrix(y_true, p_covid, threshold),
+        alpha=alpha,
+    )
+
+
+def norm_strategies(model: torch.nn.Module, site_names: list[str]) -> list[tuple[str, str, int | str | None]]:
+    """How a site the model was never trained on can be normalised: (key, description, site_override).
+
+    With site-specific layers: each known site's statistics (and adapters / heads), the mean of the known
+    sites' statistics, and AdaBN (site_override None: `evaluate_model` re-estimates a new slot). Without
+    any site-specific layer there is nothing to choose: one "shared" strategy.
+    """
+    from crosssite.models import SiteBatchNorm, SiteModule
+
+    if not any(isinstance(m, SiteModule) for m in model.modules()):
+        return [("shared", "shared statistics (the model has no site-specific layers)", 0)]
+    out: list[tuple[str, str, int | str | None]] = [
+        (f"site:{name}", f"statistics of known site {name!r}", i) for i, name in enumerate(site_names)
+    ]
+    out.append((MEAN_STATISTICS, "mean of the known sites' statistics", MEAN_STATISTICS))
+    if any(isinstance(m, SiteBatchNorm) for m in model.modules()):
+        out.append(("adabn", "AdaBN: statistics re-estimated on this site's images", None))
+    return out
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    site_names: list[str],
+    known: Mapping[str, Iterable],
+    external: Mapping[str, Iterable] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> list[SiteEvaluation]:
+    """Evaluate `model` on sites it was trained on (`known`) and on sites it never saw (`external`).
+
+    Args:
+        model: a registry model; it is not modified (AdaBN works on a copy).
+        site_names: the model's site slots in order (the model card's `site_names`).
+        known: site name -> loader of that site alone; the name must be in `site_names`.
+        external: site name -> loader; evaluated once per strategy of `norm_strategies`.
+    Returns:
+        One `SiteEvaluation` per known site, then per external site and strategy.
+    """
+    results = []
+    for name, loader in known.items():
+        if name not in site_names:
+            raise EvaluationError(
+                f"site {name!r} is not one the model was trained on ({', '.join(site_names)}); "
+                "evaluate it as an external site"
+            )
+        probs = collect_probabilities(model, loader, device, site_override=site_names.index(name))
+        results.append(
+            evaluate_predictions(
+                name, probs.label, probs.p_covid, strategy="own", description="the site's own statistics",
+                threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed,
+            )  # fmt: skip
+        )
+    for name, loader in (external or {}).items():
+        for key, description, override in norm_strategies(model, site_names):
+            target = model
+            if override is None:  # AdaBN: a new slot whose statistics come from this site's images
+                from crosssite.models import adapt_norm
+
+                target = copy.deepcopy(model)
+                override = adapt_norm(target, loader)
+            probs = collect_probabilities(target, loader, device, site_override=override)
+            results.append(
+                evaluate_predictions(
+                    name, probs.label, probs.p_covid, strategy=key, description=description,
+                    threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed,
+                )  # fmt: skip
+            )
+    return results
