@@ -84,6 +84,13 @@ def test_batched_equals_one_by_one_and_default_target() -> None:
     assert torch.equal(batched.target, (batched.p_covid > 0.5).long())
 
 
+def test_one_by_one_feature_map_gives_zero_map_not_noise() -> None:
+    model = _BrightSpot()
+    images = torch.full((2, 3, 2, 2), 3.0)  # the feature map is 1x1: nothing to localise
+    out = grad_cam(model, images, site=0, target=1)
+    assert out.cam.shape == (2, 2, 2) and out.cam.max() == 0.0
+
+
 def test_no_positive_evidence_gives_zero_map_not_nan() -> None:
     images, _ = _squares()
     out = grad_cam(_BrightSpot(), images, site=None, target=0)  # explain non-COVID: gradients all negative

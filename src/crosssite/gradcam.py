@@ -37,11 +37,14 @@ def _site_tensor(site: int | torch.Tensor | None, batch: int, device: torch.devi
 
 
 def _normalise(cam: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each map of (B, H, W) to [0, 1]; a constant map becomes all zeros."""
+    """Min-max scale each map of (B, H, W) to [0, 1]. A map without spatial contrast (constant up to float
+    rounding, e.g. the upsampled 1x1 feature map of a small input) becomes all zeros rather than noise."""
     flat = cam.flatten(1)
     low = flat.min(dim=1).values[:, None, None]
-    span = (flat.max(dim=1).values[:, None, None] - low).clamp_min(1e-12)
-    return ((cam - low) / span).clamp(0.0, 1.0)
+    high = flat.max(dim=1).values[:, None, None]
+    span = high - low
+    flat_map = span <= 1e-5 * high.abs().clamp_min(1e-12)
+    return torch.where(flat_map, torch.zeros_like(cam), ((cam - low) / span.clamp_min(1e-12)).clamp(0.0, 1.0))
 
 
 def grad_cam(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import json
 import re
@@ -55,6 +56,7 @@ PATIENT_GROUPING = {
         "one patient, often near-duplicates, may sit in both the training and the test part, which makes "
         "this site's numbers optimistic."
     ),
+    "synthetic": "synthetic site with generated patient ids; folds are grouped by patient.",
     "covid_ct": (
         "patient ids from `Meta/COVID-CT-MetaInfo.csv` and `Meta/NonCOVID-CT-MetaInfo.csv`; folds are grouped "
         "by patient, so no patient has slices in both the training and the test part."
@@ -402,6 +404,21 @@ def _gradcam_section(
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _with_site_info(exp_dir: Path, run: RunResult) -> RunResult:
+    """Fill a run's site order and layouts from its run_dir/sites.json (written by the training engine) when
+    results.jsonl does not carry them."""
+    if run.site_info and run.site_order:
+        return run
+    path = exp_dir / run.run_dir / "sites.json"
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["sites"]
+        order = tuple(str(e["name"]) for e in entries)
+        info = {str(e["name"]): {"layout": e.get("layout")} for e in entries}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return run
+    return dataclasses.replace(run, site_order=run.site_order or order, site_info=run.site_info or info)
+
+
 @dataclass
 class ReportOutput:
     """Where the report went."""
@@ -432,6 +449,7 @@ def build_report(
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     runs, notes = load_results(exp_dir / "results.jsonl")
+    runs = [_with_site_info(exp_dir, r) for r in runs]
     sites = site_order(runs)
     log(f"{len(runs)} runs, sites {', '.join(sites)}")
     title = f"crosssite experiment report: {exp_dir.resolve().name}"
