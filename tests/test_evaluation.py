@@ -311,3 +311,27 @@ def test_evaluate_command(run_dir: tuple[Path, list[str]], tmp_path: Path) -> No
     assert bad.output.startswith("error: site 'x' is not one") and bad.output.count("\n") == 1
     missing = runner.invoke(app, ["evaluate", str(tmp_path / "nothing"), "--site", specs[0]])
     assert missing.exit_code == 1 and missing.output.startswith("error:")
+
+
+def test_evaluate_single_run_uses_each_sites_own_model(run_dir: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A `single` run holds one model per site in a folder named after the site."""
+    from typer.testing import CliRunner
+
+    import crosssite.cli.evaluate  # noqa: F401
+    from crosssite.cli.app import app
+    from crosssite.models import create_model, save
+
+    path, specs = run_dir
+    single = tmp_path / "single"
+    for name in ("a", "b"):
+        (single / name).mkdir(parents=True)
+        (single / name / "split.json").write_text((path / "split.json").read_text())
+        model = create_model("covidnet_redesign", num_sites=1, width=0.0625, image_size=32)
+        save(model.eval(), single / name / "model", {"site_names": [name], "preprocessing": {"image_size": 32}})
+    res = CliRunner().invoke(app, ["evaluate", str(single), "--site", specs[0], "--site", specs[1], "--json",
+                                   "--bootstrap", "10"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["results"]
+    assert [(r["model"], r["site"], r["strategy"]) for r in rows] == [("a", "a", "own"), ("b", "b", "own")]
+    bad = CliRunner().invoke(app, ["evaluate", str(path)])
+    assert bad.exit_code == 1 and "--site or --external" in bad.output

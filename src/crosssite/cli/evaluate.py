@@ -99,8 +99,14 @@ def _print(results: list[dict[str, Any]]) -> None:
         console = Console(width=120)
     for r in results:
         level = int(round(100 * r["ci_level"]))
-        title = f"{r['site']} ({r['n']} slices, {r['n_covid']} COVID) - {r['description']}; model {r['model']}"
-        table = Table(title=title, title_justify="left")
+        part = "its test part" if r["part"] == "test" else "every image"
+        console.print(
+            f"\n{r['site']}: {r['n']} slices ({r['n_covid']} COVID, {part}); model {r['model']}; "
+            f"normalisation: {r['description']}",
+            markup=False,
+            style="bold",
+        )
+        table = Table()
         for column in ("metric", "%", f"{level}% CI"):
             table.add_column(column, justify="right")
         for name, value in r["metrics"].items():
