@@ -137,6 +137,15 @@ def test_bootstrap_contains_point_estimate_and_narrows() -> None:
     assert bootstrap_ci(y_small, p_small, n=200, seed=7) == bootstrap_ci(y_small, p_small, n=200, seed=7)
 
 
+def test_bootstrap_chunking_does_not_change_intervals(monkeypatch: pytest.MonkeyPatch) -> None:
+    import crosssite.evaluation as evaluation
+
+    y, p = _random_predictions(300, 4)
+    whole = bootstrap_ci(y, p, n=100)
+    monkeypatch.setattr(evaluation, "_BOOTSTRAP_CELLS", 300 * 7)  # 7 resamples per pass
+    assert bootstrap_ci(y, p, n=100) == whole
+
+
 def test_bootstrap_is_stratified() -> None:
     # One COVID case among many: an unstratified resample would often draw none and lose the AUC.
     y = np.array([1] + [0] * 30)

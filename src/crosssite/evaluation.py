@@ -52,6 +52,7 @@ __all__ = [
 CLASS_NAMES = ("non-COVID", "COVID")
 METRICS = ("accuracy", "f1", "recall", "specificity", "precision", "auc")
 
+_BOOTSTRAP_CELLS = 1 << 23  # resamples x distinct scores held in memory at once (64 MiB of int64 counts)
 MEAN_STATISTICS = "mean"  # `site_override` value: normalise with the mean of the known sites' statistics
 
 
@@ -212,10 +213,16 @@ def bootstrap_ci(
         raise EvaluationError(f"alpha must lie in (0, 1), got {alpha}")
     y, p = _check_inputs(y_true, p_covid)
     values, codes = np.unique(p, return_inverse=True)
-    rng = np.random.default_rng(seed)
-    pos_counts = _resample_counts(codes[y == 1], len(values), n, rng)
-    neg_counts = _resample_counts(codes[y == 0], len(values), n, rng)
-    resampled = _metrics_from_counts(pos_counts, neg_counts, values >= threshold)
+    # one generator per class: the draws do not depend on how the resamples are chunked
+    rng_pos, rng_neg = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    chunk = max(1, _BOOTSTRAP_CELLS // max(len(values), len(y)))  # resamples per pass, bounding memory
+    parts = []
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        pos_counts = _resample_counts(codes[y == 1], len(values), size, rng_pos)
+        neg_counts = _resample_counts(codes[y == 0], len(values), size, rng_neg)
+        parts.append(_metrics_from_counts(pos_counts, neg_counts, values >= threshold))
+    resampled = {name: np.concatenate([part[name] for part in parts]) for name in METRICS}
     quantiles = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     out = {}
     for name in METRICS:
