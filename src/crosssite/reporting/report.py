@@ -39,6 +39,7 @@ from crosssite.reporting.tables import (
     ReportError,
     RunResult,
     Table,
+    site_letter,
     load_results,
     runs_of,
     site_layout,
@@ -173,10 +174,6 @@ def _config_values(runs: Sequence[RunResult], key: str) -> str:
     return ", ".join(str(v) for v in values) if values else "not recorded"
 
 
-def _site_letter(position: int) -> str:
-    return chr(ord("A") + position)
-
-
 def _grouping_text(runs: Sequence[RunResult], site: str) -> str:
     layout = site_layout(runs, site)
     if layout in PATIENT_GROUPING:
@@ -207,9 +204,9 @@ def _protocol_section(runs: Sequence[RunResult], sites: Sequence[str]) -> list[B
     for pos, site in enumerate(sites):
         sizes = _distinct([len(r.sites[site].y_true) for r in runs if site in r.sites])
         layout = site_layout(runs, site)
-        paper = f" (the paper's site {_site_letter(PAPER_SITES.index(layout))})" if layout in PAPER_SITES else ""
+        paper = f" (the paper's site {site_letter(PAPER_SITES.index(layout))})" if layout in PAPER_SITES else ""
         site_items.append(
-            f"**Site {_site_letter(pos)}: `{site}`**{paper}: test slices per run {'/'.join(map(str, sizes))}; "
+            f"**Site {site_letter(pos)}: `{site}`**{paper}: test slices per run {'/'.join(map(str, sizes))}; "
             + _grouping_text(runs, site)
         )
     return [
@@ -222,8 +219,8 @@ def _protocol_section(runs: Sequence[RunResult], sites: Sequence[str]) -> list[B
             f"learning rate {_config_values(runs, 'lr')}. The paper used 224 px, width 1 and 100 epochs."
         ),
         Paragraph(
-            "Metrics use COVID as the positive class and a threshold of 0.5 on P(COVID) unless a model card "
-            "records one chosen on validation."
+            "The metrics are those each run recorded in results.jsonl for its test part, with COVID as the "
+            "positive class; AUC and ROC curves come from the recorded P(COVID) of every test slice."
         ),
     ]
 
@@ -277,8 +274,8 @@ def _roc_section(runs: Sequence[RunResult], sites: Sequence[str], fig_dir: Path)
         ),
     ]
     for pos, site in enumerate(sites):
-        name = f"Site {_site_letter(pos)} ({site})"
-        path = roc_figure(runs, site, f"ROC curves, {name}", fig_dir / f"roc_site{_site_letter(pos)}_{site}.png")
+        name = f"Site {site_letter(pos)} ({site})"
+        path = roc_figure(runs, site, f"ROC curves, {name}", fig_dir / f"roc_site{site_letter(pos)}_{site}.png")
         blocks.append(FigureBlock(path, f"Fig. 3, {name}: mean ROC curves over folds x seeds."))
     return blocks
 
@@ -378,7 +375,7 @@ def _gradcam_section(
             )
         )
         for pos, site in enumerate(sites):
-            name = f"Site {_site_letter(pos)} ({site})"
+            name = f"Site {site_letter(pos)} ({site})"
             try:
                 correct, failed, n, gap = _gradcam_for_site(model, card, run_dir, site, k)
             except (CrossSiteError, OSError, KeyError, ValueError) as e:
@@ -395,7 +392,7 @@ def _gradcam_section(
                 if not cases:
                     blocks.append(Paragraph(f"{name}: no {what} case among {n} test slices."))
                     continue
-                path = fig_dir / f"gradcam_{what}_site{_site_letter(pos)}_{site}.png"
+                path = fig_dir / f"gradcam_{what}_site{site_letter(pos)}_{site}.png"
                 gradcam_figure(cases, f"{fig}: {what} cases, {name}", path)
                 blocks.append(FigureBlock(path, f"{fig}, {name}: {what} cases among {n} test slices."))
     except (CrossSiteError, ImportError, OSError) as e:

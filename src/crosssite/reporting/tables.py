@@ -33,6 +33,7 @@ __all__ = [
     "Table",
     "load_results",
     "site_layout",
+    "site_letter",
     "site_order",
     "runs_of",
     "summarise",
@@ -258,12 +259,13 @@ def _pct(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def _site_letter(position: int) -> str:
+def site_letter(position: int) -> str:
+    """'A' for the first site of a report, 'B' for the second, and so on."""
     return chr(ord("A") + position)
 
 
 def _sites_legend(sites: Sequence[str]) -> str:
-    return ", ".join(f"site {_site_letter(i)} = {site}" for i, site in enumerate(sites))
+    return ", ".join(f"site {site_letter(i)} = {site}" for i, site in enumerate(sites))
 
 
 def _paper_auc(row: PaperRow, layout: str) -> str:
@@ -277,7 +279,7 @@ def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     """Table I: per row and site, mean ± std in % over folds x seeds, the paper's AUC beside ours."""
     header = ["Method", "runs"]
     for pos in range(len(sites)):
-        letter = _site_letter(pos)
+        letter = site_letter(pos)
         header += [f"{letter} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{letter} AUC (paper)"]
     body = []
     for row in ROWS:
@@ -334,7 +336,7 @@ def ttest_table(runs: Sequence[RunResult], sites: Sequence[str], which: str) -> 
     rows = BASELINES if which == "baselines" else COMPARISONS
     header = ["Ours vs.", "pairs"]
     for pos in range(len(sites)):
-        letter = _site_letter(pos)
+        letter = site_letter(pos)
         header += [f"{letter} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{letter} paper"]
     body = []
     for row in rows:
