@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from crosssite.cli import data, experiment  # noqa: F401  (command modules register on `app`)
 from crosssite.cli.app import app
 
 
