@@ -12,6 +12,10 @@ without non-COVID cases, precision without a predicted COVID case. A warning nam
 
 The release this package reproduces pairs the rows and columns of its confusion matrix in different
 orders; here both axes are labelled and share the order of `CLASS_NAMES` (rows: true, columns: predicted).
+
+`evaluate_model` scores a model on the sites it was trained on (each with its own statistics) and on
+external sites once per normalisation strategy of `norm_strategies`: each known site's statistics, their
+mean, and AdaBN re-estimation on the external site's images (on a copy of the model).
 """
 
 from __future__ import annotations
