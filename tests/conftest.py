@@ -11,7 +11,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("CROSSSITE_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tiny models gain nothing from two, and a loaded 2-core machine slows badly under oversubscription.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

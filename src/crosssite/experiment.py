@@ -23,6 +23,7 @@ from typing import Any
 
 from crosssite.data import Site
 from crosssite.errors import ConfigError
+from crosssite.reporting.tables import ROWS
 
 __all__ = [
     "PRESETS",
@@ -34,18 +35,8 @@ __all__ = [
     "run_experiment",
 ]
 
-# Table I of the paper: (method, backbone) in the paper's order, with the paper's labels.
-PAPER_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("single", "covidnet", "Single (COVID-Net)"),
-    ("single", "covidnet_redesign", "Single (Redesign)"),
-    ("joint", "covidnet", "Joint (COVID-Net)"),
-    ("joint", "covidnet_redesign", "Joint (Redesign)"),
-    ("series-adapter", "covidnet_redesign", "Series Adapter"),
-    ("parallel-adapter", "covidnet_redesign", "Parallel Adapter"),
-    ("ms-net", "covidnet_redesign", "MS-Net"),
-    ("sepnorm", "covidnet_redesign", "SepNorm"),
-    ("sepnorm-contrastive", "covidnet_redesign", "SepNorm + Contrastive"),
-)
+# Table I of the paper: (method, backbone, label) in the paper's order.
+PAPER_ROWS: tuple[tuple[str, str, str], ...] = tuple((r.method, r.backbone, r.label) for r in ROWS)
 
 # Configuration overrides of each preset. `paper` is the published protocol (a GPU job); `cpu` is the
 # reduced scale measured in docs/RESULTS.md to keep one run on the two real sites within 15 minutes on
@@ -212,6 +203,8 @@ def run_experiment(
                 "preset": preset,
                 "run_dir": str(run_dir.relative_to(out_dir)),
                 "sites": site_rows,
+                "site_order": [s.name for s in sites],
+                "site_info": {s.name: {"layout": s.layout, "has_patients": s.has_patients} for s in sites},
                 "val": {name: _numbers(m["val"]) for name, m in metrics["sites"].items()},
                 "resumed": resumed,
                 "config": asdict(config),
