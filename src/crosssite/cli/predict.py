@@ -1,0 +1,145 @@
+"""``crosssite predict`` (a trained model on new files) and ``crosssite export`` (ONNX).
+
+    crosssite predict MODEL INPUT... [--site NAME | --adapt [--save-adapted NEW_MODEL --adapt-name NAME]]
+                      [--cam DIR] [--out FILE.csv|FILE.json] [--batch-size N] [--top-k K]
+    crosssite export MODEL --onnx FILE [--site NAME]
+
+MODEL is a crosssite model (stem, ``.safetensors``, ``.json`` or run folder) or, for ``predict``, an
+``.onnx`` export. INPUT is an image, DICOM or NIfTI file, or a folder searched recursively (a folder of
+DICOM files is one series). Unreadable inputs are reported by path and the rest still run; the exit status
+is 1 when any input failed (after the good rows are written). Bad requests give a one-line message and
+exit status 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from crosssite.cli.app import app
+from crosssite.errors import CrossSiteError
+
+MAX_TABLE_ROWS = 40
+"""Longer outputs are summarised on the terminal (every row goes to ``--out``)."""
+
+
+def _fail(error: CrossSiteError) -> typer.Exit:
+    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+    return typer.Exit(1)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _fmt_p(p: float | None) -> str:
+    return "" if p is None else f"{p:.4f}"
+
+
+def _print_records(records: list[Any], header: str) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(header, markup=False)
+    slices = [r for r in records if r.kind == "slice"]
+    volumes = [r for r in records if r.kind == "volume"]
+    if len(slices) <= MAX_TABLE_ROWS:
+        table = Table(title="slices", title_justify="left")
+        for column, justify in (("path", "left"), ("frame", "right"), ("P(COVID)", "right"), ("label", "left")):
+            table.add_column(column, justify=justify)
+        for r in slices:
+            table.add_row(r.path, "" if r.frame is None else str(r.frame), _fmt_p(r.p_covid), r.label)
+        console.print(table)
+    else:
+        counts: dict[str, int] = {}
+        for r in slices:
+            counts[r.label] = counts.get(r.label, 0) + 1
+        shown = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+        console.print(f"{len(slices)} slices: {shown} (use --out FILE.csv for every row)", markup=False)
+    if volumes:
+        table = Table(title="volumes (mean of the top-k slice probabilities)", title_justify="left")
+        for column, justify in (("path", "left"), ("slices", "right"), ("k", "right"), ("score", "right"),
+                                ("label", "left")):
+            table.add_column(column, justify=justify)
+        for r in volumes[:MAX_TABLE_ROWS]:
+            table.add_row(r.path, str(r.n_slices), str(r.top_k), _fmt_p(r.p_covid), r.label)
+        console.print(table)
+        if len(volumes) > MAX_TABLE_ROWS:
+            console.print(f"... {len(volumes) - MAX_TABLE_ROWS} more volumes (use --out)", markup=False)
+
+
+def _report_problems(records: list[Any]) -> None:
+    skipped = [r for r in records if r.kind == "skipped"]
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} file(s) that are not images, e.g. {skipped[0].path}", err=True)
+    for r in records:
+        if r.kind == "error":
+            typer.echo(f"error: {r.path}: {r.error}", err=True)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="Model file (stem, .safetensors, .json, run folder) or .onnx export."),
+    inputs: list[Path] = typer.Argument(..., help="Image / DICOM / NIfTI files, or folders (recursive)."),
+    site: str | None = typer.Option(None, "--site", help="Normalise with this known site's statistics."),
+    adapt: bool = typer.Option(False, "--adapt", help="AdaBN: re-estimate the normalisation on the inputs."),
+    save_adapted: Path | None = typer.Option(None, "--save-adapted", help="Write the adapted model (with --adapt)."),
+    adapt_name: str = typer.Option("adapted", "--adapt-name", help="Site name of the adapted slot."),
+    cam: Path | None = typer.Option(None, "--cam", help="Write a Grad-CAM overlay PNG per slice into this folder."),
+    out: Path | None = typer.Option(None, "--out", help="Write every row to FILE.csv or FILE.json."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per forward pass."),
+    top_k: int = typer.Option(5, "--top-k", min=0, help="Slices averaged into a volume's score (0: all)."),
+) -> None:
+    """Predict P(COVID) for slices, DICOM series and NIfTI volumes, with per-volume scores."""
+    from crosssite.inference import Predictor, failed, write_records
+
+    try:
+        if site is not None and adapt:
+            raise CrossSiteError("--site and --adapt exclude each other: choose one normalisation")
+        if save_adapted is not None and not adapt:
+            raise CrossSiteError("--save-adapted needs --adapt")
+        if out is not None and out.suffix.lower() not in (".csv", ".json"):
+            raise CrossSiteError(f"{out}: --out must end in .csv or .json")
+        predictor = Predictor.from_file(model, site=site, adapt=adapt, batch_size=batch_size, top_k=top_k or None)
+        records = predictor.predict(inputs, cam_dir=cam)
+        if adapt:
+            typer.echo(f"AdaBN: normalisation re-estimated on {predictor.adapted[1]} images", err=True)
+        if save_adapted is not None:
+            weights, _ = predictor.save_adapted(save_adapted, adapt_name)
+            typer.echo(f"saved the adapted model (new site {adapt_name!r}) to {weights}", err=True)
+        header = f"model {model}: normalisation {predictor.norm}, threshold {predictor.threshold:g}"
+        if out is not None:
+            meta = {"model": str(model), "norm": predictor.norm, "threshold": predictor.threshold,
+                    "top_k": top_k or None, "class_names": list(predictor.class_names)}
+            write_records(out, records, meta)
+            typer.echo(f"{header}; wrote {len(records)} rows to {out}", err=True)
+        else:
+            _print_records(records, header)
+    except CrossSiteError as e:
+        raise _fail(e) from None
+    _report_problems(records)
+    if failed(records):
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model file (stem, .safetensors, .json or run folder)."),
+    onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write."),
+    site: str | None = typer.Option(None, "--site", help="Bake in this known site's normalisation (default: mean)."),
+) -> None:
+    """Export a model to ONNX (dynamic batch; normalisation fixed at export; preprocessing in its metadata)."""
+    from crosssite.inference import export_onnx
+    from crosssite.inference.export import max_difference
+
+    try:
+        path = export_onnx(model, onnx, site)
+        diff = max_difference(model, path, site)
+    except CrossSiteError as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {path} (max |P difference| to PyTorch on random inputs: {diff:.2e})")

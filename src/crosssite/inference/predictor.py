@@ -1,0 +1,438 @@
+"""`Predictor`: a trained model (or its ONNX export) applied to new files, slice by slice and per volume.
+
+    predictor = Predictor.from_file("runs/x/model", site=None)     # mean of the known sites' statistics
+    records = predictor.predict(["scan/", "slice.png"])          # list[Record]
+
+Preprocessing is the evaluation pipeline's, step for step, so a file gets the probability `evaluate`
+reports for it: the slice is decoded with `crosssite.data.read_image` (lung window for DICOM / NIfTI),
+resized so its short side is ``short_side_for(image_size)`` and rounded to uint8 (what the training decode
+cache `SliceCache` stores), then `crosssite.data.eval_transform` (short side to ``image_size``, central
+square, the card's mean / std). ``image_size``, mean and std come from the model card's ``preprocessing``.
+
+Normalisation of an unseen hospital's images (site-specific BN):
+
+* ``site="NAME"``: a known site's statistics;
+* ``site=None``: the mean of every known site's statistics and affine parameters ("mean-of-sites");
+* ``adapt=True``: AdaBN -- every call of `Predictor.predict` first re-estimates a new site slot's
+  statistics on the readable slices it was given (at least `MIN_ADAPT_IMAGES`), on a copy of the loaded
+  model; `Predictor.save_adapted` keeps the adapted copy as an ordinary model file with one more site.
+
+A model without site-specific modules has one shared normalisation ("shared") whatever the choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD, eval_transform, read_image, resize_short_side
+from crosssite.data import short_side_for
+from crosssite.errors import CheckpointError, CrossSiteError, ImageReadError
+from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
+from crosssite.inference.records import DEFAULT_TOP_K, Record, volume_score
+
+__all__ = [
+    "MIN_ADAPT_IMAGES",
+    "MEAN_OF_SITES",
+    "InferenceError",
+    "Preprocess",
+    "site_names_of",
+    "resolve_site",
+    "Predictor",
+]
+
+MIN_ADAPT_IMAGES = 8
+"""Fewest readable slices AdaBN accepts: batch statistics of fewer images are too noisy to normalise with."""
+
+MEAN_OF_SITES = "mean-of-sites"
+SHARED = "shared"
+EMPTY_FOLDER = "folder holds no supported image files (searched recursively)"
+
+
+class InferenceError(CrossSiteError):
+    """A prediction request that cannot be served: unknown site, too few images to adapt, no input..."""
+
+
+# ----------------------------------------------------------------------------------------- the model card
+
+
+def site_names_of(card: dict[str, Any]) -> list[str]:
+    """The card's site names, or ``site0, site1, ...`` for a card without them."""
+    names = card.get("site_names")
+    return list(names) if names else [f"site{i}" for i in range(int(card.get("num_sites", 1)))]
+
+
+def resolve_site(card: dict[str, Any], site: str | None) -> int | None:
+    """Site index of the known site ``site`` (None stays None: the mean of the known sites)."""
+    if site is None:
+        return None
+    names = site_names_of(card)
+    if site not in names:
+        raise InferenceError(f"unknown site {site!r}; the model knows: {', '.join(names)}")
+    return names.index(site)
+
+
+def has_site_modules(model: nn.Module) -> bool:
+    """Whether any module of ``model`` holds per-site parameters (site BN, adapters, auxiliary heads)."""
+    from crosssite.models import SiteModule
+
+    return any(isinstance(m, SiteModule) for m in model.modules())
+
+
+class Preprocess:
+    """A decoded grey slice (H, W) in [0, 1] -> the model input (3, S, S), exactly as evaluation makes it."""
+
+    def __init__(self, image_size: int, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD):
+        self.image_size = int(image_size)
+        self.short_side = short_side_for(self.image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.transform = eval_transform(self.image_size, mean=self.mean, std=self.std)
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any], where: object = "model card") -> Preprocess:
+        pre = card.get("preprocessing") or {}
+        if "image_size" not in pre:
+            raise CheckpointError(f"{where}: the model card has no preprocessing.image_size (the training image size)")
+        return cls(int(pre["image_size"]), pre.get("mean", DEFAULT_MEAN), pre.get("std", DEFAULT_STD))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.transform(resize_short_side(image, self.short_side))
+
+    def grey(self, x: torch.Tensor) -> np.ndarray:
+        """The grey slice (S, S) in [0, 1] a model input (3, S, S) was made from (for overlays)."""
+        return (x[0] * self.std[0] + self.mean[0]).clamp(0.0, 1.0).cpu().numpy()
+
+
+# -------------------------------------------------------------------------------------------- backends
+
+
+class Backend(Protocol):
+    """Runs the network: model inputs (B, 3, S, S) -> P(COVID) (B,)."""
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray: ...
+
+
+class TorchBackend:
+    """A crosssite model with a fixed normalisation (site index, or None for the mean of the sites)."""
+
+    def __init__(self, model: nn.Module, site: int | None, device: str | torch.device = "cpu") -> None:
+        self.model = model.eval()
+        self.site = site
+        self.device = torch.device(device)
+
+    def _site(self, n: int) -> torch.Tensor | None:
+        return None if self.site is None else torch.full((n,), self.site, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        images = images.to(self.device)
+        logits = self.model(images, self._site(len(images))).logits  # (B, num_classes)
+        return torch.softmax(logits.float(), dim=1)[:, 1].cpu().double().numpy()
+
+    def grad_cam(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``(p_covid (B,), maps (B, S, S))`` of the predicted class."""
+        from crosssite.gradcam import grad_cam
+
+        out = grad_cam(self.model, images.to(self.device), self._site(len(images)))
+        return out.p_covid.cpu().double().numpy(), out.cam.cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------- predictor
+
+
+def _load_one(preprocess: Preprocess, item: SliceItem) -> torch.Tensor | ImageReadError:
+    try:
+        return preprocess(read_image(item.ref.path, item.ref.frame))
+    except ImageReadError as e:
+        return e
+
+
+def _batches(items: Sequence[SliceItem], size: int) -> Iterator[Sequence[SliceItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _Progress:
+    """A transient rich progress bar on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, description: str) -> None:
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = Progress(console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task(description, total=total)
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.bar is None:
+            return lambda n: None
+        self.bar.start()
+        return lambda n: self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class Predictor:
+    """P(COVID) for slices and volumes of new files; see the module docstring.
+
+    Args:
+        model: a crosssite model (from `crosssite.models.load`) or a backend (the ONNX Runtime one).
+        card: its model card (preprocessing, class names, site names, threshold).
+        site: a known site's name, or None for the mean of the known sites' statistics.
+        adapt: AdaBN on the images given to each `predict` call (exclusive with ``site``).
+        batch_size: slices per forward pass.
+        top_k: slices averaged into a volume's score (None: all).
+        threshold: P(COVID) at which a slice is labelled COVID; default the card's ``threshold`` or 0.5.
+        device: where the PyTorch model runs.
+        workers: threads decoding files (default min(4, CPUs)).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Backend,
+        card: dict[str, Any],
+        site: str | None = None,
+        adapt: bool = False,
+        *,
+        batch_size: int = 32,
+        top_k: int | None = DEFAULT_TOP_K,
+        threshold: float | None = None,
+        device: str | torch.device = "cpu",
+        workers: int | None = None,
+        source: object = "model",
+    ) -> None:
+        if site is not None and adapt:
+            raise InferenceError("choose either a known site or AdaBN adaptation, not both")
+        if batch_size < 1:
+            raise InferenceError(f"batch size must be >= 1, got {batch_size}")
+        if top_k is not None and top_k < 1:
+            raise InferenceError(f"top-k must be >= 1 (or all slices), got {top_k}")
+        self.card = card
+        self.source = source
+        self.preprocess = Preprocess.from_card(card, source)
+        self.class_names = tuple(card.get("class_names") or CLASS_NAMES)
+        self.threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InferenceError(f"threshold must lie in [0, 1], got {self.threshold}")
+        self.batch_size = batch_size
+        self.top_k = top_k
+        self.device = torch.device(device)
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.adapt = adapt
+        self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN
+        if isinstance(model, nn.Module):
+            self.model: nn.Module | None = model.to(self.device).eval()
+            self.site = resolve_site(card, site)
+            self.backend: Backend = TorchBackend(self.model, self.site, self.device)
+            self.norm = self._norm_label(site)
+        else:
+            if site is not None or adapt:
+                raise InferenceError(
+                    f"{source}: an ONNX export has its normalisation fixed at export ({card.get('norm')}); "
+                    "--site / --adapt apply to crosssite model files only"
+                )
+            self.model, self.site, self.backend = None, None, model
+            self.norm = str(card.get("norm", MEAN_OF_SITES))
+
+    def _norm_label(self, site: str | None) -> str:
+        if not has_site_modules(self.model):
+            return SHARED
+        return site if site is not None else MEAN_OF_SITES
+
+    # ------------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, site: str | None = None, adapt: bool = False, **kwargs: Any) -> Predictor:
+        """Load a crosssite model (stem, ``.safetensors``, ``.json`` or run folder) or an ONNX export
+        (``.onnx``, run with ONNX Runtime); keyword arguments as for `Predictor`."""
+        path = Path(path)
+        if path.suffix.lower() == ".onnx":
+            from crosssite.inference.export import OnnxBackend
+
+            backend = OnnxBackend(path)
+            return cls(backend, backend.card, site, adapt, source=path, **kwargs)
+        from crosssite.models import load
+
+        model, card = load(path, map_location=kwargs.get("device", "cpu"))
+        return cls(model, card, site, adapt, source=path, **kwargs)
+
+    @property
+    def site_names(self) -> list[str]:
+        return site_names_of(self.card)
+
+    # ----------------------------------------------------------------------------------------- reading
+
+    def _read(self, items: Sequence[SliceItem], pool: ThreadPoolExecutor) -> list[torch.Tensor | ImageReadError]:
+        return list(pool.map(lambda item: _load_one(self.preprocess, item), items))
+
+    def _readable_batches(self, items: Sequence[SliceItem], counter: list[int]) -> Iterator[torch.Tensor]:
+        """Batches of the readable slices' model inputs; ``counter[0]`` counts the slices yielded."""
+        batch_size = max(self.batch_size, MIN_ADAPT_IMAGES)
+        with ThreadPoolExecutor(self.workers) as pool:
+            for batch in _batches(items, batch_size):
+                images = [x for x in self._read(batch, pool) if isinstance(x, torch.Tensor)]
+                if images:
+                    counter[0] += len(images)
+                    yield torch.stack(images)
+
+    # ------------------------------------------------------------------------------------------- AdaBN
+
+    def adapt_to(self, paths: Iterable[Path | str] | InputPlan) -> int:
+        """AdaBN: re-estimate a new site slot's statistics on the readable slices of ``paths`` (on a copy of
+        the loaded model) and predict with it from now on; return the number of slices used."""
+        from crosssite.models import adapt_norm
+
+        if self.model is None:
+            raise InferenceError(f"{self.source}: AdaBN needs a crosssite model file, not an ONNX export")
+        plan = paths if isinstance(paths, InputPlan) else collect_inputs(paths)
+        if len(plan.items) < MIN_ADAPT_IMAGES:
+            raise InferenceError(
+                f"AdaBN needs at least {MIN_ADAPT_IMAGES} images of the new site, got {len(plan.items)}"
+            )
+        model = copy.deepcopy(self.model)
+        counter = [0]
+        try:
+            new_site = adapt_norm(model, self._readable_batches(plan.items, counter))
+        except ValueError:
+            if counter[0]:
+                raise
+            new_site = -1  # every slice was unreadable: reported just below
+        if counter[0] < MIN_ADAPT_IMAGES:
+            raise InferenceError(
+                f"AdaBN needs at least {MIN_ADAPT_IMAGES} readable images of the new site, got {counter[0]}"
+            )
+        self.adapted = (model.eval(), counter[0])
+        self.backend = TorchBackend(model, new_site, self.device)
+        self.norm = f"adabn:{counter[0]}"
+        return counter[0]
+
+    def save_adapted(self, path: str | os.PathLike, name: str = "adapted") -> tuple[Path, Path]:
+        """Write the AdaBN-adapted model as an ordinary model file whose new site is called ``name``."""
+        from crosssite.models import save
+
+        if self.adapted is None:
+            raise InferenceError("no adapted model to save: predict with adapt=True (--adapt) first")
+        names = self.site_names
+        if name in names:
+            raise InferenceError(f"site name {name!r} is taken; the model already knows: {', '.join(names)}")
+        model, n = self.adapted
+        card = {**self.card, "site_names": [*names, name]}
+        card["adapted_sites"] = {**card.get("adapted_sites", {}), name: {"method": "AdaBN", "images": n}}
+        return save(model, path, card)
+
+    # --------------------------------------------------------------------------------------- predicting
+
+    def _label(self, p: float) -> str:
+        return self.class_names[1] if p >= self.threshold else self.class_names[0]
+
+    def _slice_record(self, item: SliceItem, p: float, cam: Path | None) -> Record:
+        return Record(
+            kind="slice", path=str(item.ref.path), frame=item.ref.frame,
+            volume=None if item.volume is None else str(item.volume), slice=item.index,
+            p_covid=p, label=self._label(p), norm=self.norm, cam=None if cam is None else str(cam),
+        )
+
+    def _save_cams(self, cam_dir: Path, start: int, items: Sequence[SliceItem], images: torch.Tensor,
+                   maps: np.ndarray) -> list[Path]:
+        from crosssite.gradcam import overlay, save_png
+
+        paths = []
+        for i, (item, x, m) in enumerate(zip(items, images, maps)):
+            frame = "" if item.ref.frame is None else f"_f{item.ref.frame}"
+            name = f"{start + i:05d}_{item.ref.path.stem}{frame}.png"
+            paths.append(save_png(cam_dir / name, overlay(self.preprocess.grey(x), m)))
+        return paths
+
+    def _predict_batch(self, items: Sequence[SliceItem], inputs: list, start: int,
+                       cam_dir: Path | None) -> list[Record]:
+        good = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        records: dict[int, Record] = {
+            i: Record(kind="error", path=str(x.path), frame=items[i].ref.frame, error=x.reason)
+            for i, x in enumerate(inputs) if isinstance(x, ImageReadError)
+        }
+        if good:
+            images = torch.stack([inputs[i] for i in good])  # (B, 3, S, S)
+            cams: list[Path | None] = [None] * len(good)
+            if cam_dir is None:
+                p = self.backend.probabilities(images)
+            else:
+                p, maps = self.backend.grad_cam(images)
+                cams = self._save_cams(cam_dir, start, [items[i] for i in good], images, maps)
+            for i, pi, cam in zip(good, p, cams):
+                records[i] = self._slice_record(items[i], float(pi), cam)
+        return [records[i] for i in range(len(items))]
+
+    def _volume_records(self, slices: list[Record]) -> list[Record]:
+        """Slice rows with a volume row after the last slice of each volume."""
+        scores: dict[str, list[float]] = {}
+        last: dict[str, int] = {}
+        for i, r in enumerate(slices):
+            if r.kind == "slice" and r.volume is not None:
+                scores.setdefault(r.volume, []).append(r.p_covid)
+                last[r.volume] = i
+        after = {i: v for v, i in last.items()}
+        out: list[Record] = []
+        for i, r in enumerate(slices):
+            out.append(r)
+            if i in after:
+                v = after[i]
+                score, k = volume_score(scores[v], self.top_k)
+                out.append(Record(kind="volume", path=v, p_covid=score, label=self._label(score), norm=self.norm,
+                                  n_slices=len(scores[v]), top_k=k))
+        return out
+
+    def predict(
+        self,
+        paths: Iterable[Path | str],
+        *,
+        cam_dir: str | os.PathLike | None = None,
+        progress: bool | None = None,
+    ) -> list[Record]:
+        """Rows for ``paths`` (files, folders searched recursively, DICOM series folders, NIfTI volumes):
+        the inputs that failed first, then every slice in input order with each volume's row after its last
+        slice, then the skipped non-image files.
+
+        An unreadable file becomes an ``"error"`` row and the rest still run; an input with no image at all
+        raises `InferenceError`. With ``cam_dir`` a Grad-CAM overlay PNG of each slice is written there.
+        ``progress`` (None: when stderr is a terminal and there is more than one batch) shows a progress bar.
+        """
+        paths = list(paths)
+        plan = collect_inputs(paths)
+        if not plan.items and not plan.errors:
+            shown = ", ".join(str(p) for p in paths) or "(no input given)"
+            raise InferenceError(f"no image files found in {shown}")
+        if cam_dir is not None and not isinstance(self.backend, TorchBackend):
+            raise InferenceError(f"{self.source}: Grad-CAM needs a crosssite model file, not an ONNX export")
+        if self.adapt:
+            self.adapt_to(plan)
+        if progress is None:
+            progress = sys.stderr.isatty() and len(plan.items) > self.batch_size
+        cam_path = None if cam_dir is None else Path(cam_dir)
+        slices: list[Record] = [Record(kind="error", path=str(e.path), error=e.reason) for e in plan.errors]
+        slices += [Record(kind="error", path=str(p), error=EMPTY_FOLDER) for p in plan.empty]
+        with ThreadPoolExecutor(self.workers) as pool, _Progress(
+            progress, len(plan.items), f"predicting {len(plan.items)} slices"
+        ) as advance:
+            for start in range(0, len(plan.items), self.batch_size):
+                batch = plan.items[start : start + self.batch_size]
+                slices.extend(self._predict_batch(batch, self._read(batch, pool), start, cam_path))
+                advance(len(batch))
+        skipped = [Record(kind="skipped", path=str(p), error="not an image file (unsupported type)")
+                   for p in plan.skipped]
+        return self._volume_records(slices) + skipped
