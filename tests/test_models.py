@@ -193,6 +193,31 @@ def test_site_none_uses_mean_of_site_statistics():
         norm.train()(x, None)
 
 
+def test_model_with_site_none_equals_a_model_holding_the_mean_slot():
+    torch.manual_seed(7)
+    model = _perturb(_small("covidnet_redesign", 3, "site", "series", proj=True).double()).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SiteBatchNorm):
+                for s, slot in enumerate(m.sites):
+                    slot.running_mean.add_(0.1 * s), slot.running_var.mul_(1 + s)
+    mean_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in mean_model.modules():
+            if isinstance(m, SiteBatchNorm):
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(m.sites[0], name).copy_(torch.stack([getattr(t, name) for t in m.sites]).mean(0))
+            elif isinstance(m, SiteConv1x1):
+                m.weights[0].copy_(torch.stack(list(m.weights)).mean(0))
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = model(x, None), mean_model(x, torch.zeros(3, dtype=torch.long))
+        assert not torch.allclose(out.logits, model(x, torch.zeros(3, dtype=torch.long)).logits)
+    for a, b in zip(out, ref):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 def _reference_features(model: nn.Module, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
     """SPEC.md's dense wiring written plainly with lists, reusing the model's layers."""
     x = model.stem_pool(model.stem(x, site))
@@ -305,6 +330,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     card = {"site_names": ["A", "B", "C"], "class_names": ["non-COVID", "COVID"], "threshold": 0.4}
     weights, card_path = save(model, tmp_path / "run" / "model.safetensors", card)
     assert (weights.name, card_path.name) == ("model.safetensors", "model.json")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.json", "model.safetensors"]  # no temp
     for path in (tmp_path / "run", tmp_path / "run" / "model", card_path):
         loaded, loaded_card = load(path)
         assert loaded_card["num_sites"] == 3 and loaded_card["architecture"] == "covidnet_redesign"
@@ -341,6 +367,10 @@ def test_broken_files_raise_checkpoint_error(tmp_path):
     card_path.write_text("{not json")
     with pytest.raises(CheckpointError, match="model.json"):
         load(tmp_path)
+    card_path.unlink()
+    with pytest.raises(CheckpointError, match="model card not found"):
+        load(weights)
+    card_path.write_text(good_card)
     good = json.loads(good_card)
     card_path.write_text(json.dumps({**good, "model_args": {**good["model_args"], "norm": "batch"}}))
     with pytest.raises(CheckpointError, match="do not fit"):
