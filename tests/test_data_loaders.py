@@ -18,6 +18,7 @@ from crosssite.data import (
     eval_loader,
     eval_transform,
     load_sites,
+    read_image,
     resize_short_side,
     short_side_for,
     train_loader,
@@ -114,6 +115,9 @@ def test_eval_loader_is_ordered_and_complete(synthetic_sites: list[Site]) -> Non
     assert list(zip(sites, index)) == [(s, i) for s, site in enumerate(synthetic_sites) for i in range(len(site))]
     first = batches[0]["image"][0]
     assert torch.equal(first, eval_transform(32)(cache[0]))
+    # A slice read directly gives the same tensor as the cached one.
+    direct = read_image(synthetic_sites[0].samples[0].path)
+    assert torch.equal(eval_transform(32)(direct), first)
     in_workers = list(eval_loader(synthetic_sites, None, cache, 32, batch_size=7, workers=1))
     assert torch.equal(in_workers[-1]["image"], batches[-1]["image"])
 

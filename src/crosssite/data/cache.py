@@ -34,6 +34,8 @@ from crosssite.errors import ImageReadError
 
 __all__ = ["cache_root", "file_sha1", "SliceCache"]
 
+_CHUNK = 64  # slices decoded per batch of thread-pool work
+
 
 def cache_root() -> Path:
     """``$CROSSSITE_CACHE``, or ``~/.cache/crosssite``."""
@@ -187,25 +189,30 @@ class SliceCache:
         table: dict[str, list[int]] = {}
         failures: dict[str, str] = {}
         offset = 0
+        items = list(missing.items())
         try:
             with os.fdopen(fd, "wb") as out, ThreadPoolExecutor(self.threads) as pool, _progress(
                 progress, len(missing), f"decoding {len(missing)} slices"
             ) as advance:
-                items = list(missing.items())
-                for (key, _), result in zip(items, pool.map(self._try_decode, (s for _, s in items))):
-                    advance()
-                    if isinstance(result, ImageReadError):
-                        if not skip_bad:
-                            raise result
-                        failures[key] = result.reason
-                        continue
-                    out.write(result.tobytes())
-                    table[key] = [offset, *result.shape]
-                    offset += result.size
-            os.replace(tmp, data_path)
-        except BaseException:
+                # In chunks, so that a bad file stops the build early and few decoded slices wait in memory.
+                for start in range(0, len(items), _CHUNK):
+                    chunk = items[start : start + _CHUNK]
+                    for (key, _), result in zip(chunk, pool.map(self._try_decode, (s for _, s in chunk))):
+                        advance()
+                        if isinstance(result, ImageReadError):
+                            if not skip_bad:
+                                raise result
+                            failures[key] = result.reason
+                            continue
+                        out.write(result.tobytes())
+                        table[key] = [offset, *result.shape]
+                        offset += result.size
+            if table:
+                os.replace(tmp, data_path)
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
+        if not table:
+            return {}, failures
         _atomic_write_text(self.cache_dir / f"{pack}.json", json.dumps(table))
         return {k: (pack, o, h, w) for k, (o, h, w) in table.items()}, failures
 

@@ -330,8 +330,9 @@ def _dicom_series_order(files: list[Path]) -> list[Path]:
 
 
 def expand_inputs(paths: Iterable[Path | str]) -> list[SliceRef]:
-    """Turn files and folders into 2D slices: a volume gives one `SliceRef` per slice, a folder gives its
-    supported files (a DICOM series in patient-axis order, other images by name)."""
+    """Turn files and folders into 2D slices: a volume gives one `SliceRef` per slice; a folder gives the
+    supported files directly inside it (other images by name, then a DICOM series in patient-axis order:
+    ImagePositionPatient, else InstanceNumber, else file name)."""
     refs: list[SliceRef] = []
     for p in paths:
         p = Path(p)

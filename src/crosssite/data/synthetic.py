@@ -1,8 +1,8 @@
 """Synthetic CT-like sites: a built-in, seeded stand-in for real hospitals.
 
 Each slice shows a body outline with two lung fields, a heart, a spine and ribs, and vessels branching out
-from the hila. COVID slices carry one to five lesions inside the lungs: faint ground-glass opacities with
-ragged edges and denser consolidations, of widely varied size. Non-COVID slices sometimes carry a small
+from the hila. COVID slices carry two to six lesions inside the lungs, mostly peripheral: faint ground-glass
+opacities with ragged edges and patchy insides, and denser consolidations, of widely varied size. Non-COVID slices sometimes carry a small
 nodule, and both classes get a dependent (posterior) density gradient, so the task needs more than
 "any bright pixel in the lungs".
 
@@ -38,7 +38,7 @@ __all__ = ["SyntheticParams", "SLICES_PER_PATIENT", "parse_synthetic_spec", "ren
            "load_synthetic_site", "synthetic_site"]
 
 SLICES_PER_PATIENT = 4
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -105,27 +105,34 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
 
 def _paint_vessels(rng: np.random.Generator, size: int, hila: list[tuple[float, float]]) -> np.ndarray:
     """Branching vessel tree from each hilum plus vessel cross-sections, as a blurred density map."""
-    canvas = np.zeros((size, size), dtype=np.float32)
+    t = np.linspace(0.0, 1.0, 48)[None, :]  # position along a vessel, (1, 48)
+    rows, cols, weights = [], [], []
     for hx, hy in hila:
-        side = np.sign(hx)
-        for _ in range(rng.integers(10, 16)):
-            angle = rng.uniform(-1.3, 1.3) + (0.0 if side > 0 else np.pi)
-            length = rng.uniform(0.2, 0.45)
-            t = np.linspace(0.0, 1.0, 48)
-            bend = rng.normal(0.0, 0.25)
-            px = hx + np.cos(angle + bend * t) * length * t
-            py = hy + np.sin(angle + bend * t) * length * t
-            cols = np.clip(((px + 1) / 2 * size).astype(int), 0, size - 1)
-            rows = np.clip(((py + 1) / 2 * size).astype(int), 0, size - 1)
-            np.add.at(canvas, (rows, cols), 1.0 - 0.7 * t)
+        n = int(rng.integers(10, 16))
+        angle = (rng.uniform(-1.3, 1.3, n) + (0.0 if hx > 0 else np.pi))[:, None]
+        length = rng.uniform(0.2, 0.45, n)[:, None]
+        bend = rng.normal(0.0, 0.25, n)[:, None]
+        px = hx + np.cos(angle + bend * t) * length * t  # (n, 48)
+        py = hy + np.sin(angle + bend * t) * length * t
+        cols.append(np.clip(((px + 1) / 2 * size).astype(int), 0, size - 1).ravel())
+        rows.append(np.clip(((py + 1) / 2 * size).astype(int), 0, size - 1).ravel())
+        weights.append(np.broadcast_to(1.0 - 0.7 * t, px.shape).ravel())
     dots = rng.integers(0, size, size=(int(size * 0.25), 2))
-    canvas[dots[:, 0], dots[:, 1]] += rng.uniform(0.5, 1.0, len(dots))
-    return ndimage.gaussian_filter(canvas, sigma=max(0.6, size / 256)) * 2.5
+    rows.append(dots[:, 0])
+    cols.append(dots[:, 1])
+    weights.append(rng.uniform(0.5, 1.0, len(dots)))
+    flat = np.concatenate(rows) * size + np.concatenate(cols)
+    canvas = np.bincount(flat, np.concatenate(weights), minlength=size * size).reshape(size, size)
+    return ndimage.gaussian_filter(canvas.astype(np.float32), sigma=max(0.6, size / 256)) * 2.5
 
 
-def _random_lung_point(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lungs: np.ndarray) -> tuple[float, float]:
+def _random_lung_point(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lungs: np.ndarray, peripheral: bool
+) -> tuple[float, float]:
+    """A random point inside the lungs; ``peripheral`` prefers the one farthest from the midline of three."""
     rows, cols = np.nonzero(lungs)
-    k = rng.integers(len(rows))
+    picks = rng.integers(len(rows), size=3 if peripheral else 1)
+    k = picks[np.argmax(np.abs(x[rows[picks], cols[picks]]))]
     return float(x[rows[k], cols[k]]), float(y[rows[k], cols[k]])
 
 
@@ -139,13 +146,13 @@ def _lesions(
     out = np.zeros_like(x)
     for _ in range(count):
         kind = kinds[rng.integers(len(kinds))]
-        cx, cy = _random_lung_point(rng, x, y, lungs)
+        cx, cy = _random_lung_point(rng, x, y, lungs, peripheral=kind != "nodule")
         if kind == "ggo":
-            radius, amplitude, edge = rng.uniform(0.05, 0.22), rng.uniform(0.12, 0.3), 0.8
+            radius, amplitude, edge = rng.uniform(0.06, 0.24), rng.uniform(0.14, 0.32), 0.8
         elif kind == "consolidation":
-            radius, amplitude, edge = rng.uniform(0.03, 0.11), rng.uniform(0.3, 0.5), 3.0
+            radius, amplitude, edge = rng.uniform(0.04, 0.12), rng.uniform(0.35, 0.55), 3.0
         else:  # nodule
-            radius, amplitude, edge = rng.uniform(0.015, 0.035), rng.uniform(0.3, 0.5), 4.0
+            radius, amplitude, edge = rng.uniform(0.015, 0.04), rng.uniform(0.3, 0.5), 4.0
         stretch = rng.uniform(0.6, 1.6)
         d2 = ((x - cx) / (radius * stretch)) ** 2 + ((y - cy) / (radius / stretch)) ** 2
         blob = expit(-edge * 3.0 * (d2 - 1.0 + 0.5 * rough))
@@ -186,9 +193,9 @@ def render_slice(rng: np.random.Generator, anatomy: dict[str, float], covid: boo
     texture = ndimage.gaussian_filter(rng.standard_normal((size, size)).astype(np.float32), sigma=size / 128)
     lung_img = lung_tissue + 0.015 * texture / (texture.std() + 1e-6)
     hila = [(-0.15, a["lung_cy"] + 0.02), (0.2, a["lung_cy"] + 0.02)]
-    lung_img += 0.45 * np.clip(_paint_vessels(rng, size, hila), 0.0, 1.0)
+    lung_img += 0.35 * np.clip(_paint_vessels(rng, size, hila), 0.0, 1.0)
     if covid:
-        lung_img += _lesions(rng, x, y, lungs, int(rng.integers(1, 6)), ("ggo", "ggo", "consolidation"))
+        lung_img += _lesions(rng, x, y, lungs, int(rng.integers(2, 7)), ("ggo", "ggo", "consolidation"))
     elif rng.random() < 0.4:
         lung_img += _lesions(rng, x, y, lungs, int(rng.integers(1, 3)), ("nodule",))
     soft_lungs = ndimage.gaussian_filter(lungs.astype(np.float32), sigma=size / 200)

@@ -135,7 +135,12 @@ class TrainTransform:
 
 class EvalTransform:
     """Deterministic: resize the short side (to ``image_size`` or, with ``mode="crop"``, to
-    ``short_side_for(image_size)``), keep the central square, normalise."""
+    ``short_side_for(image_size)``), keep the central square, normalise.
+
+    Input: a uint8 slice (from `SliceCache`) or a float [0, 1] slice (from `read_image`). A float slice is
+    first resized and rounded exactly as the decode cache does (short side ``short_side_for(image_size)``),
+    so both give the same tensor.
+    """
 
     def __init__(
         self,
@@ -152,6 +157,8 @@ class EvalTransform:
         self.normalise = _Normalise(mean, std)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if image.dtype != np.uint8:  # a freshly decoded slice: take the decode cache's path first
+            image = resize_short_side(image, short_side_for(self.image_size))
         image = resize_short_side(image, self.short_side)
         h, w = image.shape
         s = self.image_size
