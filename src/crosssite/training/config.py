@@ -177,9 +177,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **base: Any) -> TrainConfig:
-    """Defaults, then ``base`` keyword values, then the YAML file at ``path``, then ``--set`` ``overrides``."""
-    config = apply_overrides(TrainConfig(), base) if base else TrainConfig()
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path``, then ``--set`` ``overrides`` (``key=value`` strings)."""
+    config = TrainConfig()
     if path is not None:
         path = Path(path)
         try:

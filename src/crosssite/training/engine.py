@@ -5,6 +5,7 @@
 A run directory holds:
 
     config.yaml           the resolved configuration
+    sites.json            the sites as given (name, path, layout), so `--resume` needs no --site
     split.json            per site the train / val / test indices and files (crosssite.data.Split)
     log.csv               one row per epoch: losses, learning rate, validation AUC per site, images/s, time
     checkpoints/last.pt   the full training state, written every `ckpt_every` steps and at each epoch end
@@ -66,7 +67,7 @@ from crosssite.training.methods import METHODS, Method, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
 from crosssite.training.schedule import lr_at
 
-__all__ = ["TrainingError", "TrainingDiverged", "train", "compute_loss", "RUNTIME_KEYS"]
+__all__ = ["TrainingError", "TrainingDiverged", "train", "compute_loss", "site_spec", "load_site_specs", "RUNTIME_KEYS"]
 
 # Keys that may change when a run is resumed: they change speed or bookkeeping, not what is computed.
 RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "log_every", "ckpt_every")
@@ -232,6 +233,8 @@ def train(
     sites = load_sites(sites)
     out_dir = Path(out_dir)
     method = METHODS[config.method]
+    if _dist()[0] == 0:
+        _write_json(out_dir / "sites.json", {"sites": [site_spec(site) for site in sites]})
     if not method.per_site:
         return _train_run(config, sites, out_dir, resume, progress)
     per_site = {}
@@ -245,6 +248,23 @@ def train(
         save_config(config, out_dir / "config.yaml")
         _write_json(out_dir / "metrics.json", merged)
     return merged
+
+
+def site_spec(site: Site) -> dict[str, str | None]:
+    """``{"name", "path", "layout"}`` from which `crosssite.data.load_site` reloads ``site`` (``sites.json``)."""
+    if site.layout == "synthetic":
+        options = ",".join(f"{k}={v}" for k, v in sorted(site.params.items()))
+        return {"name": site.name, "path": f"synthetic:{options}", "layout": "synthetic"}
+    return {"name": site.name, "path": str(site.root), "layout": site.layout}
+
+
+def load_site_specs(out_dir: str | Path) -> list[Site]:
+    """The sites a run in ``out_dir`` was trained on, reloaded from its ``sites.json``."""
+    path = Path(out_dir) / "sites.json"
+    if not path.is_file():
+        raise TrainingError(f"{path}: not found; give the sites with --site")
+    entries = json.loads(path.read_text())["sites"]
+    return load_sites([(e["name"], e["path"], e["layout"]) for e in entries])
 
 
 def _merge_single(config: TrainConfig, per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
