@@ -285,7 +285,8 @@ def train_tiny(sites: list, seed: int, steps: int, size: int) -> torch.nn.Module
 
 
 def shifted_copy(site, folder: Path, contrast: float, offset: float) -> list[int]:
-    """Write the site's slices through another intensity calibration (``contrast * x + offset``)."""
+    """Write the site's slices through another scanner calibration, ``clip(contrast * x + offset)``, as a
+    new hospital's PNG export; return their labels."""
     folder.mkdir(parents=True)
     for k, s in enumerate(site.samples):
         grey = np.asarray(Image.open(s.path), dtype=np.float64) / 255.0
@@ -296,6 +297,13 @@ def shifted_copy(site, folder: Path, contrast: float, offset: float) -> list[int
 
 @pytest.mark.slow
 def test_adabn_raises_auc_on_a_shifted_site(tmp_path: Path) -> None:
+    """A model trained briefly on two synthetic sites meets a third whose images are rendered with twice the
+    contrast (and clipped). Its features are then off-scale for the known sites' statistics, and AdaBN
+    re-estimates them from the new site's own images. The offset keeps the intensity the input
+    normalisation maps to zero (0.63) in place, so the shift is one per-channel renormalisation can undo up
+    to clipping and zero padding stays neutral. Margins (AdaBN AUC - mean-of-sites AUC) measured with
+    training seeds 0-3: +0.22, +0.14, +0.35, +0.08; the synthetic scanner ``shift`` alone (blur, noise,
+    resolution) gave none on this tiny model."""
     size = 32
     with one_thread():
         sources = [synthetic_site(n, SyntheticParams(shift=s, n=96, size=size)) for n, s in (("a", 0.0), ("b", 0.5))]
@@ -303,7 +311,7 @@ def test_adabn_raises_auc_on_a_shifted_site(tmp_path: Path) -> None:
     path = tmp_path / "trained"
     save(model, path, {"site_names": ["a", "b"], "preprocessing": {"image_size": size}})
     target = synthetic_site("c", SyntheticParams(shift=0.25, n=32, seed=1, size=size))
-    labels = shifted_copy(target, tmp_path / "c", contrast=0.4, offset=0.45)
+    labels = shifted_copy(target, tmp_path / "c", contrast=2.0, offset=-0.63)
 
     mean = Predictor.from_file(path).predict([tmp_path / "c"])
     adapted_predictor = Predictor.from_file(path, adapt=True)
