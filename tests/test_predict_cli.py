@@ -146,7 +146,8 @@ def test_empty_folder_and_corrupt_model(model_path: Path, files: list[Path], tmp
 
     shutil.copy(model_path.with_suffix(".json"), tmp_path / "bad.json")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
-    for command in (["predict", tmp_path / "bad", files[0]], ["export", tmp_path / "bad", "--onnx", tmp_path / "x.onnx"]):
+    bad = tmp_path / "bad"
+    for command in (["predict", bad, files[0]], ["export", bad, "--onnx", tmp_path / "x.onnx"]):
         result = run(*command)
         assert result.exit_code == 1 and "bad.safetensors" in result.stderr
         assert result.stderr.startswith("error: ") and "Traceback" not in result.output

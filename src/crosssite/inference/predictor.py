@@ -4,10 +4,11 @@
     records = predictor.predict(["scan/", "slice.png"])          # list[Record]
 
 Preprocessing is the evaluation pipeline's, step for step, so a file gets the probability `evaluate`
-reports for it: the slice is decoded with `crosssite.data.read_image` (lung window for DICOM / NIfTI),
-resized so its short side is ``short_side_for(image_size)`` and rounded to uint8 (what the training decode
-cache `SliceCache` stores), then `crosssite.data.eval_transform` (short side to ``image_size``, central
-square, the card's mean / std). ``image_size``, mean and std come from the model card's ``preprocessing``.
+reports for it: the slice is decoded with `crosssite.data.read_image` (lung window for DICOM / NIfTI) and
+goes through `crosssite.data.eval_transform`, which takes a freshly decoded slice along the decode cache's
+path (short side ``short_side_for(image_size)``, rounded to uint8) before its own resize to ``image_size``,
+central square and normalisation. ``image_size``, mean and std come from the model card's
+``preprocessing``.
 
 Normalisation of an unseen hospital's images (site-specific BN):
 
@@ -34,8 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD, eval_transform, read_image, resize_short_side
-from crosssite.data import short_side_for
+from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD, eval_transform, read_image
 from crosssite.errors import CheckpointError, CrossSiteError, ImageReadError
 from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
 from crosssite.inference.records import DEFAULT_TOP_K, Record, volume_score
@@ -93,7 +93,6 @@ class Preprocess:
 
     def __init__(self, image_size: int, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD):
         self.image_size = int(image_size)
-        self.short_side = short_side_for(self.image_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.transform = eval_transform(self.image_size, mean=self.mean, std=self.std)
@@ -109,7 +108,7 @@ class Preprocess:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return self.transform(resize_short_side(image, self.short_side))
+        return self.transform(image)
 
     def grey(self, x: torch.Tensor) -> np.ndarray:
         """The grey slice (S, S) in [0, 1] a model input (3, S, S) was made from (for overlays)."""
@@ -258,7 +257,9 @@ class Predictor:
     # ------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, site: str | None = None, adapt: bool = False, **kwargs: Any) -> Predictor:
+    def from_file(
+        cls, path: str | os.PathLike, site: str | None = None, adapt: bool = False, **kwargs: Any
+    ) -> Predictor:
         """Load a crosssite model (stem, ``.safetensors``, ``.json`` or run folder) or an ONNX export
         (``.onnx``, run with ONNX Runtime); keyword arguments as for `Predictor`."""
         path = Path(path)
