@@ -39,6 +39,7 @@ __all__ = [
     "load_site",
     "load_sites",
     "detect_layout",
+    "load_manifest",
 ]
 
 CLASS_NAMES: tuple[str, str] = ("non-COVID", "COVID")
@@ -171,7 +172,7 @@ def load_site(spec: str | tuple[str, Path | str, str | None] | Site) -> Site:
         "sars_cov2_ct": _load_sars_cov2_ct,
         "covid_ct": _load_covid_ct,
         "folder": _load_folder,
-        "csv": _load_csv,
+        "csv": load_manifest,
     }[layout]
     site = loader(name, path)
     if not site.samples:
@@ -241,7 +242,7 @@ def _expand(path: Path, label: int, patient: str | None, split: str | None = Non
     return [Sample(path, label, patient, k, split) for k in range(n)]
 
 
-def _class_folder_samples(name: str, folders: dict[int, Path]) -> list[Sample]:
+def _class_folder_samples(folders: dict[int, Path]) -> list[Sample]:
     samples = []
     for label, folder in sorted(folders.items()):
         for path in _image_files(folder):
@@ -262,7 +263,7 @@ def _require_dirs(name: str, root: Path, folders: Sequence[str], layout: str) ->
 
 def _load_sars_cov2_ct(name: str, root: Path) -> Site:
     _require_dirs(name, root, ["COVID", "non-COVID"], "sars_cov2_ct")
-    samples = _class_folder_samples(name, {1: root / "COVID", 0: root / "non-COVID"})
+    samples = _class_folder_samples({1: root / "COVID", 0: root / "non-COVID"})
     return _site(name, "sars_cov2_ct", root, samples)
 
 
@@ -278,7 +279,7 @@ def _load_folder(name: str, root: Path) -> Site:
         if label in folders:
             raise SiteError(f"site {name!r}: folders {folders[label].name} and {child.name} name the same class")
         folders[label] = child
-    return _site(name, "folder", root, _class_folder_samples(name, folders))
+    return _site(name, "folder", root, _class_folder_samples(folders))
 
 
 # covid_ct: class folder, metadata csv, split folder, split file suffix per label.
@@ -343,7 +344,8 @@ def _parse_label(value: str, where: str) -> int:
     return label
 
 
-def _load_csv(name: str, manifest: Path) -> Site:
+def load_manifest(name: str, manifest: Path) -> Site:
+    """A ``csv``-layout site: the rows of ``manifest`` (only those of site ``name`` if it has a site column)."""
     rows = _read_csv_rows(manifest)
     columns = set(rows[0].keys()) if rows else set()
     if rows and not {"path", "label"} <= columns:

@@ -267,11 +267,11 @@ def materialise(params: SyntheticParams, root: Path | None = None) -> Path:
 
 def synthetic_site(name: str, params: SyntheticParams | None = None, root: Path | None = None):
     """A `Site` of synthetic slices (layout ``synthetic``), materialised under the cache directory."""
-    from crosssite.data.sites import Site, _load_csv
+    from crosssite.data.sites import Site, load_manifest
 
     params = params or SyntheticParams()
     folder = materialise(params, root)
-    loaded = _load_csv(name, folder / "manifest.csv")
+    loaded = load_manifest(name, folder / "manifest.csv")
     return Site(name=name, layout="synthetic", root=folder, samples=loaded.samples, has_patients=True,
                 params=asdict(params))
 
