@@ -24,6 +24,7 @@ from crosssite.data import (
     train_loader,
     train_transform,
 )
+from crosssite.errors import SiteError
 
 
 def _denormalise(x: torch.Tensor) -> np.ndarray:
@@ -133,3 +134,10 @@ def test_loader_leaves_out_skipped_files(tmp_path: Path) -> None:
     assert loader.dataset.skipped == [samples[1]]
     (batch,) = list(loader)
     assert batch["index"].tolist() == [0, 2, 3]
+
+
+def test_train_loader_refuses_a_site_without_slices(synthetic_sites: list[Site]) -> None:
+    indices = [np.arange(4), np.zeros(0, dtype=np.int64)]
+    cache = build_cache(synthetic_sites, indices, image_size=32, progress=False)
+    with pytest.raises(SiteError, match="S1"):
+        train_loader(synthetic_sites, indices, cache, 32, batch_per_site=2)

@@ -104,6 +104,8 @@ def test_start_step_resumes_inside_an_epoch() -> None:
 def test_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="no items"):
         MultiSiteBatchSampler([0, 0, 2])
+    with pytest.raises(ValueError, match=r"site\(s\) \[2\] have no items"):
+        MultiSiteBatchSampler([0, 1, 1], num_sites=3)  # a last site without items is not dropped
     with pytest.raises(ValueError, match="rank"):
         MultiSiteBatchSampler([0, 1], rank=2, world_size=2)
     with pytest.raises(ValueError, match="non-empty"):

@@ -16,6 +16,7 @@ from crosssite.data.cache import SliceCache
 from crosssite.data.sampler import MultiSiteBatchSampler
 from crosssite.data.sites import Sample, Site
 from crosssite.data.transforms import eval_transform, short_side_for, train_transform
+from crosssite.errors import SiteError
 
 __all__ = ["SliceDataset", "build_cache", "train_loader", "eval_loader"]
 
@@ -125,8 +126,11 @@ def train_loader(
     """
     transform = transform or train_transform(image_size, short_side=cache.short_side)
     dataset = SliceDataset(sites, indices, cache, transform)
+    empty = [site.name for s, site in enumerate(dataset.sites) if not (dataset.site_of_item == s).any()]
+    if empty:
+        raise SiteError(f"no training slices left for site(s) {', '.join(empty)}")
     sampler = MultiSiteBatchSampler(dataset.site_of_item, batch_per_site, oversample, seed, rank, world_size,
-                                    start_step)
+                                    start_step, num_sites=len(dataset.sites))
     return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(workers, seed, pin_memory))
 
 

@@ -65,6 +65,8 @@ class MultiSiteBatchSampler(Sampler[list[int]]):
         rank, world_size: this process's share of every global batch.
         start_step: steps of the first epoch iterated to skip (resume inside an epoch); later epochs
             start at step 0.
+        num_sites: the number of sites (default: the largest site index + 1); a site without items is an
+            error, never silently left out.
     """
 
     def __init__(
@@ -76,13 +78,14 @@ class MultiSiteBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         start_step: int = 0,
+        num_sites: int | None = None,
     ) -> None:
         sites = np.asarray(site_of_item, dtype=np.int64)
         if sites.ndim != 1 or len(sites) == 0:
             raise ValueError("site_of_item must be a non-empty 1D sequence of site indices")
-        if sites.min() < 0:
-            raise ValueError("site indices must be >= 0")
-        num_sites = int(sites.max()) + 1
+        num_sites = int(sites.max()) + 1 if num_sites is None else num_sites
+        if sites.min() < 0 or sites.max() >= num_sites:
+            raise ValueError(f"site indices must lie in [0, {num_sites})")
         self.items = [np.flatnonzero(sites == s) for s in range(num_sites)]
         empty = [s for s, it in enumerate(self.items) if len(it) == 0]
         if empty:
