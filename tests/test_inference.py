@@ -206,6 +206,20 @@ def test_dicom_series_and_nifti_volume(model_path: Path, real: tuple, tmp_path: 
     assert nifti_volume.label == ("COVID" if nifti_volume.p_covid >= 0.5 else "non-COVID")
 
 
+def test_dicom_series_with_a_corrupt_file(model_path: Path, real: tuple, tmp_path: Path) -> None:
+    greys = [read_image(f)[:100, :100] for f in real[2][:3]]
+    dicoms = write_dicom_series(tmp_path / "series", greys)
+    (tmp_path / "series" / "broken.dcm").write_bytes(b"garbage" * 20)
+    records = Predictor.from_file(model_path).predict([tmp_path / "series", dicoms[1]])
+    assert [(r.kind, Path(r.path).name, r.slice) for r in records] == [
+        ("slice", "slice02.dcm", 0), ("slice", "slice01.dcm", 1), ("slice", "slice00.dcm", 2),
+        ("volume", "series", None), ("error", "broken.dcm", None),
+        ("slice", "slice01.dcm", None),  # a DICOM file given alone is a lone slice
+    ]
+    assert records[3].n_slices == 3 and records[4].error
+    assert records[5].p_covid == pytest.approx(records[1].p_covid, abs=1e-6)
+
+
 def test_volume_score() -> None:
     assert volume_score([0.1, 0.9, 0.5, 0.7], 2) == (pytest.approx(0.8), 2)
     assert volume_score([0.2, 0.4], 5) == (pytest.approx(0.3), 2)
@@ -340,14 +354,16 @@ def test_folder_with_corrupt_file(model_path: Path, real: tuple, tmp_path: Path)
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"ignored")
 
-    records = Predictor.from_file(model_path).predict([folder, tmp_path / "missing.png"])
+    (tmp_path / "nothing").mkdir()
+
+    records = Predictor.from_file(model_path).predict([folder, tmp_path / "missing.png", tmp_path / "nothing"])
     by_kind = {k: [r for r in records if r.kind == k] for k in ("slice", "error", "skipped")}
-    assert len(by_kind["slice"]) == 3 and len(records) == 6
+    assert len(by_kind["slice"]) == 3 and len(records) == 7
     errors = {Path(r.path).name: r.error for r in by_kind["error"]}
-    assert set(errors) == {"broken.png", "missing.png"} and all(errors.values())
-    assert errors["missing.png"] == "file does not exist"
+    assert set(errors) == {"broken.png", "missing.png", "nothing"} and all(errors.values())
+    assert errors["missing.png"] == "file does not exist" and "no supported image files" in errors["nothing"]
     assert [Path(r.path).name for r in by_kind["skipped"]] == ["notes.txt"]
-    direct = slice_p(Predictor.from_file(model_path).predict([folder / real[2][0].name]))
+    direct = slice_p(Predictor.from_file(model_path).predict(str(folder / real[2][0].name)))  # one path
     assert slice_p(by_kind["slice"])[0] == pytest.approx(direct[0], abs=1e-6)
 
 

@@ -94,6 +94,8 @@ def test_onnx_export_then_predict(model_path: Path, folder: Path, tmp_path: Path
 
     refused = run("predict", onnx, folder, "--site", "A")
     assert refused.exit_code == 1 and "fixed at export" in refused.stderr
+    refused = run("predict", onnx, folder, "--cam", tmp_path / "cams")
+    assert refused.exit_code == 1 and "Grad-CAM needs a crosssite model file" in refused.stderr
 
 
 def test_grad_cam_overlays(model_path: Path, folder: Path, tmp_path: Path) -> None:

@@ -400,20 +400,20 @@ class Predictor:
 
     def predict(
         self,
-        paths: Iterable[Path | str],
+        paths: Iterable[Path | str] | Path | str,
         *,
         cam_dir: str | os.PathLike | None = None,
         progress: bool | None = None,
     ) -> list[Record]:
-        """Rows for ``paths`` (files, folders searched recursively, DICOM series folders, NIfTI volumes):
-        the inputs that failed first, then every slice in input order with each volume's row after its last
-        slice, then the skipped non-image files.
+        """Rows for ``paths`` (one path or several: files, folders searched recursively, DICOM series
+        folders, NIfTI volumes): the inputs that failed first, then every slice in input order with each
+        volume's row after its last slice, then the skipped non-image files.
 
-        An unreadable file becomes an ``"error"`` row and the rest still run; an input with no image at all
-        raises `InferenceError`. With ``cam_dir`` a Grad-CAM overlay PNG of each slice is written there.
+        An unreadable file becomes an ``"error"`` row and the rest still run; inputs without any image file
+        at all raise `InferenceError` (an empty folder among other inputs is an ``"error"`` row). With ``cam_dir`` a Grad-CAM overlay PNG of each slice is written there.
         ``progress`` (None: when stderr is a terminal and there is more than one batch) shows a progress bar.
         """
-        paths = list(paths)
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         plan = collect_inputs(paths)
         if not plan.items and not plan.errors:
             shown = ", ".join(str(p) for p in paths) or "(no input given)"
