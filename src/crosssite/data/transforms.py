@@ -9,8 +9,9 @@ resized to ``image_size`` and the central ``image_size`` square is kept (``mode=
 whole field of view of a square slice). ``mode="crop"`` instead keeps the training scale: short side
 ``short_side_for(image_size)``, then the central square.
 
-Both end with float conversion, the grey slice repeated to three channels and per-channel normalisation:
-output float32 (3, image_size, image_size).
+Both end with float conversion, the grey slice repeated to three channels and per-channel normalisation
+(`Normalise`): output float32 (3, image_size, image_size). Each transform is a geometric part, ``crop``
+(uint8 in, uint8 out), followed by ``normalise``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "short_side_for",
     "resize_short_side",
     "to_uint8",
+    "Normalise",
     "TrainTransform",
     "EvalTransform",
     "train_transform",
@@ -71,34 +73,44 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     return to_uint8(resized)
 
 
-class _Normalise:
-    """uint8 (H, W) -> float32 (3, H, W), grey repeated to three channels, per-channel (x - mean) / std.
+class Normalise:
+    """uint8 grey (H, W) -> float32 (3, H, W): the slice repeated to three channels, channel ``c`` mapped to
+    ``(x / 255 - mean[c]) / std[c]``.
 
-    Computed in numpy: for one small image torch's intra-op threads cost more than they save.
+    Computed in numpy, per image, inside the loader's workers: for one image torch's intra-op threads cost
+    more than they save, and a worker hands over a finished tensor.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> None:
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values (one per channel), got {mean} and {std}")
+        if min(std) <= 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.mean, self.std = tuple(mean), tuple(std)
         # Fold 1/255 into the affine map: out = x * scale + bias.
         self.scale = [np.float32(1.0 / (255.0 * s)) for s in std]
         self.bias = [np.float32(-m / s) for m, s in zip(mean, std)]
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
-        grey = pixels.astype(np.float32)  # (H, W), a fresh writable copy
+        if pixels.dtype != np.uint8 or pixels.ndim != 2:
+            raise ValueError(f"expected uint8 (H, W) pixels, got {pixels.dtype} {pixels.shape}")
+        grey = pixels.astype(np.float32)
         out = np.empty((3, *grey.shape), dtype=np.float32)
         for c in range(3):
             np.multiply(grey, self.scale[c], out=out[c])
             out[c] += self.bias[c]
         return torch.from_numpy(out)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
 
 class TrainTransform:
     """Random ``image_size`` crop of the short-side-``short_side`` slice, random h/v flips, normalisation.
 
     Input: a uint8 or float [0, 1] slice (H, W); a slice whose short side is not ``short_side`` is resized
-    first (slices from `SliceCache` already are). Randomness comes from torch's global generator, which a
-    `DataLoader` seeds in each worker.
+    first (slices from `SliceCache` already are). `crop` is the geometric part (uint8 out), `normalise`
+    the rest. Randomness comes from torch's global generator, which a `DataLoader` seeds in each worker.
     """
 
     def __init__(
@@ -114,9 +126,10 @@ class TrainTransform:
         if self.short_side < image_size:
             raise ValueError(f"short side {self.short_side} is smaller than the crop {image_size}")
         self.flips = flips
-        self.normalise = _Normalise(mean, std)
+        self.normalise = Normalise(mean, std)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (image_size, image_size): random crop, then random vertical and horizontal flips."""
         if min(image.shape) != self.short_side or image.dtype != np.uint8:
             image = resize_short_side(image, self.short_side)
         h, w = image.shape
@@ -127,7 +140,10 @@ class TrainTransform:
         if self.flips:
             flip_h, flip_v = (bool(v) for v in torch.rand(2) < 0.5)
             crop = crop[::-1 if flip_v else 1, ::-1 if flip_h else 1]
-        return self.normalise(crop)
+        return np.ascontiguousarray(crop)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.normalise(self.crop(image))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, short_side={self.short_side}, flips={self.flips})"
@@ -154,16 +170,20 @@ class EvalTransform:
         self.image_size = image_size
         self.mode = mode
         self.short_side = image_size if mode == "resize" else short_side_for(image_size)
-        self.normalise = _Normalise(mean, std)
+        self.normalise = Normalise(mean, std)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (image_size, image_size): resized, central square."""
         if image.dtype != np.uint8:  # a freshly decoded slice: take the decode cache's path first
             image = resize_short_side(image, short_side_for(self.image_size))
         image = resize_short_side(image, self.short_side)
         h, w = image.shape
         s = self.image_size
         top, left = (h - s) // 2, (w - s) // 2
-        return self.normalise(image[top : top + s, left : left + s])
+        return np.ascontiguousarray(image[top : top + s, left : left + s])
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.normalise(self.crop(image))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, mode={self.mode!r})"
