@@ -208,7 +208,7 @@ def test_cli_train_end_to_end(tmp_path: Path) -> None:
     assert "s0" in result.output and "auc" in result.output
     saved = (out / "config.yaml").read_text()
     assert "method: sepnorm\n" in saved and "seed: 1\n" in saved and "image_size: 32\n" in saved
-    again = runner.invoke(app, ["train", "--out", str(out), "--resume", "--quiet"])  # sites from sites.json
+    again = runner.invoke(app, ["train", "--resume", str(out), "--quiet"])  # config and sites from the run
     assert again.exit_code == 0, again.output
     assert json.loads((out / "metrics.json").read_text())["method"] == "sepnorm"
     bad = runner.invoke(app, args[:-3] + ["--set", "epochz=2"])
@@ -219,3 +219,24 @@ def test_cli_train_end_to_end(tmp_path: Path) -> None:
 def test_official_protocol_needs_an_official_split(sites3, tmp_path: Path) -> None:
     with pytest.raises(SiteError, match="s0.*has no official split"):
         train(tiny(protocol="official"), sites3[:1], tmp_path, progress=False)
+
+
+def test_recalibrate_bn_sets_plain_averages_and_keeps_weights() -> None:
+    from crosssite.models import BatchNorm, create_model
+    from crosssite.training.engine import recalibrate_bn
+
+    model = create_model("covidnet_redesign", num_sites=2, width=0.0625, norm="batch", image_size=32)
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    batches = [{"image": torch.randn(6, 3, 32, 32) * (1 + i), "site": torch.tensor([0, 1] * 3)} for i in range(2)]
+    first = next(m for m in model.modules() if isinstance(m, BatchNorm))
+    seen = []
+    hook = first.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    model.eval()
+    recalibrate_bn(model, batches, torch.device("cpu"), tiny())
+    hook.remove()
+    assert not model.training and first.momentum == 0.1  # mode and momentum restored
+    expected_mean = torch.stack([x.mean((0, 2, 3)) for x in seen]).mean(0)
+    expected_var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen]).mean(0)
+    assert torch.allclose(first.slot.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(first.slot.running_var, expected_var, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())

@@ -2,12 +2,13 @@
 
     crosssite train --site A=../shared/data/sars_cov2_ct --site B=../shared/data/covid_ct \\
         --method sepnorm-contrastive --backbone covidnet_redesign --out runs/ours \\
-        [--config cpu.yaml] [--set epochs=20 --set image_size=128] [--resume]
+        [--config cpu.yaml] [--set epochs=20 --set image_size=128]
+    crosssite train --resume runs/ours
 
-Configuration precedence: defaults < ``--config`` YAML < ``--method``/``--backbone`` < ``--set``. With
-``--resume`` the run in ``--out`` continues from its last checkpoint; its ``config.yaml`` and ``sites.json``
-are the defaults, so ``crosssite train --out runs/ours --resume`` is enough. Any `CrossSiteError` prints one line
-and exits with status 1.
+Configuration precedence: defaults < ``--config`` YAML < ``--method``/``--backbone`` < ``--set``.
+``--resume DIR`` continues the run in DIR from its last checkpoint (a finished run just prints its metrics);
+DIR's ``config.yaml`` and ``sites.json`` stand in for ``--config`` and ``--site``. Any `CrossSiteError` prints
+one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -29,15 +30,20 @@ def train_command(
     method: str = typer.Option(None, "--method", help="single, joint, sepnorm, sepnorm-contrastive (default), "
                                "series-adapter, parallel-adapter, ms-net."),
     backbone: str = typer.Option(None, "--backbone", help="covidnet_redesign (default) or covidnet."),
-    out: Path = typer.Option(..., "--out", help="Run directory."),
+    out: Path = typer.Option(None, "--out", help="Run directory (required unless --resume)."),
     config: Path = typer.Option(None, "--config", help="YAML file of config keys."),
     set_: list[str] = typer.Option(None, "--set", help="key=value config override (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    resume: Path = typer.Option(None, "--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or per-epoch lines."),
 ) -> None:
     """Train a method on sites; write the run directory and print per-site test metrics."""
     try:
-        metrics = _run(site or [], method, backbone, out, config, set_ or [], resume, not quiet)
+        if resume is not None and out is not None and resume.resolve() != out.resolve():
+            raise CrossSiteError(f"--resume {resume} and --out {out} name different run directories")
+        out = resume if resume is not None else out
+        if out is None:
+            raise CrossSiteError("missing --out DIR (or --resume DIR to continue a run)")
+        metrics = _run(site or [], method, backbone, out, config, set_ or [], resume is not None, not quiet)
     except CrossSiteError as error:
         typer.echo(f"error: {' '.join(str(error).split())}", err=True)
         raise typer.Exit(1) from None

@@ -54,6 +54,9 @@ class TrainConfig:
     contrastive_form: str = "ntxent"
     kt_weight: float = 1.0
     kt_temperature: float = 2.0
+    # batch-norm statistics: before each validation, recompute every BN running mean / variance as the plain
+    # average over the training part seen through the evaluation transform ("precise BN"); off in the paper
+    bn_recalibrate: bool = False
     # data and protocol
     seed: int = 0  # model initialisation, batch order, augmentation
     split_seed: int = 0  # folds and the limit_per_site subset (kept fixed across seeds)

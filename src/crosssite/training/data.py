@@ -33,7 +33,7 @@ class RunData:
     splits: list[Split]
     cache: SliceCache
     train: DataLoader  # batches of `batch_per_site` per site; `train.batch_sampler` is the MultiSiteBatchSampler
-    eval: dict[str, DataLoader]  # "val" / "test": every site's part, in site order then index order
+    eval: dict[str, DataLoader]  # "val" / "test" (and "train" with bn_recalibrate): every site's part, in order
 
     @property
     def steps_per_epoch(self) -> int:
@@ -129,7 +129,7 @@ def build_run_data(
             workers=config.workers,
             pin_memory=pin_memory,
         )
-        for part in ("val", "test")
+        for part in (PARTS if config.bn_recalibrate else ("val", "test"))
     }
     return RunData(sites=sites, splits=splits, cache=cache, train=train, eval=evaluation)
 
