@@ -208,3 +208,31 @@ def test_nifti_single_slice_and_uncompressed(tmp_path: Path) -> None:
 
 def test_apply_window_none_stretches() -> None:
     np.testing.assert_allclose(apply_window(np.array([2.0, 4.0, 6.0]), None), [0.0, 0.5, 1.0])
+
+
+# ----------------------------------------------------------------------------- volumes inside a site
+
+
+def test_volumes_in_a_folder_site_expand_per_slice(tmp_path: Path) -> None:
+    from crosssite.data import check_sites, load_site, make_folds
+
+    (tmp_path / "covid").mkdir()
+    (tmp_path / "normal").mkdir()
+    for k in range(2):
+        volume = np.stack([np.full((4, 5), -900 + 100 * z, np.int16) for z in range(3)], axis=-1)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "covid" / f"case {k}.nii.gz"))
+        stored = np.stack([np.full((4, 4), h, np.int16) for h in (-800, -400)])
+        write_dicom(tmp_path / "normal" / f"scan{k}.dcm", stored)
+    site = load_site(f"V={tmp_path}")
+    assert site.layout == "folder" and site.has_patients
+    assert site.class_counts() == {"non-COVID": 4, "COVID": 6}
+    assert [(s.path.name, s.frame, s.patient) for s in site.samples[:3]] == [
+        ("scan0.dcm", 0, "scan0.dcm"), ("scan0.dcm", 1, "scan0.dcm"), ("scan1.dcm", 0, "scan1.dcm")]
+    assert read_image(site.samples[1].path, site.samples[1].frame) == pytest.approx(lung(-400))
+    folds = make_folds(site, k=2)
+    for fold in folds:  # a volume's slices stay together
+        volumes = {site.samples[i].path for i in fold}
+        assert sum(1 for s in site.samples if s.path in volumes) == len(fold)
+    (report,) = check_sites([site])["sites"]
+    assert report["formats"] == {"DICOM": 4, "NIfTI": 6} and report["patients"] == 4
+    assert report["duplicates"] == 2 + 3  # both DICOM files hold the same 2 frames, both volumes the same 3 slices
