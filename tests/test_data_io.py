@@ -213,6 +213,7 @@ def test_apply_window_none_stretches() -> None:
 # ----------------------------------------------------------------------------- volumes inside a site
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached")
 def test_volumes_in_a_folder_site_expand_per_slice(tmp_path: Path) -> None:
     from crosssite.data import check_sites, load_site, make_folds
 
@@ -226,8 +227,9 @@ def test_volumes_in_a_folder_site_expand_per_slice(tmp_path: Path) -> None:
     site = load_site(f"V={tmp_path}")
     assert site.layout == "folder" and site.has_patients
     assert site.class_counts() == {"non-COVID": 4, "COVID": 6}
+    scan0, scan1 = str(tmp_path / "normal" / "scan0.dcm"), str(tmp_path / "normal" / "scan1.dcm")
     assert [(s.path.name, s.frame, s.patient) for s in site.samples[:3]] == [
-        ("scan0.dcm", 0, "scan0.dcm"), ("scan0.dcm", 1, "scan0.dcm"), ("scan1.dcm", 0, "scan1.dcm")]
+        ("scan0.dcm", 0, scan0), ("scan0.dcm", 1, scan0), ("scan1.dcm", 0, scan1)]
     assert read_image(site.samples[1].path, site.samples[1].frame) == pytest.approx(lung(-400))
     folds = make_folds(site, k=2)
     for fold in folds:  # a volume's slices stay together
@@ -236,3 +238,9 @@ def test_volumes_in_a_folder_site_expand_per_slice(tmp_path: Path) -> None:
     (report,) = check_sites([site])["sites"]
     assert report["formats"] == {"DICOM": 4, "NIfTI": 6} and report["patients"] == 4
     assert report["duplicates"] == 2 + 3  # both DICOM files hold the same 2 frames, both volumes the same 3 slices
+
+    # A DICOM file whose header is broken stays in the site as one sample and is reported unreadable.
+    (tmp_path / "normal" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 20)
+    site = load_site(f"V={tmp_path}")
+    (report,) = check_sites([site])["sites"]
+    assert [Path(p).name for p in report["unreadable"]] == ["broken.dcm"]

@@ -12,7 +12,7 @@ forced:
 * ``synthetic``: ``NAME=synthetic[:shift=0.5,n=200,seed=0,size=256]``, see `crosssite.data.synthetic`.
 
 DICOM files with several frames and NIfTI volumes found in a ``folder`` or ``csv`` site expand into one
-sample per slice (``Sample.frame``); the volume's file name is the patient id when the layout gives none.
+sample per slice (``Sample.frame``); the volume's path is the patient id when the layout gives none.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crosssite.errors import SiteError
+from crosssite.errors import ImageReadError, SiteError
 
 __all__ = [
     "CLASS_NAMES",
@@ -75,7 +75,11 @@ class Sample:
 
 @dataclass
 class Site:
-    """A named list of samples read with one layout from one root (folder, manifest or synthetic spec)."""
+    """A named list of samples read with one layout from one root (folder, manifest or synthetic folder).
+
+    ``has_patients``: every sample has a patient id (folds are then grouped by patient). ``params``: the
+    generator parameters of a synthetic site (``shift``, ``n``, ``seed``, ``size``), empty otherwise.
+    """
 
     name: str
     layout: str
@@ -232,13 +236,20 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _expand(path: Path, label: int, patient: str | None, split: str | None = None) -> list[Sample]:
-    """One sample per slice of ``path`` (volumes get their file name as patient id when none is given)."""
+    """One sample per slice of ``path``; a volume's path is its patient id when none is given.
+
+    A file whose header cannot be read stays one sample, so that reading it later fails with a named
+    error (or is recorded by ``skip_bad``) instead of stopping the site from loading.
+    """
     from crosssite.data.io import num_frames
 
-    n = num_frames(path)
+    try:
+        n = num_frames(path)
+    except ImageReadError:
+        n = None
     if n is None:
         return [Sample(path, label, patient, None, split)]
-    patient = patient if patient is not None else path.name
+    patient = patient if patient is not None else str(path)
     return [Sample(path, label, patient, k, split) for k in range(n)]
 
 
