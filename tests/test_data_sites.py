@@ -172,6 +172,12 @@ def test_csv_layout_errors_name_the_line(tmp_path: Path) -> None:
     (tmp_path / "missing.csv").write_text("path,label\na.png,1\nnope.png,0\n")
     with pytest.raises(SiteError, match=r"line 3.*nope.png"):
         load_site(f"X={tmp_path / 'missing.csv'}")
+    (tmp_path / "sites.csv").write_text("path,label,site\na.png,1,H1\na.png,1,H2\nnope.png,1,H2\n")
+    with pytest.raises(SiteError, match=r"line 4.*nope.png"):
+        load_site(f"H2={tmp_path / 'sites.csv'}")
+    (tmp_path / "short.csv").write_text("path,label\na.png\n")
+    with pytest.raises(SiteError, match=r"line 2.*label ''"):
+        load_site(f"X={tmp_path / 'short.csv'}")
     (tmp_path / "cols.csv").write_text("file,class\na.png,1\n")
     with pytest.raises(SiteError, match="'path' and 'label'"):
         load_site(f"X={tmp_path / 'cols.csv'}")

@@ -361,19 +361,23 @@ def load_manifest(name: str, manifest: Path) -> Site:
     columns = set(rows[0].keys()) if rows else set()
     if rows and not {"path", "label"} <= columns:
         raise SiteError(f"{manifest}: needs columns 'path' and 'label', found {sorted(columns)}")
+    numbered = list(enumerate(rows, start=2))  # line numbers in the file (line 1 is the header)
     if "site" in columns:
-        names = sorted({r["site"] for r in rows})
-        rows = [r for r in rows if r["site"] == name]
-        if not rows:
+        names = sorted({(r["site"] or "").strip() for r in rows})
+        numbered = [(line, r) for line, r in numbered if (r["site"] or "").strip() == name]
+        if not numbered:
             raise SiteError(f"{manifest}: no row has site {name!r}; sites in the manifest: {', '.join(names)}")
     samples = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in numbered:
         where = f"{manifest}, line {line}"
-        path = Path(row["path"].strip()).expanduser()
+        text = (row["path"] or "").strip()
+        if not text:
+            raise SiteError(f"{where}: empty path")
+        path = Path(text).expanduser()
         path = path if path.is_absolute() else manifest.parent / path
         if not path.is_file():
             raise SiteError(f"{where}: image {path} does not exist")
-        label = _parse_label(row["label"], where)
+        label = _parse_label(row["label"] or "", where)
         patient = (row.get("patient") or "").strip() or None
         frame = (row.get("frame") or "").strip()
         if frame:
