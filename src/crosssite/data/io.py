@@ -16,7 +16,9 @@ Every failure raises `ImageReadError(path, reason)`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -173,28 +175,28 @@ def _dicom_num_frames(ds) -> int:
 def _read_dicom(path: Path, frame: int | None, window: tuple[float, float] | None) -> np.ndarray:
     import pydicom
 
-    ds = pydicom.dcmread(path, force=True)
-    if "PixelData" not in ds:
-        raise ValueError("DICOM file holds no pixel data")
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     n = _dicom_num_frames(ds)
     if n > 1:
         if frame is None:
             raise ValueError(f"multi-frame DICOM of {n} frames; choose a frame (or use read_volume)")
         if not 0 <= frame < n:
             raise ValueError(f"frame {frame} out of range (file has {n} frames)")
-        pixels = ds.pixel_array[frame]
-    else:
-        if frame not in (None, 0):
-            raise ValueError(f"frame {frame} out of range (file has 1 frame)")
-        pixels = ds.pixel_array
-    return _dicom_to_grey(ds, pixels, window)
+        ds, frames = _volume(path, "dicom")
+        return _dicom_to_grey(ds, frames[frame], window)
+    if frame not in (None, 0):
+        raise ValueError(f"frame {frame} out of range (file has 1 frame)")
+    ds = pydicom.dcmread(path, force=True)
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file holds no pixel data")
+    return _dicom_to_grey(ds, ds.pixel_array, window)
 
 
 # ---------------------------------------------------------------------------------------------- NIfTI
 
 
 def _nifti_volume(path: Path):
-    """The canonical (RAS+) image and its data proxy, 3D (a 2D image gets a slice axis of 1)."""
+    """The canonical (RAS+) image, and its shape as 3D (a 2D image gets a slice axis of 1)."""
     import nibabel as nib
 
     img = nib.as_closest_canonical(nib.load(str(path)))
@@ -206,16 +208,8 @@ def _nifti_volume(path: Path):
     return img, shape[:3]
 
 
-def _nifti_slice(img, k: int) -> np.ndarray:
-    data = np.asanyarray(img.dataobj[..., k] if img.ndim == 3 else img.dataobj)
-    data = data.reshape(data.shape[:2])
-    # RAS+: x grows toward the patient's right, y toward anterior. Rows must run anterior -> posterior and
-    # columns from the patient's right to left, so both axes are reversed and then transposed.
-    return np.ascontiguousarray(data[::-1, ::-1].T).astype(np.float32)
-
-
 def _read_nifti(path: Path, frame: int | None, window: tuple[float, float] | None) -> np.ndarray:
-    img, shape = _nifti_volume(path)
+    _, shape = _nifti_volume(path)
     n = shape[2]
     if frame is None:
         if n > 1:
@@ -223,9 +217,40 @@ def _read_nifti(path: Path, frame: int | None, window: tuple[float, float] | Non
         frame = 0
     if not 0 <= frame < n:
         raise ValueError(f"slice {frame} out of range (volume has {n} axial slices)")
-    if img.ndim > 3:
-        img = img.slicer[..., 0]
-    return apply_window(_nifti_slice(img, frame), window)
+    data = _volume(path, "nifti")[..., frame]  # (x, y), canonical
+    # RAS+: x grows toward the patient's right, y toward anterior. Rows must run anterior -> posterior and
+    # columns from the patient's right to left, so both axes are reversed and then transposed.
+    return apply_window(np.ascontiguousarray(data[::-1, ::-1].T), window)
+
+
+# ------------------------------------------------------------------------------------ volume memory
+
+
+_VOLUME_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=2)
+def _load_volume(path: str, kind: str, size: int, mtime_ns: int):
+    """A decoded volume: NIfTI -> float32 (x, y, z) canonical; DICOM -> (dataset, frames (N, H, W)).
+
+    Kept for the next slices: reading slice by slice would otherwise decode (and, for ``.nii.gz``,
+    decompress) the whole file once per slice.
+    """
+    if kind == "nifti":
+        img, shape = _nifti_volume(Path(path))
+        return np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    import pydicom
+
+    ds = pydicom.dcmread(path, force=True)
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file holds no pixel data")
+    return ds, ds.pixel_array
+
+
+def _volume(path: Path, kind: str):
+    st = path.stat()
+    with _VOLUME_LOCK:  # one thread decodes a volume; the others then find it decoded
+        return _load_volume(str(path.resolve()), kind, st.st_size, st.st_mtime_ns)
 
 
 # --------------------------------------------------------------------------------------------- public
