@@ -131,7 +131,8 @@ def train_loader(
         raise SiteError(f"no training slices left for site(s) {', '.join(empty)}")
     sampler = MultiSiteBatchSampler(dataset.site_of_item, batch_per_site, oversample, seed, rank, world_size,
                                     start_step, num_sites=len(dataset.sites))
-    return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(workers, seed, pin_memory))
+    # Worker seeds differ per rank, so ranks do not draw the same crops and flips.
+    return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(workers, seed + 7919 * rank, pin_memory))
 
 
 def eval_loader(
