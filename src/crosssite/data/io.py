@@ -396,8 +396,9 @@ def _inspect(path: Path, frame: int | None, window: tuple[float, float] | None) 
                 img.seek(frame)
             img.load()
             _pil_to_grey(img)  # the conversion must succeed too
+            pixels = np.asarray(img.convert("RGBA") if img.mode in ("P", "PA") else img)  # colours, not indices
             return ImageInfo(img.format or path.suffix.lstrip(".").upper(), img.mode, img.width, img.height,
-                             _pixel_digest(img.mode, np.asarray(img)))
+                             _pixel_digest(img.mode, pixels))
     grey = read_image(path, frame, window)
     if kind == "dicom":
         import pydicom
