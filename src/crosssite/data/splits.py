@@ -60,9 +60,11 @@ class Split:
         parts = {p: np.asarray(data[p]["indices"], dtype=np.int64) for p in ("train", "val", "test")}
         if site is not None:
             for part, idx in parts.items():
-                for i, path in zip(idx, data[part]["paths"]):
-                    if i >= len(site.samples) or str(site.samples[i].path) != path:
-                        raise SiteError(f"saved split of site {site.name!r} names {path} at index {i}, "
+                frames = data[part].get("frames") or [None] * len(idx)
+                for i, path, frame in zip(idx, data[part]["paths"], frames):
+                    if i >= len(site.samples) or (str(site.samples[i].path), site.samples[i].frame) != (path, frame):
+                        where = path if frame is None else f"{path}#{frame}"
+                        raise SiteError(f"saved split of site {site.name!r} names {where} at index {i}, "
                                         f"which the site no longer holds there")
         return cls(**parts)
 
