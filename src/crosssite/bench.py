@@ -1,0 +1,326 @@
+"""Speed of the paper's network on this machine, against its arithmetic limit and against the plain path.
+
+    crosssite bench [--json]   (or: python benchmarks/bench_model.py [--json])
+    options: [--steps 5] [--compile] [--width 1.0] [--image-size 224]
+
+Network: ``covidnet_redesign``, 2 sites, site-specific BN, projection head (SepNorm + contrastive), width 1,
+224 px. Measured in one process, each figure the median of ``--steps`` runs after a warm-up:
+
+(a) training step of 16 + 16 images: forward, cross-entropy + contrastive loss, backward, gradient-norm
+    clip 2.0, Adam step;
+(b) evaluation forward of 32 images of one site;
+(c) single-image latency, PNG file -> `read_image` -> `eval_transform` -> forward (p50 and p90).
+
+Each reports images/s, achieved GFLOP/s (FLOPs of one forward from `torch.utils.flop_counter`, times 3 for
+a training step), the ratio to an fp32 and a bf16 square matmul (up to 2048) measured in the same process, and peak RSS
+(the kernel's high-water mark, reset before each measurement).
+
+The plain path is fp32, eager, contiguous, one forward per site. Each lever is then switched on alone --
+one forward for the mixed-site batch, channels_last, bf16 autocast (skipped where a bf16 matmul is
+slower than an fp32 one, i.e. no native bf16), torch.compile (``--compile``) -- and the fast path combines
+the levers that helped on their own in this run. ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from crosssite.data import eval_transform, read_image
+from crosssite.losses import supervised_contrastive_loss
+from crosssite.models import create_model
+
+SITE_A = Path(__file__).resolve().parents[2] / "shared" / "data" / "sars_cov2_ct" / "COVID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """A way of running the network (the plain path: every lever off)."""
+
+    mixed: bool = False  # one forward for the 16 + 16 batch instead of one per site
+    channels_last: bool = False
+    bf16: bool = False  # torch.autocast(cpu, bfloat16)
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+        return "+".join(on) or "plain"
+
+
+# --- measurement helpers -------------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark of this process (Linux >= 4.0)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_gb() -> float:
+    """Resident-set high-water mark since the last `reset_peak_rss`, in GB."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def timed(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
+    """Wall seconds of ``steps`` calls of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_gflops(dtype: torch.dtype, max_n: int = 2048, steps: int = 5) -> float:
+    """Square-matmul GFLOP/s in ``dtype``; the size grows from 256 while one product takes under 0.1 s."""
+    n = 256
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        once = min(timed(lambda: a @ b, 1, warmup=1))
+        if once > 0.1 or n >= max_n:
+            return 2 * n**3 / statistics.median(timed(lambda: a @ b, steps, warmup=0)) / 1e9
+        n *= 2
+
+
+def forward_flops(width: float, image_size: int) -> float:
+    """FLOPs (multiply-add = 2) of one image's forward pass."""
+    model = create_model("covidnet_redesign", num_sites=2, norm="site", projection=True, width=width).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, image_size, image_size), torch.tensor([0]))
+    return float(counter.get_total_flops())
+
+
+# --- the three workloads -------------------------------------------------------------------------------
+
+
+def build(mode: Mode, width: float, train: bool) -> tuple[torch.nn.Module, Callable]:
+    """The network for ``mode`` and the callable that runs it (compiled or not)."""
+    torch.manual_seed(0)
+    model = create_model("covidnet_redesign", num_sites=2, norm="site", projection=True, width=width)
+    model.train(train)
+    if mode.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    run = torch.compile(model) if mode.compile else model
+    return model, run
+
+
+def autocast(mode: Mode) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if mode.bf16 else contextlib.nullcontext()
+
+
+def images(n: int, image_size: int, mode: Mode) -> torch.Tensor:
+    x = torch.randn(n, 3, image_size, image_size)
+    return x.contiguous(memory_format=torch.channels_last) if mode.channels_last else x
+
+
+def train_step_fn(mode: Mode, width: float, image_size: int, per_site: int) -> Callable[[], None]:
+    model, run = build(mode, width, train=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-7)
+    x = images(2 * per_site, image_size, mode)
+    site = torch.arange(2).repeat_interleave(per_site)  # (B,) 16 of site 0, then 16 of site 1
+    label = torch.arange(2).repeat(per_site)  # (B,) both classes in each site
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        if mode.mixed:
+            out = run(x, site)
+            return out.logits, out.projection
+        outs = [run(x[site == s], site[site == s]) for s in range(2)]
+        return torch.cat([o.logits for o in outs]), torch.cat([o.projection for o in outs])
+
+    def step() -> None:
+        with autocast(mode):
+            logits, projection = forward()
+            loss = F.cross_entropy(logits.float(), label) + supervised_contrastive_loss(projection, label)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+
+    return step
+
+
+def eval_fn(mode: Mode, width: float, image_size: int, batch: int) -> Callable[[], None]:
+    _, run = build(mode, width, train=False)
+    x = images(batch, image_size, mode)
+    site = torch.zeros(batch, dtype=torch.long)
+
+    def forward() -> None:
+        with torch.inference_mode(), autocast(mode):
+            run(x, site)
+
+    return forward
+
+
+def png_file(tmp: Path) -> Path:
+    """A real site-A slice if the data is present, else a synthetic grey PNG."""
+    if SITE_A.is_dir():
+        return next(iter(sorted(SITE_A.glob("*.png"))))
+    file = tmp / "slice.png"
+    Image.fromarray((np.random.default_rng(0).random((300, 400)) * 255).astype(np.uint8)).save(file)
+    return file
+
+
+def latency_fn(mode: Mode, width: float, image_size: int, file: Path) -> Callable[[], None]:
+    _, run = build(mode, width, train=False)
+    transform = eval_transform(image_size)
+    site = torch.zeros(1, dtype=torch.long)
+
+    def predict() -> None:
+        x = transform(read_image(file))[None]  # (1, 3, H, W)
+        if mode.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(mode):
+            torch.softmax(run(x, site).logits.float(), 1)
+
+    return predict
+
+
+# --- driver --------------------------------------------------------------------------------------------
+
+
+def measure(make: Callable[[], Callable[[], None]], steps: int, warmup: int) -> tuple[list[float], float]:
+    reset_peak_rss()
+    times = timed(make(), steps, warmup)
+    return times, peak_rss_gb()
+
+
+def report_part(times: list[float], rss: float, n_images: int, flops: float, peaks: dict) -> dict:
+    t = statistics.median(times)
+    gflops = flops / t / 1e9
+    return {
+        "seconds": round(t, 4),
+        "images_per_s": round(n_images / t, 2),
+        "gflops": round(gflops, 1),
+        "of_fp32_matmul": round(gflops / peaks["fp32"], 3),
+        "of_bf16_matmul": round(gflops / peaks["bf16"], 3),
+        "peak_rss_gb": round(rss, 2),
+    }
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    steps, warmup = args.steps, args.warmup
+    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    flops = forward_flops(args.width, args.image_size)
+    batch = 2 * args.per_site
+    levers = [Mode(mixed=True), Mode(channels_last=True)]
+    if peaks["bf16"] > peaks["fp32"]:  # else this CPU has no native bf16: autocast could only slow it down
+        levers.append(Mode(bf16=True))
+    if args.compile:
+        levers.append(Mode(compile=True))
+    result: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "config": {"width": args.width, "image_size": args.image_size, "per_site": args.per_site, "steps": steps},
+        "forward_gflop_per_image": round(flops / 1e9, 3),
+        "matmul_gflops": {k: round(v, 1) for k, v in peaks.items()},
+    }
+
+    def train(mode: Mode) -> dict:
+        times, rss = measure(lambda: train_step_fn(mode, args.width, args.image_size, args.per_site), steps, warmup)
+        return report_part(times, rss, batch, 3 * flops * batch, peaks)
+
+    def evaluate(mode: Mode) -> dict:
+        times, rss = measure(lambda: eval_fn(mode, args.width, args.image_size, batch), steps, warmup)
+        return report_part(times, rss, batch, flops * batch, peaks)
+
+    # (a) and (b): plain path, each lever alone, then the levers that helped, together
+    for part, fn, candidates in (("train_step", train, levers), ("eval_batch", evaluate, levers[1:])):
+        plain = fn(Mode())
+        entries = {"plain": plain}
+        helped = []
+        for lever in candidates:
+            entries[lever.name] = fn(lever)
+            entries[lever.name]["speedup"] = round(plain["seconds"] / entries[lever.name]["seconds"], 2)
+            if entries[lever.name]["speedup"] > 1.02:
+                helped.append(lever)
+        fast = Mode(**{f.name: any(getattr(p, f.name) for p in helped) for f in dataclasses.fields(Mode)})
+        if len(helped) > 1:
+            entries[fast.name] = fn(fast)
+            entries[fast.name]["speedup"] = round(plain["seconds"] / entries[fast.name]["seconds"], 2)
+        result[part] = {"paths": entries, "fast": fast.name, "speedup": entries[fast.name].get("speedup", 1.0)}
+
+    # (c) single-image latency from a PNG file, plain and with the evaluation's fast path
+    with tempfile.TemporaryDirectory() as tmp:
+        file = png_file(Path(tmp))
+        fast_eval = Mode(**_flags(result["eval_batch"]["fast"]))
+        latency = {}
+        for mode in dict.fromkeys([Mode(), fast_eval]):
+            times, rss = measure(lambda p=mode: latency_fn(p, args.width, args.image_size, file), 4 * steps, warmup)
+            latency[mode.name] = {
+                "p50_ms": round(1e3 * statistics.median(times), 1),
+                "p90_ms": round(1e3 * float(np.percentile(times, 90)), 1),
+                "peak_rss_gb": round(rss, 2),
+            }
+        result["single_image"] = {"file": str(file), "paths": latency}
+    return result
+
+
+def _flags(name: str) -> dict[str, bool]:
+    return {} if name == "plain" else {flag: True for flag in name.split("+")}
+
+
+def print_table(result: dict) -> None:
+    m = result["machine"]
+    print(f"{m['cpu_capability']} x {m['threads']} threads, torch {m['torch']}; "
+          f"forward {result['forward_gflop_per_image']} GFLOP/image; matmul GFLOP/s {result['matmul_gflops']}")
+    for part in ("train_step", "eval_batch"):
+        print(f"\n{part} (fast path: {result[part]['fast']}, x{result[part]['speedup']})")
+        print(f"  {'path':<28}{'s':>8}{'img/s':>9}{'GFLOP/s':>9}{'/fp32mm':>9}{'/bf16mm':>9}{'RSS GB':>8}{'x':>6}")
+        for name, r in result[part]["paths"].items():
+            print(f"  {name:<28}{r['seconds']:>8.3f}{r['images_per_s']:>9.2f}{r['gflops']:>9.1f}"
+                  f"{r['of_fp32_matmul']:>9.3f}{r['of_bf16_matmul']:>9.3f}{r['peak_rss_gb']:>8.2f}"
+                  f"{r.get('speedup', 1.0):>6.2f}")
+    print(f"\nsingle image from {result['single_image']['file']}")
+    for name, r in result["single_image"]["paths"].items():
+        print(f"  {name:<28} p50 {r['p50_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, peak RSS {r['peak_rss_gb']:.2f} GB")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--steps", type=int, default=5, help="timed runs per figure (median; latency: 4x)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--per-site", type=int, default=16, help="images per site in a training step")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--compile", action="store_true", help="also try torch.compile (slow to compile)")
+    args = parser.parse_args(argv)
+    result = run_benchmark(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
