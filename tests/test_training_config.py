@@ -85,7 +85,9 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
 def test_method_table_covers_table_one() -> None:
     assert set(METHODS) == {"single", "joint", "sepnorm", "sepnorm-contrastive", "series-adapter",
                             "parallel-adapter", "ms-net"}
-    kw = lambda m, b="covidnet_redesign": model_kwargs(METHODS[m], b, num_sites=2, width=1.0, block_act="none")  # noqa: E731
+    def kw(m: str, b: str = "covidnet_redesign") -> dict:
+        return model_kwargs(METHODS[m], b, num_sites=2, width=1.0, block_act="none")
+
     assert kw("joint")["norm"] == "batch" and kw("single")["norm"] == "batch" and METHODS["single"].per_site
     assert kw("sepnorm")["norm"] == "site" and not kw("sepnorm")["projection"]
     assert kw("sepnorm-contrastive")["projection"] and METHODS["sepnorm-contrastive"].contrastive

@@ -33,7 +33,9 @@ def train_command(
     out: Path = typer.Option(None, "--out", help="Run directory (required unless --resume)."),
     config: Path = typer.Option(None, "--config", help="YAML file of config keys."),
     set_: list[str] = typer.Option(None, "--set", help="key=value config override (repeatable)."),
-    resume: Path = typer.Option(None, "--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint."),
+    resume: Path = typer.Option(
+        None, "--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or per-epoch lines."),
 ) -> None:
     """Train a method on sites; write the run directory and print per-site test metrics."""

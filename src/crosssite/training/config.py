@@ -94,8 +94,8 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)!r}")
         non_negative = (
-            "lr_min", "weight_decay", "grad_clip", "alpha", "kt_weight", "seed", "split_seed", "limit_per_site", "workers",
-            "ckpt_every",
+            "lr_min", "weight_decay", "grad_clip", "alpha", "kt_weight", "seed", "split_seed", "limit_per_site",
+            "workers", "ckpt_every",
         )
         for key in non_negative:
             if getattr(self, key) < 0:

@@ -87,7 +87,9 @@ class TrainingDiverged(TrainingError):
 # ------------------------------------------------------------------------------------------------- loss
 
 
-def compute_loss(out: models.ModelOutput, labels: Tensor, method: Method, config: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def compute_loss(
+    out: models.ModelOutput, labels: Tensor, method: Method, config: TrainConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss and its unweighted parts: ``ce`` (+ ``con``) (+ ``aux_ce``, ``kt``), all in float32.
 
     total = ce + alpha * con + aux_ce + kt_weight * kt
@@ -233,7 +235,8 @@ def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, ["site", "path", "frame", "label", "p_covid", "part"], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "frame": "" if row["frame"] is None else row["frame"], "p_covid": f"{row['p_covid']:.6f}"})
+        frame = "" if row["frame"] is None else row["frame"]
+        writer.writerow({**row, "frame": frame, "p_covid": f"{row['p_covid']:.6f}"})
     atomic_write_text(path, buffer.getvalue())
 
 
