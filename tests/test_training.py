@@ -240,3 +240,22 @@ def test_recalibrate_bn_sets_plain_averages_and_keeps_weights() -> None:
     assert torch.allclose(first.slot.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
     assert torch.allclose(first.slot.running_var, expected_var, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+
+
+def test_bad_file_stops_the_run_unless_skip_bad(sites3, tmp_path: Path) -> None:
+    import shutil
+
+    from crosssite.errors import ImageReadError
+
+    root = tmp_path / "site"
+    for sample in sites3[0].samples:
+        folder = root / ("COVID" if sample.label == 1 else "non-COVID")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample.path, folder / f"{sample.patient}_{sample.path.name}")
+    (root / "COVID" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    spec = [f"bad={root}", SPECS[1]]
+    with pytest.raises(ImageReadError, match="broken.png"):
+        train(tiny(method="joint"), spec, tmp_path / "strict", progress=False)
+    metrics = train(tiny(method="joint", skip_bad=True), spec, tmp_path / "lenient", progress=False)
+    skipped = json.loads((tmp_path / "lenient" / "skipped.json").read_text())
+    assert [Path(s["path"]).name for s in skipped] == ["broken.png"] and metrics["steps"] > 0
