@@ -132,3 +132,8 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     atomic_write_text(target, "new")
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["a.txt"]
     assert target.stat().st_mode & 0o777 == 0o666 & ~_UMASK  # the mode open() would give, not mkstemp's 0600
+
+
+def test_unknown_backbone_lists_registered_models() -> None:
+    with pytest.raises(ConfigError, match=r"backbone: unknown 'resnet50'; valid: .*covidnet_redesign"):
+        load_config(None, ["backbone=resnet50"])

@@ -15,11 +15,13 @@ from typing import Any
 import yaml
 
 from crosssite.errors import ConfigError
+from crosssite.models import is_model, list_models
+from crosssite.training.checkpoint import atomic_write_text
+from crosssite.training.methods import METHODS
 
 __all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "save_config"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "backbone": ("covidnet", "covidnet_redesign"),
     "block_act": ("none", "relu"),
     "schedule_per": ("step", "epoch"),
     "contrastive_form": ("ntxent", "eq4"),
@@ -82,10 +84,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first key whose value is out of range."""
-        from crosssite.training.methods import METHODS
-
         if self.method not in METHODS:
             raise ConfigError(f"method: unknown {self.method!r}; valid: {', '.join(METHODS)}")
+        if not is_model(self.backbone):
+            raise ConfigError(f"backbone: unknown {self.backbone!r}; valid: {', '.join(list_models())}")
         for key, choices in _CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
@@ -206,6 +208,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from crosssite.training.checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
