@@ -18,15 +18,19 @@ A run directory holds:
 Method `single` trains one such run per site in ``out_dir/<site name>/`` and merges their metrics.
 
 Every step draws ``batch_per_site`` slices from each site and runs one forward pass over the mixed batch; the
-loss is the universal head's cross-entropy plus the method's terms (`compute_loss`). The learning rate is a
-pure function of the global step (`crosssite.training.schedule`), so resuming needs only the counters, the
-model, the optimiser and the random generators saved in ``last.pt``; the batch sampler skips the steps of the
-interrupted epoch that were already done, so a resumed run makes exactly as many optimiser steps as an
-uninterrupted one (and, with ``workers=0`` on CPU, ends with the same weights).
+loss is the universal head's cross-entropy plus the method's terms (`compute_loss`). Every `eval_every` epochs
+(and after the last) the model is validated on each site's validation part -- with ``bn_recalibrate``, after its
+batch-norm statistics are recomputed on the training part (`recalibrate_bn`) -- and the best mean AUC over sites
+is kept as ``model.safetensors``.
 
-Distributed data parallel is a small addition: ``rank``/``world_size`` are read from the environment and the
-sampler is sharded by rank; wrapping the model in `DistributedDataParallel` where `_forward_model` compiles it
-and initialising the process group are what remains. Only rank 0 writes files.
+The learning rate is a pure function of the global step (`crosssite.training.schedule`), so resuming needs only
+the counters, the model, the optimiser and the random generators saved in ``last.pt``; the batch sampler skips
+the steps of the interrupted epoch that were already done, so a resumed run makes exactly as many optimiser steps
+as an uninterrupted one (and, with ``workers=0`` on CPU, ends with the same weights).
+
+Distributed data parallel is a small addition: ``rank``/``world_size`` are read from the environment, the sampler
+is sharded by rank, and only rank 0 writes files; initialising the process group and wrapping the model in
+`DistributedDataParallel` where `_train_run` builds ``forward`` are what remains.
 """
 
 from __future__ import annotations
