@@ -1,0 +1,92 @@
+"""The protocol runner: a tiny 2-method x 2-fold grid on synthetic sites runs, resumes, and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from crosssite.cli import app
+from crosssite.data import load_sites
+from crosssite.experiment import RunKey, finished_keys, grid, run_experiment
+from crosssite.reporting import build_report
+
+TINY = {"image_size": 32, "width": 0.0625, "epochs": 1, "batch_per_site": 4, "eval_every": 1, "ckpt_every": 0}
+SITES = ("near=synthetic:shift=0.0,n=24,seed=3,size=48", "far=synthetic:shift=1.5,n=24,seed=4,size=48")
+ROWS = [("joint", "covidnet_redesign"), ("sepnorm-contrastive", "covidnet_redesign")]
+
+
+@pytest.fixture(scope="module")
+def experiment_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exp")
+    ran = run_experiment(load_sites(SITES), out, rows=ROWS, folds=2, overrides=TINY, progress=False, log=lambda _: None)
+    assert ran == sorted(ran, key=lambda k: (k.seed, k.fold)) and len(ran) == 4
+    return out
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_grid_order_fills_every_row_of_a_fold_first() -> None:
+    keys = list(grid(ROWS, folds=2, seeds=[0, 1]))
+    assert keys[:2] == [RunKey("joint", "covidnet_redesign", 0, 0), RunKey("sepnorm-contrastive", "covidnet_redesign", 0, 0)]
+    assert len(keys) == len(set(keys)) == 8
+
+
+def test_every_run_writes_one_complete_line(experiment_dir: Path) -> None:
+    lines = _lines(experiment_dir / "results.jsonl")
+    assert {(r["method"], r["fold"]) for r in lines} == {(m, f) for m, _ in ROWS for f in (0, 1)}
+    for row in lines:
+        assert row["site_order"] == ["near", "far"]
+        assert row["site_info"]["near"]["has_patients"] is True
+        assert row["git_commit"] and row["machine"]["cpu_count"] >= 1 and row["wall_s"] > 0
+        assert row["config"]["image_size"] == 32 and row["config"]["fold"] == row["fold"]
+        for name in ("near", "far"):
+            site = row["sites"][name]
+            assert 0.0 <= site["auc"] <= 1.0
+            assert len(site["y_true"]) == len(site["p_covid"]) > 0
+            # the recorded predictions are the run's test part: same count as its split file
+            split = json.loads((experiment_dir / row["run_dir"] / "split.json").read_text())
+            assert len(site["y_true"]) == len(split["sites"][["near", "far"].index(name)]["test"]["indices"])
+
+
+def test_finished_runs_are_skipped_and_a_deleted_line_reruns(experiment_dir: Path) -> None:
+    results = experiment_dir / "results.jsonl"
+    lines = results.read_text().splitlines()
+    assert run_experiment(load_sites(SITES), experiment_dir, rows=ROWS, folds=2, overrides=TINY,
+                          progress=False, log=lambda _: None) == []
+    dropped = json.loads(lines[1])
+    results.write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    ran = run_experiment(load_sites(SITES), experiment_dir, rows=ROWS, folds=2, overrides=TINY,
+                         progress=False, log=lambda _: None)
+    key = RunKey(dropped["method"], dropped["backbone"], dropped["fold"], dropped["seed"])
+    assert ran == [key]
+    assert len(finished_keys(results)) == 4
+    again = [r for r in _lines(results) if RunKey(r["method"], r["backbone"], r["fold"], r["seed"]) == key][0]
+    # the finished run is resumed from its checkpoint, not retrained: the same test predictions come back
+    assert again["sites"]["far"]["p_covid"] == dropped["sites"]["far"]["p_covid"]
+
+
+def test_report_writes_every_table_and_figure(experiment_dir: Path) -> None:
+    out = build_report(experiment_dir)
+    md = out.markdown.read_text()
+    assert "Table I" in md and "Joint (Redesign)" in md and "SepNorm + Contrastive" in md
+    assert "Tables II and III" in md
+    html = out.html.read_text()
+    assert "<table" in html and "data:image/png;base64," in html
+    assert out.figures, "no figure written"
+    for png in out.figures:
+        with Image.open(png) as im:
+            im.load()
+            assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_experiment_cli_rejects_unknown_method(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["experiment", "--site", SITES[0], "--site", SITES[1], "--methods", "magic",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "unknown method 'magic'" in result.output
