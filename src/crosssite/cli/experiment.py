@@ -17,10 +17,13 @@ from crosssite.errors import ConfigError, CrossSiteError
 # The built-in default of `demo`: two synthetic hospitals whose scanners differ strongly.
 DEMO_SITES = (
     "hospital-1=synthetic:shift=0.0,n=160,seed=11,size=128",
-    "hospital-2=synthetic:shift=1.5,n=80,seed=22,size=96",
+    "hospital-2=synthetic:shift=1.5,n=120,seed=22,size=96",
 )
 # Sized to finish within a few minutes on 2 CPU cores (measured in README.md).
-DEMO_CONFIG = {"image_size": 64, "width": 0.125, "epochs": 8, "batch_per_site": 16, "lr": 1e-3, "lr_min": 1e-5}
+DEMO_CONFIG = {
+    "image_size": 64, "width": 0.125, "epochs": 30, "batch_per_site": 16, "lr": 1e-3, "lr_min": 1e-5,
+    "bn_recalibrate": True,
+}
 
 
 def _fail(error: CrossSiteError) -> typer.Exit:
