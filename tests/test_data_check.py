@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import crosssite.cli.data  # noqa: F401  (registers the `data` commands)
-from crosssite.cli.app import app
+from crosssite.cli import app
 
 # Two pixel-identical pairs of site A (see ../shared/data/README.md), and two other slices.
 A_FILES = ["COVID/Covid (128).png", "COVID/Covid (129).png", "COVID/Covid (134).png", "COVID/Covid (135).png",

@@ -26,15 +26,6 @@ from crosssite.evaluation import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads run these tiny models up to
-    30x slower (measured: 3 s vs 110 s for the evaluate_model test at load 10 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _random_predictions(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -289,8 +280,7 @@ def run_dir(tmp_path: Path) -> tuple[Path, list[str]]:
 def test_evaluate_command(run_dir: tuple[Path, list[str]], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    import crosssite.cli.evaluate  # noqa: F401  (registers the commands)
-    from crosssite.cli.app import app
+    from crosssite.cli import app
     from crosssite.data import load_site, split_fold
 
     path, specs = run_dir
@@ -326,8 +316,7 @@ def test_evaluate_single_run_uses_each_sites_own_model(run_dir: tuple[Path, list
     """A `single` run holds one model per site in a folder named after the site."""
     from typer.testing import CliRunner
 
-    import crosssite.cli.evaluate  # noqa: F401
-    from crosssite.cli.app import app
+    from crosssite.cli import app
     from crosssite.models import create_model, save
 
     path, specs = run_dir

@@ -12,15 +12,6 @@ from PIL import Image
 from crosssite.gradcam import grad_cam, overlay, save_png
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads run these tiny models up to
-    30x slower (measured: 3 s vs 110 s for the evaluate_model test at load 10 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class _BrightSpot(torch.nn.Module):
     """Features respond to bright pixels; the COVID logit is their spatial mean, scaled per site."""

@@ -27,14 +27,6 @@ from crosssite.models.covidnet import SiteHeads
 
 SMALL = dict(width=0.125, image_size=64)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one thread is faster, and immune to OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 # (norm, adapter, aux_heads, projection): what the methods of Table I build
 CONFIGS = [
     ("batch", None, False, False),

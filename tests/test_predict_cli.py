@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import crosssite.cli.predict  # noqa: F401  (registers the `predict` and `export` commands)
-from crosssite.cli.app import app
+from crosssite.cli import app
 from test_inference import IMAGE_SIZE, real_files, save_tiny_model, site_images
 
 

@@ -19,15 +19,6 @@ from crosssite.reporting import ROWS, ReportError, build_report, load_results, s
 from crosssite.reporting.report import _pick_cases
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads run these tiny models up to
-    30x slower (measured: 3 s vs 110 s for the evaluate_model test at load 10 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 SITES = ("covid_ct", "sars_cov2_ct")  # sorted, as a runner writing sort_keys=True leaves them
 QUALITY = {  # (method, backbone) -> how well the synthetic model separates the classes
     ("single", "covidnet"): 0.8,

@@ -12,7 +12,6 @@ averages of such a short, fast run trail the weights).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from crosssite.data import load_sites
 from crosssite.training import TrainConfig, train
@@ -24,14 +23,9 @@ CONFIG = dict(image_size=48, width=0.0625, batch_per_site=8, lr=2e-3, lr_min=2e-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: per-op overhead dominates, one thread is fastest
-    try:
-        sites = load_sites(SPECS)
-        out = tmp_path_factory.mktemp("learning")
-        return {m: train(TrainConfig(method=m, **CONFIG), sites, out / m, progress=False) for m in ("sepnorm", "joint")}
-    finally:
-        torch.set_num_threads(threads)
+    sites = load_sites(SPECS)
+    out = tmp_path_factory.mktemp("learning")
+    return {m: train(TrainConfig(method=m, **CONFIG), sites, out / m, progress=False) for m in ("sepnorm", "joint")}
 
 
 def test_sepnorm_reaches_high_validation_accuracy(runs: dict[str, dict]) -> None:
