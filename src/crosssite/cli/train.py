@@ -4,15 +4,22 @@
         --method sepnorm-contrastive --backbone covidnet_redesign --out runs/ours \\
         [--config cpu.yaml] [--set epochs=20 --set image_size=128]
     crosssite train --resume runs/ours
+    crosssite train --nproc 2 --site A=... --site B=... --out runs/ddp      # = torchrun --nproc_per_node=2 -m crosssite train ...
 
 Configuration precedence: defaults < ``--config`` YAML < ``--method``/``--backbone`` < ``--set``.
 ``--resume DIR`` continues the run in DIR from its last checkpoint (a finished run just prints its metrics);
 DIR's ``config.yaml`` and ``sites.json`` stand in for ``--config`` and ``--site``. Any `CrossSiteError` prints
 one line and exits with status 1.
+
+``--nproc N`` (N > 1) starts the same command as N data-parallel processes on this machine through
+`torch.distributed.run` (torchrun) and exits with its status; see `crosssite.training.distributed`.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +44,12 @@ def train_command(
         None, "--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint."
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or per-epoch lines."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (via torchrun)."),
 ) -> None:
     """Train a method on sites; write the run directory and print per-site test metrics."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        args = _cli_args(site or [], method, backbone, out, config, set_ or [], resume, quiet)
+        raise typer.Exit(_launch(nproc, args))
     try:
         if resume is not None and out is not None and resume.resolve() != out.resolve():
             raise CrossSiteError(f"--resume {resume} and --out {out} name different run directories")
@@ -49,7 +60,28 @@ def train_command(
     except CrossSiteError as error:
         typer.echo(f"error: {' '.join(str(error).split())}", err=True)
         raise typer.Exit(1) from None
-    _print_summary(metrics, out)
+    if int(os.environ.get("RANK", 0)) == 0:
+        _print_summary(metrics, out)
+
+
+def _cli_args(
+    specs: list[str], method: str | None, backbone: str | None, out: Path | None, config_file: Path | None,
+    overrides: list[str], resume: Path | None, quiet: bool,
+) -> list[str]:
+    """The ``crosssite train`` arguments that reproduce these options (without ``--nproc``)."""
+    args = [arg for spec in specs for arg in ("--site", spec)]
+    options = (("--method", method), ("--backbone", backbone), ("--out", out), ("--config", config_file),
+               ("--resume", resume))
+    args += [arg for name, value in options if value is not None for arg in (name, str(value))]
+    args += [arg for override in overrides for arg in ("--set", override)]
+    return args + (["--quiet"] if quiet else [])
+
+
+def _launch(nproc: int, args: list[str]) -> int:
+    """Run ``crosssite train args`` as ``nproc`` processes under torchrun on this machine; its exit status."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "crosssite", "train", *args]
+    return subprocess.run(command, check=False).returncode
 
 
 def _run(

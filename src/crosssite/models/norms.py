@@ -91,8 +91,15 @@ class _NormSlot(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
+    # Optional hook ``sync_stats(slot, x, momentum, eps) -> Tensor`` that replaces training-mode normalisation,
+    # set while a data-parallel runner synchronises batch statistics across processes
+    # (crosssite.training.distributed); None normalises with this process's batch alone.
+    sync_stats: Callable[..., Tensor] | None = None
+
     def normalise(self, x: Tensor, *, training: bool, momentum: float | None, eps: float) -> Tensor:
         """Batch-normalise ``x`` (B, C, ...) with this slot, updating its running statistics in training."""
+        if training and self.sync_stats is not None:
+            return self.sync_stats(self, x, momentum, eps)
         if training and x.numel() > x.shape[1]:  # more than one value per channel
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum

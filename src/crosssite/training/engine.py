@@ -28,9 +28,11 @@ the counters, the model, the optimiser and the random generators saved in ``last
 the steps of the interrupted epoch that were already done, so a resumed run makes exactly as many optimiser steps
 as an uninterrupted one (and, with ``workers=0`` on CPU, ends with the same weights).
 
-Distributed data parallel is a small addition: ``rank``/``world_size`` are read from the environment, the sampler
-is sharded by rank, and only rank 0 writes files; initialising the process group and wrapping the model in
-`DistributedDataParallel` where `_train_run` builds ``forward`` are what remains.
+Distributed data parallel (``torchrun --nproc_per_node=N -m crosssite train ...``): ``rank``/``world_size`` are
+read from the environment, the sampler is sharded by rank, `train` initialises the process group, the model is
+wrapped in `DistributedDataParallel`, batch-norm statistics and the contrastive batch are synchronised across
+ranks, and only rank 0 writes files; see `crosssite.training.distributed` for why N processes compute what one
+process computes on the same global batch.
 """
 
 from __future__ import annotations
@@ -40,10 +42,9 @@ import csv
 import io
 import json
 import math
-import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD, Site, load_si
 from crosssite.errors import ConfigError, CrossSiteError
 from crosssite.evaluation import binary_metrics, collect_probabilities
 from crosssite.losses import ms_net_loss, supervised_contrastive_loss
+from crosssite.training import distributed
 from crosssite.training.checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -92,15 +94,23 @@ class TrainingDiverged(TrainingError):
 
 
 def compute_loss(
-    out: models.ModelOutput, labels: Tensor, method: Method, config: TrainConfig
+    out: models.ModelOutput,
+    labels: Tensor,
+    method: Method,
+    config: TrainConfig,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss and its unweighted parts: ``ce`` (+ ``con``) (+ ``aux_ce``, ``kt``), all in float32.
 
     total = ce + alpha * con + aux_ce + kt_weight * kt
+
+    ``gather`` (data-parallel training) maps a rank's projections and labels to the global batch's, on which the
+    contrastive term is computed.
     """
     parts = {"ce": F.cross_entropy(out.logits.float(), labels)}
     if method.contrastive:
-        parts["con"] = supervised_contrastive_loss(out.projection, labels, config.tau, config.contrastive_form)
+        projection, con_labels = (gather(out.projection), gather(labels)) if gather else (out.projection, labels)
+        parts["con"] = supervised_contrastive_loss(projection, con_labels, config.tau, config.contrastive_form)
     if method.knowledge_transfer:
         parts.update(ms_net_loss(out.logits, out.aux_logits, labels, config.kt_temperature))
     weights = {"con": config.alpha, "kt": config.kt_weight}
@@ -129,11 +139,6 @@ class RunState:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world_size) from the environment a distributed launcher sets; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -268,11 +273,16 @@ def train(
         progress: show a progress bar (only on a terminal) and print one line per epoch.
     """
     sites = load_sites(sites)
-    out_dir = Path(out_dir)
+    with distributed.process_group(_device(config)):
+        return _train_sites(config, sites, Path(out_dir), resume, progress)
+
+
+def _train_sites(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bool, progress: bool) -> dict[str, Any]:
     method = METHODS[config.method]
     if not resume and (out_dir / "sites.json").is_file():
         raise TrainingError(f"{out_dir}: already holds a run; resume it or use a new folder")
-    is_main = _dist()[0] == 0
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
+    is_main = distributed.world()[0] == 0
     if is_main:
         _write_json(out_dir / "sites.json", {"sites": [site_spec(site) for site in sites]})
     if not method.per_site:
@@ -337,7 +347,7 @@ def _run_header(config: TrainConfig) -> dict[str, Any]:
 
 def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bool, progress: bool) -> dict[str, Any]:
     """One model on ``sites``: the loop, best-model selection on validation, final test evaluation."""
-    rank, world_size = _dist()
+    rank, world_size = distributed.world()
     is_main = rank == 0
     ckpt_path = out_dir / CHECKPOINT
     saved = None
@@ -350,7 +360,7 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
             return json.loads((out_dir / "metrics.json").read_text())
 
     method = METHODS[config.method]
-    device = _device(config)
+    device = distributed.local_device(_device(config))
     _seed_everything(config.seed)
     data = build_run_data(
         config, sites, out_dir / "split.json", reuse_split=saved is not None, rank=rank, world_size=world_size,
@@ -379,7 +389,8 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
         optimizer.load_state_dict(saved["optimizer"])
         state = RunState(**saved["state"])
         set_rng_state(saved["rng"])
-    forward = torch.compile(model) if config.compile else model
+    forward = distributed.wrap(model, device)
+    forward = torch.compile(forward) if config.compile else forward
 
     loop = _Loop(config, method, data, model, forward, optimizer, state, device, out_dir, is_main, progress)
     if not state.finished:
@@ -431,10 +442,11 @@ class _Loop:
         lr = self.lr(self.state.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with _autocast(self.config, self.device):
+        with _autocast(self.config, self.device), distributed.synchronised_norms(self.model):
             out = self.forward(images, site)
-        total, parts = compute_loss(out, labels, self.method, self.config)
+        total, parts = compute_loss(out, labels, self.method, self.config, gather=distributed.gather)
         values = {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in parts.items()}
+        values = distributed.mean_over_ranks(values)  # the global batch's losses, on every rank
         if not math.isfinite(values["loss"]):
             self.diverged(epoch, "loss", values)
         self.optimizer.zero_grad(set_to_none=True)
@@ -550,6 +562,7 @@ class _Loop:
 
     def finish(self) -> dict[str, Any]:
         """Evaluate the best model on every site's validation and test parts; write metrics and predictions."""
+        distributed.barrier()  # rank 0 has written the best model
         best, _ = models.load(self.out_dir / MODEL_STEM, map_location=self.device)
         if self.config.channels_last:
             best = best.to(memory_format=torch.channels_last)
