@@ -4,7 +4,8 @@
         --method sepnorm-contrastive --backbone covidnet_redesign --out runs/ours \\
         [--config cpu.yaml] [--set epochs=20 --set image_size=128]
     crosssite train --resume runs/ours
-    crosssite train --nproc 2 --site A=... --site B=... --out runs/ddp      # = torchrun --nproc_per_node=2 -m crosssite train ...
+    crosssite train --nproc 2 --site A=... --site B=... --out runs/ddp
+    torchrun --nproc_per_node=2 -m crosssite train --site A=... --site B=... --out runs/ddp   # the same
 
 Configuration precedence: defaults < ``--config`` YAML < ``--method``/``--backbone`` < ``--set``.
 ``--resume DIR`` continues the run in DIR from its last checkpoint (a finished run just prints its metrics);
@@ -12,7 +13,8 @@ DIR's ``config.yaml`` and ``sites.json`` stand in for ``--config`` and ``--site`
 one line and exits with status 1.
 
 ``--nproc N`` (N > 1) starts the same command as N data-parallel processes on this machine through
-`torch.distributed.run` (torchrun) and exits with its status; see `crosssite.training.distributed`.
+`torch.distributed.run` (torchrun) and exits with its status (ignored when already started by a launcher, i.e.
+``WORLD_SIZE`` is set); only rank 0 prints the summary. See `crosssite.training.distributed`.
 """
 
 from __future__ import annotations

@@ -291,7 +291,7 @@ def _train_sites(config: TrainConfig, sites: list[Site], out_dir: Path, resume: 
         save_config(config, out_dir / "config.yaml")
     per_site = {}
     for site in sites:
-        if progress:
+        if progress and is_main:
             print(f"[{config.method}] site {site.name}")
         per_site[site.name] = _train_run(config, [site], out_dir / site.name, resume, progress)
     merged = _merge_single(config, per_site)
