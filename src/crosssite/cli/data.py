@@ -13,17 +13,12 @@ import json
 
 import typer
 
-from crosssite.cli.app import app
+from crosssite.cli.app import app, fail
 from crosssite.errors import CrossSiteError
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect sites: classes, patients, formats, bad files, duplicates.")
 app.add_typer(data_app, name="data")
 
-
-def fail(error: CrossSiteError) -> typer.Exit:
-    """Print ``error`` as one line on stderr; return the exit to raise (status 1)."""
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    return typer.Exit(1)
 
 
 def _print_report(report: dict) -> None:

@@ -20,13 +20,9 @@ from typing import Any
 import numpy as np
 import typer
 
-from crosssite.cli.app import app
+from crosssite.cli.app import app, fail
 from crosssite.errors import CheckpointError, CrossSiteError
 
-
-def _fail(error: CrossSiteError) -> typer.Exit:
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    return typer.Exit(1)
 
 
 @dataclass
@@ -190,7 +186,7 @@ def evaluate(
                 report["results"].append(row)
                 results.append(r)
     except CrossSiteError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     if out is not None:
         _save(out, report, results)
     if as_json:
@@ -214,5 +210,5 @@ def report(
     try:
         written = build_report(experiment_dir, out, gradcam=gradcam, gradcam_cases=cases, log=typer.echo)
     except CrossSiteError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"report: {written.markdown}  (self-contained: {written.html}); {len(written.figures)} figures")

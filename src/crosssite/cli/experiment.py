@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from crosssite.cli.app import app
+from crosssite.cli.app import app, fail
 from crosssite.errors import ConfigError, CrossSiteError
 
 # The built-in default of `demo`: two synthetic hospitals whose scanners differ strongly.
@@ -25,10 +25,6 @@ DEMO_CONFIG = {
     "bn_recalibrate": True,
 }
 
-
-def _fail(error: CrossSiteError) -> typer.Exit:
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    return typer.Exit(1)
 
 
 def _parse_rows(methods: str, backbones: str) -> list[tuple[str, str]]:
@@ -89,7 +85,7 @@ def experiment(
             written = build_report(out)
             typer.echo(f"report: {written.markdown} and {written.html}")
     except CrossSiteError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
 
 
 @app.command()
@@ -123,7 +119,7 @@ def demo(
         )
         written = build_report(out)
     except CrossSiteError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     _print_summary(out)
     typer.echo(f"report: {written.markdown}  (self-contained: {written.html})")
     typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")

@@ -18,16 +18,12 @@ from typing import Any
 
 import typer
 
-from crosssite.cli.app import app
+from crosssite.cli.app import app, fail
 from crosssite.errors import CrossSiteError
 
 MAX_TABLE_ROWS = 40
 """Longer outputs are summarised on the terminal (every row goes to ``--out``)."""
 
-
-def _fail(error: CrossSiteError) -> typer.Exit:
-    typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-    return typer.Exit(1)
 
 
 def _console() -> Any:
@@ -121,7 +117,7 @@ def predict(
         else:
             _print_records(records, header)
     except CrossSiteError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     _report_problems(records)
     if failed(records):
         raise typer.Exit(1)
@@ -141,5 +137,5 @@ def export(
         path = export_onnx(model, onnx, site)
         diff = max_difference(model, path, site)
     except CrossSiteError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     typer.echo(f"wrote {path} (max |P difference| to PyTorch on random inputs: {diff:.2e})")

@@ -27,7 +27,7 @@ from typing import Any
 
 import typer
 
-from crosssite.cli.app import app
+from crosssite.cli.app import app, fail
 from crosssite.errors import CrossSiteError
 
 __all__ = ["train_command"]
@@ -60,8 +60,7 @@ def train_command(
             raise CrossSiteError("missing --out DIR (or --resume DIR to continue a run)")
         metrics = _run(site or [], method, backbone, out, config, set_ or [], resume is not None, not quiet)
     except CrossSiteError as error:
-        typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(error) from None
     if int(os.environ.get("RANK", 0)) == 0:
         _print_summary(metrics, out)
 
