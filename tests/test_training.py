@@ -249,3 +249,15 @@ def test_bad_file_stops_the_run_unless_skip_bad(sites3, tmp_path: Path) -> None:
     metrics = train(tiny(method="joint", skip_bad=True), spec, tmp_path / "lenient", progress=False)
     skipped = json.loads((tmp_path / "lenient" / "skipped.json").read_text())
     assert [Path(s["path"]).name for s in skipped] == ["broken.png"] and metrics["steps"] > 0
+
+    from crosssite.cli import app
+
+    base = ["train", *(a for s in spec for a in ("--site", s)), "--method", "joint", "--quiet",
+            *(a for k, v in TINY.items() for a in ("--set", f"{k}={v}"))]
+    strict = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "cli-strict")])
+    assert strict.exit_code == 1 and "broken.png" in strict.output
+    assert len(strict.output.strip().splitlines()) == 1
+    lenient = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "cli-lenient"), "--skip-bad"])
+    assert lenient.exit_code == 0, lenient.output
+    assert "skipped 1 unreadable file(s)" in lenient.output
+    assert (tmp_path / "cli-lenient" / "skipped.json").is_file()

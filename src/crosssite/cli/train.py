@@ -46,9 +46,13 @@ def train_command(
         None, "--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint."
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or per-epoch lines."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Skip unreadable images (listed in DIR/skipped.json) instead of stopping."
+    ),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (via torchrun)."),
 ) -> None:
     """Train a method on sites; write the run directory and print per-site test metrics."""
+    set_ = [*(set_ or []), *(["skip_bad=true"] if skip_bad else [])]
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         args = _cli_args(site or [], method, backbone, out, config, set_ or [], resume, quiet)
         raise typer.Exit(_launch(nproc, args))
