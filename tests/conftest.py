@@ -33,6 +33,22 @@ def site_b_path(data_root: Path) -> Path:
     return data_root / "covid_ct"
 
 
+@pytest.fixture(scope="session")
+def site_a(site_a_path: Path):
+    """Site A (SARS-CoV-2 CT) loaded once for the whole test run."""
+    from crosssite.data import load_site
+
+    return load_site(f"A={site_a_path}")
+
+
+@pytest.fixture(scope="session")
+def site_b(site_b_path: Path):
+    """Site B (COVID-CT, official split and patient ids) loaded once for the whole test run."""
+    from crosssite.data import load_site
+
+    return load_site(f"B={site_b_path}")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

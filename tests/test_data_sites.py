@@ -22,14 +22,6 @@ from crosssite.data.synthetic import SLICES_PER_PATIENT, SyntheticParams, synthe
 from crosssite.errors import SiteError
 
 
-@pytest.fixture(scope="module")
-def site_a(site_a_path: Path) -> Site:
-    return load_site(f"A={site_a_path}")
-
-
-@pytest.fixture(scope="module")
-def site_b(site_b_path: Path) -> Site:
-    return load_site(f"B={site_b_path}")
 
 
 def _png(path: Path, value: int = 100, size: tuple[int, int] = (12, 10)) -> Path:

@@ -7,18 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crosssite.data import Sample, Site, Split, load_site, make_folds, split_fold
+from crosssite.data import Sample, Site, Split, make_folds, split_fold
 from crosssite.errors import SiteError
 
 
-@pytest.fixture(scope="module")
-def site_b(site_b_path: Path) -> Site:
-    return load_site(f"B={site_b_path}")
-
-
-@pytest.fixture(scope="module")
-def site_a(site_a_path: Path) -> Site:
-    return load_site(f"A={site_a_path}")
 
 
 def _patients(site: Site, idx: np.ndarray) -> set[str]:
