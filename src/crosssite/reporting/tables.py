@@ -275,12 +275,18 @@ def _paper_auc(row: PaperRow, layout: str) -> str:
     return "–"
 
 
-def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
-    """Table I: per row and site, mean ± std in % over folds x seeds, the paper's AUC beside ours."""
-    header = ["Method", "runs"]
+def _header(first: list[str], sites: Sequence[str], paper_column: str) -> list[str]:
+    """Column names: ``first``, then per site (A, B, ...) every metric of `TABLE_METRICS` and the paper's column."""
+    header = list(first)
     for pos in range(len(sites)):
         letter = site_letter(pos)
-        header += [f"{letter} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{letter} AUC (paper)"]
+        header += [f"{letter} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{letter} {paper_column}"]
+    return header
+
+
+def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
+    """Table I: per row and site, mean ± std in % over folds x seeds, the paper's AUC beside ours."""
+    header = _header(["Method", "runs"], sites, "AUC (paper)")
     body = []
     for row in ROWS:
         mine = runs_of(runs, row)
@@ -334,10 +340,7 @@ def ttest_table(runs: Sequence[RunResult], sites: Sequence[str], which: str) -> 
     if which not in ("baselines", "comparisons"):
         raise ValueError(f"which must be 'baselines' or 'comparisons', got {which!r}")
     rows = BASELINES if which == "baselines" else COMPARISONS
-    header = ["Ours vs.", "pairs"]
-    for pos in range(len(sites)):
-        letter = site_letter(pos)
-        header += [f"{letter} {METRIC_LABELS[m]}" for m in TABLE_METRICS] + [f"{letter} paper"]
+    header = _header(["Ours vs.", "pairs"], sites, "paper")
     body = []
     for row in rows:
         counts = [ttest_pvalues(runs, row, site, "auc")[2] for site in sites]
