@@ -10,7 +10,8 @@ MS-Net auxiliary heads and a contrastive projection head; registry and safetenso
 from crosssite.models.adapters import ParallelAdapter, SeriesAdapter, SiteConv1x1
 from crosssite.models.covidnet import CovidNet, ModelOutput
 from crosssite.models.hub import load, model_paths, save
-from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteModule, adapt_norm, get_norm_layer
+from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteModule, adapt_norm, get_norm_layer, \
+    norm_state_keys
 from crosssite.models.registry import create_model, is_model, list_models, register_model
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "list_models",
     "load",
     "model_paths",
+    "norm_state_keys",
     "register_model",
     "save",
 ]

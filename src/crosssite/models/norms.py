@@ -44,6 +44,7 @@ __all__ = [
     "NoNorm",
     "NormLayer",
     "get_norm_layer",
+    "norm_state_keys",
     "per_site",
     "adapt_norm",
 ]
@@ -195,6 +196,13 @@ def get_norm_layer(norm: str, num_sites: int) -> NormLayer:
     if norm == "none":
         return NoNorm
     raise ConfigError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+
+
+def norm_state_keys(model: nn.Module) -> list[str]:
+    """The ``state_dict`` keys of every batch-norm copy in ``model`` (weight, bias and running statistics), in
+    state-dict order: what a federated client keeps to itself under FedBN."""
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, _NormSlot))
+    return [key for key in model.state_dict() if key.startswith(prefixes)]
 
 
 def _image_batches(images: Tensor | Iterable, batch_size: int) -> Iterable[Tensor]:

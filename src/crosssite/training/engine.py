@@ -73,7 +73,8 @@ from crosssite.training.methods import METHODS, Method, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
 from crosssite.training.schedule import lr_at
 
-__all__ = ["TrainingError", "TrainingDiverged", "train", "compute_loss", "site_spec", "load_site_specs", "RUNTIME_KEYS"]
+__all__ = ["TrainingError", "TrainingDiverged", "train", "train_step", "compute_loss", "evaluate", "recalibrate_bn",
+           "site_spec", "load_site_specs", "json_safe", "write_json", "write_predictions", "RUNTIME_KEYS"]
 
 # Keys that may change when a run is resumed: they change speed or bookkeeping, not what is computed.
 RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "log_every", "ckpt_every")
@@ -116,6 +117,52 @@ def compute_loss(
     weights = {"con": config.alpha, "kt": config.kt_weight}
     total = sum(weights.get(name, 1.0) * value for name, value in parts.items())
     return total, parts
+
+
+def train_step(
+    model: nn.Module,
+    forward: Callable[..., models.ModelOutput],
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Tensor],
+    method: Method,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    lr: float,
+    on_diverged: Callable[[str, dict[str, float]], None],
+    penalty: Callable[[], Tensor] | None = None,
+) -> dict[str, float]:
+    """One optimiser step on a mixed-site batch: forward, `compute_loss` (+ ``penalty()`` as ``prox``), backward,
+    gradient clipping, update. Returns the loss parts (and ``loss``) as floats, averaged over ranks.
+
+    ``forward`` is ``model`` or its DDP / compiled wrapper. ``on_diverged(what, values)`` is called (and must raise)
+    when the loss or the gradient norm is not finite, before the weights are touched.
+    """
+    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = batch["label"].to(device, non_blocking=True)  # (B,)
+    site = batch["site"].to(device, non_blocking=True)  # (B,)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with _autocast(config, device), distributed.synchronised_norms(model):
+        out = forward(images, site)
+    total, parts = compute_loss(out, labels, method, config, gather=distributed.gather)
+    if penalty is not None:
+        parts["prox"] = penalty()
+        total = total + parts["prox"]
+    values = {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in parts.items()}
+    values = distributed.mean_over_ranks(values)  # the global batch's losses, on every rank
+    if not math.isfinite(values["loss"]):
+        on_diverged("loss", values)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if config.grad_clip > 0:
+        norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        if not math.isfinite(norm):
+            on_diverged("gradient norm", values | {"grad_norm": norm})
+    optimizer.step()
+    return values
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -229,17 +276,17 @@ def _selection_metric(val: dict[str, dict[str, float]]) -> float:
     return float(np.mean([m["accuracy"] for m in val.values()]))
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
-def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, ["site", "path", "frame", "label", "p_covid", "part"], lineterminator="\n")
     writer.writeheader()
@@ -249,8 +296,8 @@ def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -284,7 +331,7 @@ def _train_sites(config: TrainConfig, sites: list[Site], out_dir: Path, resume: 
     distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     is_main = distributed.world()[0] == 0
     if is_main:
-        _write_json(out_dir / "sites.json", {"sites": [site_spec(site) for site in sites]})
+        write_json(out_dir / "sites.json", {"sites": [site_spec(site) for site in sites]})
     if not method.per_site:
         return _train_run(config, sites, out_dir, resume, progress)
     if is_main:
@@ -296,7 +343,7 @@ def _train_sites(config: TrainConfig, sites: list[Site], out_dir: Path, resume: 
         per_site[site.name] = _train_run(config, [site], out_dir / site.name, resume, progress)
     merged = _merge_single(config, per_site)
     if is_main:
-        _write_json(out_dir / "metrics.json", merged)
+        write_json(out_dir / "metrics.json", merged)
     return merged
 
 
@@ -434,29 +481,10 @@ class _Loop:
 
     def step(self, batch: dict[str, Tensor], epoch: int) -> dict[str, float]:
         """One optimiser step on a mixed-site batch; returns the loss parts (and ``loss``) as floats."""
-        images = batch["image"].to(self.device, non_blocking=True)  # (B, 3, H, W)
-        if self.config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = batch["label"].to(self.device, non_blocking=True)  # (B,)
-        site = batch["site"].to(self.device, non_blocking=True)  # (B,)
-        lr = self.lr(self.state.global_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with _autocast(self.config, self.device), distributed.synchronised_norms(self.model):
-            out = self.forward(images, site)
-        total, parts = compute_loss(out, labels, self.method, self.config, gather=distributed.gather)
-        values = {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in parts.items()}
-        values = distributed.mean_over_ranks(values)  # the global batch's losses, on every rank
-        if not math.isfinite(values["loss"]):
-            self.diverged(epoch, "loss", values)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.config.grad_clip > 0:
-            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
-            if not math.isfinite(norm):
-                self.diverged(epoch, "gradient norm", values | {"grad_norm": norm})
-        self.optimizer.step()
-        return values
+        return train_step(
+            self.model, self.forward, self.optimizer, batch, self.method, self.config, self.device,
+            lr=self.lr(self.state.global_step), on_diverged=lambda what, values: self.diverged(epoch, what, values),
+        )
 
     def diverged(self, epoch: int, what: str, values: dict[str, float]) -> None:
         s = self.state
@@ -554,7 +582,7 @@ class _Loop:
             "train_config": c.to_dict(),
             "method": c.method,
             "threshold": 0.5,
-            "metrics": {"val": _json_safe(val), "epoch": epoch, "selection": "mean validation AUC over sites"},
+            "metrics": {"val": json_safe(val), "epoch": epoch, "selection": "mean validation AUC over sites"},
         }
 
     def save_best(self, val: dict[str, dict[str, float]], epoch: int) -> None:
@@ -587,10 +615,10 @@ class _Loop:
                 for site, split in zip(self.data.sites, self.data.splits)
             },
         }
-        metrics = _json_safe(metrics)
+        metrics = json_safe(metrics)
         if self.is_main:
-            _write_predictions(self.out_dir / "predictions.csv", val_rows + test_rows)
-            _write_json(self.out_dir / "metrics.json", metrics)
+            write_predictions(self.out_dir / "predictions.csv", val_rows + test_rows)
+            write_json(self.out_dir / "metrics.json", metrics)
             s.finished = True
             self.save_checkpoint()
         return metrics

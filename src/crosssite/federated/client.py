@@ -1,0 +1,278 @@
+"""The Flower client of one site: local training with the package's training step, validation, model files.
+
+A `SiteClient` owns one site's images and never sends them anywhere. Per round it receives the shared weights,
+loads them into its own model (whose batch norms it keeps under FedBN), trains ``local_epochs`` epochs on its
+training part with the same `crosssite.training.engine.train_step` that central training uses (cross-entropy,
+plus the supervised contrastive term computed on the client's own batch, plus FedProx's proximal term), and
+returns the shared weights. On evaluation it scores its validation part and keeps its best model as a normal
+model file. Everything it writes goes to ``OUT/<site name>/``:
+
+    split.json                train / val / test files of the site (fixed by fold and split_seed)
+    state.pt                  the client's full model between rounds (its own batch norms included)
+    log.csv                   one row per round: local training loss, validation metrics
+    model.safetensors/.json   the best round's model (highest validation AUC): shared weights + its own BN
+    metrics.json              validation and test metrics of that model (after the last round, `finish`)
+    predictions.csv           its P(COVID) for every validation and test slice
+
+The client object holds no state between calls that matters: Flower's simulation engine may build a fresh client
+for every message (in any worker process), so what must survive a round lives in the files above.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from torch import Tensor, nn
+
+from crosssite import models
+from crosssite.data import Site
+from crosssite.errors import ConfigError
+from crosssite.federated.common import FEDERATED_METHODS, STRATEGIES, FederatedError, shared_keys
+from crosssite.training.checkpoint import atomic_write_bytes
+from crosssite.training.config import TrainConfig, save_config
+from crosssite.training.data import RunData, build_run_data, save_splits
+from crosssite.training.engine import (
+    TrainingDiverged,
+    evaluate,
+    json_safe,
+    train_step,
+    write_json,
+    write_predictions,
+)
+from crosssite.training.methods import METHODS, model_kwargs
+from crosssite.training.progress import write_log_csv
+from crosssite.training.schedule import lr_at
+
+__all__ = ["SiteClient", "build_site_model"]
+
+STATE = "state.pt"
+MODEL_STEM = "model"
+
+# Loaded site data per (site directory, configuration), reused across the rounds a worker process serves.
+_DATA: dict[tuple[str, str], RunData] = {}
+
+
+def build_site_model(config: TrainConfig) -> nn.Module:
+    """A one-site model of ``config.backbone`` for ``config.method``, initialised from ``config.seed`` (so every
+    client starts from the same weights)."""
+    torch.manual_seed(config.seed)
+    kwargs = model_kwargs(METHODS[config.method], config.backbone, num_sites=1, width=config.width,
+                          block_act=config.block_act)
+    return models.create_model(config.backbone, image_size=config.image_size, **kwargs)
+
+
+class SiteClient(NumPyClient):
+    """Flower client of ``site``: trains and validates locally, exchanges only the weights of `shared_keys`."""
+
+    def __init__(self, config: TrainConfig, site: Site, out_dir: str | Path, strategy: str) -> None:
+        if config.method not in FEDERATED_METHODS:
+            raise ConfigError(f"method: federated training supports {', '.join(FEDERATED_METHODS)}, "
+                              f"got {config.method!r}")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: unknown {strategy!r}; valid: {', '.join(STRATEGIES)}")
+        self.config, self.site, self.strategy = config, site, strategy
+        self.dir = Path(out_dir) / site.name
+        self.device = torch.device("cpu") if config.device == "cpu" or not torch.cuda.is_available() \
+            else torch.device("cuda")
+
+    # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def data(self) -> RunData:
+        key = (str(self.dir.resolve()), json.dumps(self.config.to_dict(), sort_keys=True))
+        if key not in _DATA:
+            split_file = self.dir / "split.json"
+            data = build_run_data(self.config, [self.site], split_file, reuse_split=split_file.is_file())
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not split_file.is_file():
+                save_splits(split_file, data.sites, data.splits)
+                save_config(self.config, self.dir / "config.yaml")
+            if data.cache.skipped:
+                count = data.cache.write_skipped(self.dir / "skipped.json")
+                print(f"{self.site.name}: skipped {count} unreadable file(s), listed in {self.dir / 'skipped.json'}")
+            _DATA[key] = data
+        return _DATA[key]
+
+    def _model(self) -> nn.Module:
+        """The client's model: its saved state from the last round, or the common initialisation."""
+        model = build_site_model(self.config)
+        path = self.dir / STATE
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["model"])
+        return model.to(self.device)
+
+    def _save_state(self, model: nn.Module, history: list[dict[str, Any]], best: float) -> None:
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "history": history, "best": best}, buffer)
+        atomic_write_bytes(self.dir / STATE, buffer.getvalue())
+
+    def _saved(self) -> tuple[list[dict[str, Any]], float]:
+        path = self.dir / STATE
+        if not path.is_file():
+            return [], -math.inf
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return list(saved["history"]), float(saved["best"])
+
+    def _keys(self, model: nn.Module) -> list[str]:
+        return shared_keys(model, self.strategy)
+
+    def _load_shared(self, model: nn.Module, parameters: list[np.ndarray]) -> None:
+        keys = self._keys(model)
+        if len(parameters) != len(keys):
+            raise FederatedError(f"site {self.site.name!r}: the server sent {len(parameters)} arrays, this client "
+                                 f"shares {len(keys)} under {self.strategy}: do server and clients use the same "
+                                 "strategy, backbone and width?")
+        state = model.state_dict()
+        with torch.no_grad():
+            for key, array in zip(keys, parameters):
+                if tuple(array.shape) != tuple(state[key].shape):
+                    raise FederatedError(f"site {self.site.name!r}: array for {key} has shape {array.shape}, "
+                                         f"the model's is {tuple(state[key].shape)}")
+                state[key].copy_(torch.from_numpy(np.asarray(array)))
+
+    def _check_round(self, config: dict[str, Any]) -> None:
+        sent = config.get("strategy")
+        if sent is not None and sent != self.strategy:
+            raise FederatedError(f"site {self.site.name!r}: the server runs {sent}, this client was started "
+                                 f"with --strategy {self.strategy}")
+
+    # ----------------------------------------------------------------------------------- Flower API
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        model = self._model()
+        state = model.state_dict()
+        return [state[key].detach().cpu().numpy() for key in self._keys(model)]
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        """Train ``local_epochs`` epochs from the received shared weights (+ this site's own batch norms)."""
+        self._check_round(config)
+        rnd, rounds, local_epochs = int(config["server_round"]), int(config["rounds"]), int(config["local_epochs"])
+        mu = float(config.get("proximal_mu", 0.0))
+        c, data = self.config, self.data
+        model = self._model()
+        self._load_shared(model, parameters)
+        method = METHODS[c.method]
+        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        anchors = _proximal_anchors(model, self._keys(model)) if mu > 0 else []
+        penalty = (lambda: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)) if anchors else None
+        steps_per_epoch = data.steps_per_epoch
+        kind = "step" if c.backbone == "covidnet" else "cosine"
+        sampler = data.train.batch_sampler
+        torch.manual_seed(zlib.crc32(f"{c.seed}/{self.site.name}/{rnd}".encode()))
+        model.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        for e in range(local_epochs):
+            epoch = (rnd - 1) * local_epochs + e
+            sampler.set_epoch(epoch)
+            sampler.start_step = 0
+            for i, batch in enumerate(data.train):
+                lr = lr_at(epoch * steps_per_epoch + i, steps_per_epoch=steps_per_epoch, epochs=rounds * local_epochs,
+                           lr=c.lr, lr_min=c.lr_min, kind=kind, per=c.schedule_per)
+                values = train_step(model, model, optimizer, batch, method, c, self.device, lr=lr,
+                                    on_diverged=self._diverged(rnd, epoch), penalty=penalty)
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+        history, best = self._saved()
+        losses = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+        history.append({"round": rnd, **losses})
+        self._save_state(model, history, best)
+        keys = self._keys(model)
+        state = model.state_dict()
+        arrays = [state[key].detach().cpu().numpy() for key in keys]
+        return arrays, len(data.splits[0].train), {"site": self.site.name, **losses, "keys": ",".join(keys)}
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+        """Validation metrics of the received shared weights with this site's own batch norms; keeps the best."""
+        self._check_round(config)
+        rnd = int(config.get("server_round", 0))
+        model = self._model()
+        self._load_shared(model, parameters)
+        model.eval()
+        val, rows = evaluate(model, self.data, "val", self.device, self.config)
+        metrics = val[self.site.name]
+        history, best = self._saved()
+        row = next((r for r in history if r["round"] == rnd), None)
+        if row is None:
+            row = {"round": rnd}
+            history.append(row)
+        row.update({f"val_{k}": v for k, v in metrics.items()})
+        auc = metrics["auc"] if not math.isnan(metrics["auc"]) else metrics["accuracy"]
+        if auc > best:
+            best = auc
+            models.save(model, self.dir / MODEL_STEM, self._card(metrics, rnd))
+        self._save_state(model, history, best)
+        write_log_csv(self.dir / "log.csv", history)
+        loss = _log_loss(rows)
+        safe = {k: (v if math.isfinite(v) else -1.0) for k, v in metrics.items()}
+        return loss, len(rows), {"site": self.site.name, **safe}
+
+    # -------------------------------------------------------------------------------------- results
+
+    def finish(self) -> dict[str, Any]:
+        """Validation and test metrics of this site's best model; writes ``metrics.json`` and predictions."""
+        if not models.model_paths(self.dir / MODEL_STEM)[0].is_file():
+            raise FederatedError(f"site {self.site.name!r}: no model was saved in {self.dir} (no round was "
+                                 "evaluated)")
+        best, card = models.load(self.dir / MODEL_STEM, map_location=self.device)
+        val, val_rows = evaluate(best, self.data, "val", self.device, self.config)
+        test, test_rows = evaluate(best, self.data, "test", self.device, self.config)
+        split = self.data.splits[0]
+        name = self.site.name
+        result = json_safe({
+            "method": card["method"], "strategy": self.strategy, "backbone": self.config.backbone,
+            "fold": self.config.fold, "seed": self.config.seed, "best_round": card["metrics"]["round"],
+            "n_train": int(len(split.train)), "n_val": int(len(split.val)), "n_test": int(len(split.test)),
+            "val": val[name], "test": test[name],
+        })
+        write_predictions(self.dir / "predictions.csv", val_rows + test_rows)
+        write_json(self.dir / "metrics.json", result)
+        return result
+
+    def _card(self, val: dict[str, float], rnd: int) -> dict[str, Any]:
+        from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD
+
+        c = self.config
+        return {
+            "site_names": [self.site.name],
+            "class_names": list(CLASS_NAMES),
+            "preprocessing": {"image_size": c.image_size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD),
+                              "eval_resize": "short side to image_size, central square"},
+            "train_config": c.to_dict(),
+            "method": f"federated-{self.strategy} ({c.method})",
+            "threshold": 0.5,
+            "metrics": {"val": json_safe({self.site.name: val}), "round": rnd,
+                        "selection": "validation AUC of this site"},
+        }
+
+    def _diverged(self, rnd: int, epoch: int) -> Any:
+        def raise_(what: str, values: dict[str, float]) -> None:
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise TrainingDiverged(f"site {self.site.name!r}: non-finite {what} in round {rnd} (local epoch "
+                                   f"{epoch + 1}): {parts}")
+        return raise_
+
+
+def _proximal_anchors(model: nn.Module, keys: list[str]) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, frozen copy of the received value) for every trainable shared parameter (FedProx)."""
+    shared = set(keys)
+    return [(p, p.detach().clone()) for name, p in model.named_parameters() if name in shared]
+
+
+def _log_loss(rows: list[dict[str, Any]]) -> float:
+    """Mean binary cross-entropy of the validation predictions (Flower's evaluation loss)."""
+    if not rows:
+        return float("nan")
+    p = np.clip(np.array([r["p_covid"] for r in rows]), 1e-7, 1 - 1e-7)
+    y = np.array([r["label"] for r in rows])
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
