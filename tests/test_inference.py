@@ -252,6 +252,27 @@ def test_onnx_export_matches_pytorch(model_path: Path, real: tuple, tmp_path: Pa
         np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, rtol=0, atol=1e-4)
 
 
+def test_binned_pool_equals_adaptive_pool_and_odd_maps_export(tmp_path: Path) -> None:
+    """The redesign pools its last map to 2x2; at 224 px (7x7) and 48 px (3x3) the bins overlap, which the
+    ONNX exporter cannot express with AdaptiveAvgPool2d; the export's replacement computes the same bins."""
+    import onnxruntime as ort
+
+    from crosssite.inference.export import BinnedAvgPool2d
+
+    for side in (7, 3, 4, 5):
+        x = torch.randn(2, 3, side, side + 1)
+        torch.testing.assert_close(BinnedAvgPool2d(2)(x), torch.nn.AdaptiveAvgPool2d(2)(x), rtol=0, atol=1e-6)
+    size = 48  # last feature map 3x3
+    model = create_model("covidnet_redesign", num_sites=2, norm="site", width=0.0625, image_size=size).eval()
+    save(model, tmp_path / "m48", {"site_names": ["a", "b"], "preprocessing": {"image_size": size}})
+    path = export_onnx(tmp_path / "m48", tmp_path / "m48.onnx", site="b")
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = torch.softmax(model(x, torch.full((3,), 1)).logits, 1).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, rtol=0, atol=1e-4)
+
+
 def test_onnx_rejects_site_choice_and_bad_files(tmp_path: Path, model_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")

@@ -10,11 +10,15 @@ ONNX file itself, as JSON under the metadata key ``crosssite``, so the ``.onnx``
 Exporter: PyTorch's TorchScript-based exporter (``dynamo=False``). The ``torch.export``-based exporter,
 PyTorch's default, needs the ``onnxscript`` package, which crosssite does not depend on. The exporter's
 tracer warnings about data-dependent branches are expected and silenced: the site is a constant of the
-exported graph, so the branch each per-site module takes is fixed too.
+exported graph, so the branch each per-site module takes is fixed too. That exporter cannot express
+`torch.nn.AdaptiveAvgPool2d` when the output size does not divide the input size (the redesign pools a 7x7 map
+to 2x2 at 224 px, a 3x3 map at 48 px), so the export swaps each such pool for `BinnedAvgPool2d`, the same bins
+written as slices and means.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -30,11 +34,48 @@ from crosssite.errors import CheckpointError
 from crosssite.inference.predictor import MEAN_OF_SITES, SHARED, Preprocess, has_site_modules, resolve_site
 from crosssite.inference.predictor import site_names_of
 
-__all__ = ["METADATA_KEY", "OPSET", "export_onnx", "max_difference", "read_metadata", "OnnxBackend"]
+__all__ = ["METADATA_KEY", "OPSET", "BinnedAvgPool2d", "exportable", "export_onnx", "max_difference", "read_metadata",
+           "OnnxBackend"]
 
 METADATA_KEY = "crosssite"
 OPSET = 17
 EXPORT_FORMAT = 1
+
+
+class BinnedAvgPool2d(nn.Module):
+    """`torch.nn.AdaptiveAvgPool2d` as slices and means, for export: bin ``i`` of ``o`` over a side ``n`` spans
+    ``[floor(i n / o), ceil((i + 1) n / o))``, PyTorch's rule (bins overlap when ``o`` does not divide ``n``).
+    The input size becomes a constant of the traced graph, which is fixed by the model card anyway."""
+
+    def __init__(self, output_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+    @staticmethod
+    def _bins(n: int, o: int) -> list[tuple[int, int]]:
+        return [((i * n) // o, -(-((i + 1) * n) // o)) for i in range(o)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, oh, ow)
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        rows = [
+            torch.stack([x[..., r0:r1, c0:c1].mean(dim=(-2, -1)) for c0, c1 in self._bins(w, self.output_size[1])],
+                        dim=-1)
+            for r0, r1 in self._bins(h, self.output_size[0])
+        ]
+        return torch.stack(rows, dim=-2)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a copy with every `AdaptiveAvgPool2d` replaced by the equivalent `BinnedAvgPool2d`."""
+    pools = [name for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not pools:
+        return model
+    model = copy.deepcopy(model)
+    for name in pools:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, BinnedAvgPool2d(getattr(parent, child).output_size))
+    return model
 
 
 class _FixedSite(nn.Module):
@@ -69,7 +110,7 @@ def export_onnx(
     pre = Preprocess.from_card(card, model_path)
     index = resolve_site(card, site)
     norm = SHARED if not has_site_modules(model) else (site if site is not None else MEAN_OF_SITES)
-    wrapper = _FixedSite(model, index).eval()
+    wrapper = _FixedSite(exportable(model), index).eval()
     example = torch.zeros(2, 3, pre.image_size, pre.image_size)
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
