@@ -17,8 +17,9 @@ a training step), the ratio to an fp32 and a bf16 square matmul (up to 2048) mea
 
 The plain path is fp32, eager, contiguous, one forward per site. Each lever is then switched on alone --
 one forward for the mixed-site batch, channels_last, bf16 autocast (skipped where a bf16 matmul is
-slower than an fp32 one, i.e. no native bf16), torch.compile (``--compile``) -- and the fast path combines
-the levers that helped on their own in this run. ``--json`` prints one JSON object.
+slower than an fp32 one, i.e. no native bf16), torch.compile (``--compile``), and for inference ONNX Runtime on
+the exported model (when onnx and onnxruntime are installed) -- and the fast path combines the PyTorch levers
+that helped on their own in this run, or is ONNX Runtime if that is quicker. ``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from crosssite.data import eval_transform, read_image
 from crosssite.losses import supervised_contrastive_loss
 from crosssite.models import create_model
 
-SITE_A = Path(__file__).resolve().parents[2] / "shared" / "data" / "sars_cov2_ct" / "COVID"
+# A real slice for the latency figure: site A under $CROSSSITE_DATA, or ../shared/data beside the repository.
+DATA_ROOT = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+SITE_A = DATA_ROOT / "sars_cov2_ct" / "COVID"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Mode:
     channels_last: bool = False
     bf16: bool = False  # torch.autocast(cpu, bfloat16)
     compile: bool = False
+    onnx: bool = False  # inference only: `crosssite export --onnx` + ONNX Runtime (the `predict --backend` path)
 
     @property
     def name(self) -> str:
@@ -107,7 +111,8 @@ def matmul_gflops(dtype: torch.dtype, max_n: int = 2048, steps: int = 5) -> floa
 
 def forward_flops(width: float, image_size: int) -> float:
     """FLOPs (multiply-add = 2) of one image's forward pass."""
-    model = create_model("covidnet_redesign", num_sites=2, norm="site", projection=True, width=width).eval()
+    model = create_model("covidnet_redesign", num_sites=2, norm="site", projection=True, width=width,
+                         image_size=image_size).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, image_size, image_size), torch.tensor([0]))
     return float(counter.get_total_flops())
@@ -116,10 +121,11 @@ def forward_flops(width: float, image_size: int) -> float:
 # --- the three workloads -------------------------------------------------------------------------------
 
 
-def build(mode: Mode, width: float, train: bool) -> tuple[torch.nn.Module, Callable]:
+def build(mode: Mode, width: float, image_size: int, train: bool) -> tuple[torch.nn.Module, Callable]:
     """The network for ``mode`` and the callable that runs it (compiled or not)."""
     torch.manual_seed(0)
-    model = create_model("covidnet_redesign", num_sites=2, norm="site", projection=True, width=width)
+    model = create_model("covidnet_redesign", num_sites=2, norm="site", projection=True, width=width,
+                         image_size=image_size)
     model.train(train)
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -137,7 +143,7 @@ def images(n: int, image_size: int, mode: Mode) -> torch.Tensor:
 
 
 def train_step_fn(mode: Mode, width: float, image_size: int, per_site: int) -> Callable[[], None]:
-    model, run = build(mode, width, train=True)
+    model, run = build(mode, width, image_size, train=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-7)
     x = images(2 * per_site, image_size, mode)
     site = torch.arange(2).repeat_interleave(per_site)  # (B,) 16 of site 0, then 16 of site 1
@@ -162,10 +168,27 @@ def train_step_fn(mode: Mode, width: float, image_size: int, per_site: int) -> C
     return step
 
 
-def eval_fn(mode: Mode, width: float, image_size: int, batch: int) -> Callable[[], None]:
-    _, run = build(mode, width, train=False)
+def onnx_backend(width: float, image_size: int, workdir: Path) -> Callable[[torch.Tensor], np.ndarray]:
+    """The network saved as a model file, exported with `export_onnx` (site 0's statistics), run by
+    `OnnxBackend`: exactly what ``crosssite export`` + ``crosssite predict model.onnx`` do."""
+    from crosssite.inference.export import OnnxBackend, export_onnx
+    from crosssite.models import save
+
+    model, _ = build(Mode(), width, image_size, train=False)
+    stem = workdir / f"bench_w{width}_{image_size}"
+    if not stem.with_suffix(".onnx").is_file():
+        save(model, stem, {"site_names": ["a", "b"], "preprocessing": {"image_size": image_size}})
+        export_onnx(stem, stem.with_suffix(".onnx"), site="a")
+    return OnnxBackend(stem.with_suffix(".onnx")).probabilities
+
+
+def eval_fn(mode: Mode, width: float, image_size: int, batch: int, workdir: Path) -> Callable[[], None]:
     x = images(batch, image_size, mode)
     site = torch.zeros(batch, dtype=torch.long)
+    if mode.onnx:
+        backend = onnx_backend(width, image_size, workdir)
+        return lambda: backend(x)
+    _, run = build(mode, width, image_size, train=False)
 
     def forward() -> None:
         with torch.inference_mode(), autocast(mode):
@@ -183,9 +206,12 @@ def png_file(tmp: Path) -> Path:
     return file
 
 
-def latency_fn(mode: Mode, width: float, image_size: int, file: Path) -> Callable[[], None]:
-    _, run = build(mode, width, train=False)
+def latency_fn(mode: Mode, width: float, image_size: int, file: Path, workdir: Path) -> Callable[[], None]:
     transform = eval_transform(image_size)
+    if mode.onnx:
+        backend = onnx_backend(width, image_size, workdir)
+        return lambda: backend(transform(read_image(file))[None])
+    _, run = build(mode, width, image_size, train=False)
     site = torch.zeros(1, dtype=torch.long)
 
     def predict() -> None:
@@ -221,6 +247,21 @@ def report_part(times: list[float], rss: float, n_images: int, flops: float, pea
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return _run_benchmark(args, Path(tmp))
+
+
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def _combined(modes: list[Mode]) -> Mode:
+    return Mode(**{f.name: any(getattr(m, f.name) for m in modes) for f in dataclasses.fields(Mode)})
+
+
+def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     torch.set_num_threads(args.threads)
     steps, warmup = args.steps, args.warmup
     peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
@@ -231,6 +272,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         levers.append(Mode(bf16=True))
     if args.compile:
         levers.append(Mode(compile=True))
+    inference_levers = levers[1:] + ([Mode(onnx=True)] if _has_onnxruntime() else [])
     result: dict = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -248,11 +290,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         return report_part(times, rss, batch, 3 * flops * batch, peaks)
 
     def evaluate(mode: Mode) -> dict:
-        times, rss = measure(lambda: eval_fn(mode, args.width, args.image_size, batch), steps, warmup)
+        times, rss = measure(lambda: eval_fn(mode, args.width, args.image_size, batch, workdir), steps, warmup)
         return report_part(times, rss, batch, flops * batch, peaks)
 
-    # (a) and (b): plain path, each lever alone, then the levers that helped, together
-    for part, fn, candidates in (("train_step", train, levers), ("eval_batch", evaluate, levers[1:])):
+    # (a) and (b): plain path, each lever alone, then the PyTorch levers that helped, together; the fast path
+    # is the quicker of that combination and ONNX Runtime (which replaces PyTorch, so it combines with nothing)
+    for part, fn, candidates in (("train_step", train, levers), ("eval_batch", evaluate, inference_levers)):
         plain = fn(Mode())
         entries = {"plain": plain}
         helped = []
@@ -261,25 +304,27 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             entries[lever.name]["speedup"] = round(plain["seconds"] / entries[lever.name]["seconds"], 2)
             if entries[lever.name]["speedup"] > 1.02:
                 helped.append(lever)
-        fast = Mode(**{f.name: any(getattr(p, f.name) for p in helped) for f in dataclasses.fields(Mode)})
-        if len(helped) > 1:
-            entries[fast.name] = fn(fast)
-            entries[fast.name]["speedup"] = round(plain["seconds"] / entries[fast.name]["seconds"], 2)
+        torch_helped = [m for m in helped if not m.onnx]
+        combined = _combined(torch_helped)
+        if len(torch_helped) > 1:
+            entries[combined.name] = fn(combined)
+            entries[combined.name]["speedup"] = round(plain["seconds"] / entries[combined.name]["seconds"], 2)
+        fast = min([combined] + [m for m in helped if m.onnx], key=lambda m: entries[m.name]["seconds"])
         result[part] = {"paths": entries, "fast": fast.name, "speedup": entries[fast.name].get("speedup", 1.0)}
 
     # (c) single-image latency from a PNG file, plain and with the evaluation's fast path
-    with tempfile.TemporaryDirectory() as tmp:
-        file = png_file(Path(tmp))
-        fast_eval = Mode(**_flags(result["eval_batch"]["fast"]))
-        latency = {}
-        for mode in dict.fromkeys([Mode(), fast_eval]):
-            times, rss = measure(lambda p=mode: latency_fn(p, args.width, args.image_size, file), 4 * steps, warmup)
-            latency[mode.name] = {
-                "p50_ms": round(1e3 * statistics.median(times), 1),
-                "p90_ms": round(1e3 * float(np.percentile(times, 90)), 1),
-                "peak_rss_gb": round(rss, 2),
-            }
-        result["single_image"] = {"file": str(file), "paths": latency}
+    file = png_file(workdir)
+    fast_eval = Mode(**_flags(result["eval_batch"]["fast"]))
+    latency = {}
+    for mode in dict.fromkeys([Mode(), fast_eval]):
+        times, rss = measure(lambda p=mode: latency_fn(p, args.width, args.image_size, file, workdir), 4 * steps,
+                             warmup)
+        latency[mode.name] = {
+            "p50_ms": round(1e3 * statistics.median(times), 1),
+            "p90_ms": round(1e3 * float(np.percentile(times, 90)), 1),
+            "peak_rss_gb": round(rss, 2),
+        }
+    result["single_image"] = {"file": str(file), "paths": latency}
     return result
 
 
