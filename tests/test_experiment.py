@@ -90,3 +90,21 @@ def test_experiment_cli_rejects_unknown_method(tmp_path: Path) -> None:
                                       "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "unknown method 'magic'" in result.output
+
+
+def test_an_undefined_metric_is_kept_as_null_and_read_back_as_nan(tmp_path: Path) -> None:
+    """A model that calls every slice non-COVID has no precision; its line still names the metric (null), and
+    the report reads it as NaN instead of rejecting the line."""
+    import math
+
+    from crosssite.experiment import _numbers
+    from crosssite.reporting.tables import load_results
+
+    metrics = {"accuracy": 0.5, "f1": 0.0, "recall": 0.0, "specificity": 1.0, "precision": None, "auc": 0.6}
+    kept = _numbers(metrics | {"n": 10, "flag": True, "note": "x"})
+    assert kept == metrics | {"n": 10}
+    site = kept | {"y_true": [0, 1], "p_covid": [0.2, 0.4]}
+    line = {"method": "joint", "backbone": "covidnet", "fold": 0, "seed": 0, "run_dir": "r", "sites": {"A": site}}
+    (tmp_path / "results.jsonl").write_text(json.dumps(line) + "\n")
+    (run,), _ = load_results(tmp_path / "results.jsonl")
+    assert math.isnan(run.sites["A"].metrics["precision"]) and run.sites["A"].metrics["auc"] == 0.6

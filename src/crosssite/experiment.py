@@ -149,8 +149,11 @@ def _test_predictions(run_dir: Path) -> dict[str, dict[str, list]]:
     return out
 
 
-def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def _numbers(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """The numeric metrics of a site; an undefined one (None, NaN in metrics.json) is kept as None (JSON null),
+    so that every line of results.jsonl names every metric."""
+    return {k: v for k, v in metrics.items()
+            if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
 
 
 def run_experiment(
