@@ -43,6 +43,8 @@ from crosssite.training.engine import (
     TrainingDiverged,
     evaluate,
     json_safe,
+    model_card,
+    resolve_device,
     train_step,
     write_json,
     write_predictions,
@@ -80,8 +82,7 @@ class SiteClient(NumPyClient):
             raise ConfigError(f"strategy: unknown {strategy!r}; valid: {', '.join(STRATEGIES)}")
         self.config, self.site, self.strategy = config, site, strategy
         self.dir = Path(out_dir) / site.name
-        self.device = torch.device("cpu") if config.device == "cpu" or not torch.cuda.is_available() \
-            else torch.device("cuda")
+        self.device = resolve_device(config)
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -101,26 +102,24 @@ class SiteClient(NumPyClient):
             _DATA[key] = data
         return _DATA[key]
 
-    def _model(self) -> nn.Module:
-        """The client's model: its saved state from the last round, or the common initialisation."""
+    def _load(self, parameters: list[np.ndarray] | None) -> tuple[nn.Module, list[dict[str, Any]], float]:
+        """The client's model -- its own state from the last round (or the common initialisation) with the
+        received shared weights (if any) over it --, its per-round history and its best validation score."""
         model = build_site_model(self.config)
+        history, best = [], -math.inf
         path = self.dir / STATE
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(saved["model"])
-        return model.to(self.device)
+            history, best = list(saved["history"]), float(saved["best"])
+        if parameters is not None:
+            self._load_shared(model, parameters)
+        return model.to(self.device), history, best
 
     def _save_state(self, model: nn.Module, history: list[dict[str, Any]], best: float) -> None:
         buffer = io.BytesIO()
         torch.save({"model": model.state_dict(), "history": history, "best": best}, buffer)
         atomic_write_bytes(self.dir / STATE, buffer.getvalue())
-
-    def _saved(self) -> tuple[list[dict[str, Any]], float]:
-        path = self.dir / STATE
-        if not path.is_file():
-            return [], -math.inf
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return list(saved["history"]), float(saved["best"])
 
     def _keys(self, model: nn.Module) -> list[str]:
         return shared_keys(model, self.strategy)
@@ -148,7 +147,7 @@ class SiteClient(NumPyClient):
     # ----------------------------------------------------------------------------------- Flower API
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-        model = self._model()
+        model, _, _ = self._load(None)
         state = model.state_dict()
         return [state[key].detach().cpu().numpy() for key in self._keys(model)]
 
@@ -158,8 +157,7 @@ class SiteClient(NumPyClient):
         rnd, rounds, local_epochs = int(config["server_round"]), int(config["rounds"]), int(config["local_epochs"])
         mu = float(config.get("proximal_mu", 0.0))
         c, data = self.config, self.data
-        model = self._model()
-        self._load_shared(model, parameters)
+        model, history, best = self._load(parameters)
         method = METHODS[c.method]
         optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         anchors = _proximal_anchors(model, self._keys(model)) if mu > 0 else []
@@ -183,7 +181,6 @@ class SiteClient(NumPyClient):
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1
-        history, best = self._saved()
         losses = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
         history.append({"round": rnd, **losses})
         self._save_state(model, history, best)
@@ -196,12 +193,10 @@ class SiteClient(NumPyClient):
         """Validation metrics of the received shared weights with this site's own batch norms; keeps the best."""
         self._check_round(config)
         rnd = int(config.get("server_round", 0))
-        model = self._model()
-        self._load_shared(model, parameters)
+        model, history, best = self._load(parameters)
         model.eval()
         val, rows = evaluate(model, self.data, "val", self.device, self.config)
         metrics = val[self.site.name]
-        history, best = self._saved()
         row = next((r for r in history if r["round"] == rnd), None)
         if row is None:
             row = {"round": rnd}
@@ -210,7 +205,10 @@ class SiteClient(NumPyClient):
         auc = metrics["auc"] if not math.isnan(metrics["auc"]) else metrics["accuracy"]
         if auc > best:
             best = auc
-            models.save(model, self.dir / MODEL_STEM, self._card(metrics, rnd))
+            card = model_card(self.config, [self.site.name], f"federated-{self.strategy} ({self.config.method})",
+                              {"val": {self.site.name: metrics}, "round": rnd,
+                               "selection": "validation AUC of this site"})
+            models.save(model, self.dir / MODEL_STEM, card)
         self._save_state(model, history, best)
         write_log_csv(self.dir / "log.csv", history)
         loss = _log_loss(rows)
@@ -238,22 +236,6 @@ class SiteClient(NumPyClient):
         write_predictions(self.dir / "predictions.csv", val_rows + test_rows)
         write_json(self.dir / "metrics.json", result)
         return result
-
-    def _card(self, val: dict[str, float], rnd: int) -> dict[str, Any]:
-        from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD
-
-        c = self.config
-        return {
-            "site_names": [self.site.name],
-            "class_names": list(CLASS_NAMES),
-            "preprocessing": {"image_size": c.image_size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD),
-                              "eval_resize": "short side to image_size, central square"},
-            "train_config": c.to_dict(),
-            "method": f"federated-{self.strategy} ({c.method})",
-            "threshold": 0.5,
-            "metrics": {"val": json_safe({self.site.name: val}), "round": rnd,
-                        "selection": "validation AUC of this site"},
-        }
 
     def _diverged(self, rnd: int, epoch: int) -> Any:
         def raise_(what: str, values: dict[str, float]) -> None:

@@ -74,7 +74,8 @@ from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
 from crosssite.training.schedule import lr_at
 
 __all__ = ["TrainingError", "TrainingDiverged", "train", "train_step", "compute_loss", "evaluate", "recalibrate_bn",
-           "site_spec", "load_site_specs", "json_safe", "write_json", "write_predictions", "RUNTIME_KEYS"]
+           "site_spec", "load_site_specs", "json_safe", "model_card", "write_json", "write_predictions",
+           "resolve_device", "RUNTIME_KEYS"]
 
 # Keys that may change when a run is resumed: they change speed or bookkeeping, not what is computed.
 RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "log_every", "ckpt_every")
@@ -188,7 +189,8 @@ class RunState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _device(config: TrainConfig) -> torch.device:
+def resolve_device(config: TrainConfig) -> torch.device:
+    """The device ``config.device`` names (``auto``: CUDA when available, else the CPU)."""
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -286,6 +288,21 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def model_card(config: TrainConfig, site_names: list[str], method: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The card saved beside a trained model: what `crosssite evaluate` / `predict` / `export` need to use it
+    (sites, classes, preprocessing, threshold) and how it was made (configuration, method, selection metrics)."""
+    return {
+        "site_names": list(site_names),
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": {"image_size": config.image_size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD),
+                          "eval_resize": "short side to image_size, central square"},
+        "train_config": config.to_dict(),
+        "method": method,
+        "threshold": 0.5,
+        "metrics": json_safe(metrics),
+    }
+
+
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, ["site", "path", "frame", "label", "p_covid", "part"], lineterminator="\n")
@@ -320,7 +337,7 @@ def train(
         progress: show a progress bar (only on a terminal) and print one line per epoch.
     """
     sites = load_sites(sites)
-    with distributed.process_group(_device(config)):
+    with distributed.process_group(resolve_device(config)):
         return _train_sites(config, sites, Path(out_dir), resume, progress)
 
 
@@ -407,7 +424,7 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
             return json.loads((out_dir / "metrics.json").read_text())
 
     method = METHODS[config.method]
-    device = distributed.local_device(_device(config))
+    device = distributed.local_device(resolve_device(config))
     _seed_everything(config.seed)
     data = build_run_data(
         config, sites, out_dir / "split.json", reuse_split=saved is not None, rank=rank, world_size=world_size,
@@ -572,21 +589,10 @@ class _Loop:
             "sites": [{"name": s.name, "layout": s.layout, "root": str(s.root)} for s in self.data.sites],
         })
 
-    def card(self, val: dict[str, dict[str, float]], epoch: int) -> dict[str, Any]:
-        c = self.config
-        return {
-            "site_names": self.site_names,
-            "class_names": list(CLASS_NAMES),
-            "preprocessing": {"image_size": c.image_size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD),
-                              "eval_resize": "short side to image_size, central square"},
-            "train_config": c.to_dict(),
-            "method": c.method,
-            "threshold": 0.5,
-            "metrics": {"val": json_safe(val), "epoch": epoch, "selection": "mean validation AUC over sites"},
-        }
-
     def save_best(self, val: dict[str, dict[str, float]], epoch: int) -> None:
-        models.save(self.model, self.out_dir / MODEL_STEM, self.card(val, epoch))
+        card = model_card(self.config, self.site_names, self.config.method,
+                          {"val": val, "epoch": epoch, "selection": "mean validation AUC over sites"})
+        models.save(self.model, self.out_dir / MODEL_STEM, card)
 
     def finish(self) -> dict[str, Any]:
         """Evaluate the best model on every site's validation and test parts; write metrics and predictions."""
