@@ -97,7 +97,7 @@ def test_client_rejects_a_mismatching_server(client: SiteClient) -> None:
         client.fit(received, _round(1) | {"strategy": "fedavg"})
 
 
-def _read_rounds(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(f))
 
@@ -133,7 +133,7 @@ def test_grpc_server_and_clients_as_processes_survive_a_lost_client(tmp_path: Pa
             p.kill()
     assert server.returncode == 0, server_log[-3000:]
     assert "server finished 3 rounds" in server_log
-    rows = _read_rounds(out / "rounds.csv")
+    rows = _read_csv(out / "rounds.csv")
     for rnd in ("1", "2", "3"):
         trained = {r["site"] for r in rows if r["round"] == rnd and r["status"] == "trained"}
         assert {"a", "b"} <= trained, rows
@@ -163,6 +163,13 @@ def test_grpc_server_and_clients_as_processes_survive_a_lost_client(tmp_path: Pa
                                capture_output=True, text=True, env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert '"auc"' in evaluated.stdout
+    split = json.loads((out / "a" / "split.json").read_text())["sites"][0]
+    slice_file = split["test"]["paths"][0]
+    predicted = subprocess.run([*command, "predict", str(out / "a" / "model"), slice_file, "--site", "a",
+                                "--out", str(tmp_path / "p.csv")], capture_output=True, text=True, env=env)
+    assert predicted.returncode == 0, predicted.stderr
+    rows = _read_csv(tmp_path / "p.csv")
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["p_covid"]) <= 1.0
 
 
 def _shifted_site(root: Path, n: int) -> str:
