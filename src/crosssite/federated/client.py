@@ -43,6 +43,7 @@ from crosssite.training.engine import (
     TrainingDiverged,
     evaluate,
     json_safe,
+    learning_rate,
     model_card,
     resolve_device,
     train_step,
@@ -51,7 +52,6 @@ from crosssite.training.engine import (
 )
 from crosssite.training.methods import METHODS, model_kwargs
 from crosssite.training.progress import write_log_csv
-from crosssite.training.schedule import lr_at
 
 __all__ = ["SiteClient", "build_site_model"]
 
@@ -146,10 +146,13 @@ class SiteClient(NumPyClient):
 
     # ----------------------------------------------------------------------------------- Flower API
 
-    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-        model, _, _ = self._load(None)
+    def _arrays(self, model: nn.Module) -> list[np.ndarray]:
+        """The shared entries of ``model``'s state, as sent to the server."""
         state = model.state_dict()
         return [state[key].detach().cpu().numpy() for key in self._keys(model)]
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        return self._arrays(self._load(None)[0])
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         """Train ``local_epochs`` epochs from the received shared weights (+ this site's own batch norms)."""
@@ -163,7 +166,6 @@ class SiteClient(NumPyClient):
         anchors = _proximal_anchors(model, self._keys(model)) if mu > 0 else []
         penalty = (lambda: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)) if anchors else None
         steps_per_epoch = data.steps_per_epoch
-        kind = "step" if c.backbone == "covidnet" else "cosine"
         sampler = data.train.batch_sampler
         torch.manual_seed(zlib.crc32(f"{c.seed}/{self.site.name}/{rnd}".encode()))
         model.train()
@@ -174,8 +176,7 @@ class SiteClient(NumPyClient):
             sampler.set_epoch(epoch)
             sampler.start_step = 0
             for i, batch in enumerate(data.train):
-                lr = lr_at(epoch * steps_per_epoch + i, steps_per_epoch=steps_per_epoch, epochs=rounds * local_epochs,
-                           lr=c.lr, lr_min=c.lr_min, kind=kind, per=c.schedule_per)
+                lr = learning_rate(c, epoch * steps_per_epoch + i, steps_per_epoch, rounds * local_epochs)
                 values = train_step(model, model, optimizer, batch, method, c, self.device, lr=lr,
                                     on_diverged=self._diverged(rnd, epoch), penalty=penalty)
                 for k, v in values.items():
@@ -184,10 +185,8 @@ class SiteClient(NumPyClient):
         losses = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
         history.append({"round": rnd, **losses})
         self._save_state(model, history, best)
-        keys = self._keys(model)
-        state = model.state_dict()
-        arrays = [state[key].detach().cpu().numpy() for key in keys]
-        return arrays, len(data.splits[0].train), {"site": self.site.name, **losses, "keys": ",".join(keys)}
+        metrics = {"site": self.site.name, **losses, "keys": ",".join(self._keys(model))}
+        return self._arrays(model), len(data.splits[0].train), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         """Validation metrics of the received shared weights with this site's own batch norms; keeps the best."""

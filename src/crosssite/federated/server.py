@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ class RoundLogger(Strategy):
             self.received.append({"round": server_round, "site": site, "arrays": len(arrays),
                                   "values": int(sum(a.size for a in arrays)), "keys": keys})
         if len({tuple(s) for s in shapes.values()}) > 1:
-            summary = "; ".join(f"{site}: {len(s)} arrays, {sum(_numel(x) for x in s)} values"
+            summary = "; ".join(f"{site}: {len(s)} arrays, {sum(math.prod(x) for x in s)} values"
                                 for site, s in shapes.items())
             raise FederatedError(f"round {server_round}: clients send different weights ({summary}); start every "
                                  "client with the same backbone, width, method and strategy")
@@ -174,13 +175,6 @@ class RoundLogger(Strategy):
                      "failures": [{"round": r, "error": text} for r, text in self.failures],
                      "received": self.received}
             atomic_write_text(self.out_dir / "server.json", json.dumps(audit, indent=1) + "\n")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _fmt(value: Any) -> str:

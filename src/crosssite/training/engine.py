@@ -73,7 +73,7 @@ from crosssite.training.methods import METHODS, Method, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
 from crosssite.training.schedule import lr_at
 
-__all__ = ["TrainingError", "TrainingDiverged", "train", "train_step", "compute_loss", "evaluate", "recalibrate_bn",
+__all__ = ["TrainingError", "TrainingDiverged", "train", "train_step", "learning_rate", "compute_loss", "evaluate", "recalibrate_bn",
            "site_spec", "load_site_specs", "json_safe", "model_card", "write_json", "write_predictions",
            "resolve_device", "RUNTIME_KEYS"]
 
@@ -118,6 +118,14 @@ def compute_loss(
     weights = {"con": config.alpha, "kt": config.kt_weight}
     total = sum(weights.get(name, 1.0) * value for name, value in parts.items())
     return total, parts
+
+
+def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``epochs`` epochs: step decay for `covidnet`, else
+    cosine (`crosssite.training.schedule.lr_at`)."""
+    kind = "step" if config.backbone == "covidnet" else "cosine"
+    return lr_at(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr=config.lr, lr_min=config.lr_min,
+                 kind=kind, per=config.schedule_per)
 
 
 def train_step(
@@ -490,11 +498,7 @@ class _Loop:
     # ---------------------------------------------------------------------------------------- steps
 
     def lr(self, step: int) -> float:
-        """Learning rate of optimiser step ``step`` (0-based): step decay for `covidnet`, else cosine."""
-        c = self.config
-        kind = "step" if c.backbone == "covidnet" else "cosine"
-        return lr_at(step, steps_per_epoch=self.steps_per_epoch, epochs=c.epochs, lr=c.lr,
-                     lr_min=c.lr_min, kind=kind, per=c.schedule_per)
+        return learning_rate(self.config, step, self.steps_per_epoch, self.config.epochs)
 
     def step(self, batch: dict[str, Tensor], epoch: int) -> dict[str, float]:
         """One optimiser step on a mixed-site batch; returns the loss parts (and ``loss``) as floats."""
