@@ -220,6 +220,23 @@ def test_dicom_series_with_a_corrupt_file(model_path: Path, real: tuple, tmp_pat
     assert records[5].p_covid == pytest.approx(records[1].p_covid, abs=1e-6)
 
 
+def test_dicom_series_with_an_unreadable_header(model_path: Path, real: tuple, tmp_path: Path) -> None:
+    """A header that cannot be parsed makes the series order fail as a whole: the bad file is reported, and
+    the readable slices still come in patient-axis order (file names run the other way)."""
+    greys = [read_image(f)[:100, :100] for f in real[2][:3]]
+    dicoms = write_dicom_series(tmp_path / "series", greys)
+    raw = bytearray(dicoms[0].read_bytes())
+    raw[136] = 0xFF  # the length of the first meta element becomes odd for its VR
+    (tmp_path / "series" / "a_broken.dcm").write_bytes(bytes(raw))
+    records = Predictor.from_file(model_path).predict([tmp_path / "series"])
+    assert [(r.kind, Path(r.path).name, r.slice) for r in records] == [
+        ("error", "a_broken.dcm", None),
+        ("slice", "slice02.dcm", 0), ("slice", "slice01.dcm", 1), ("slice", "slice00.dcm", 2),
+        ("volume", "series", None),
+    ]
+    assert "bytes" in records[0].error  # the parser's reason, beside the file's path in the row
+
+
 def test_volume_score() -> None:
     assert volume_score([0.1, 0.9, 0.5, 0.7], 2) == (pytest.approx(0.8), 2)
     assert volume_score([0.2, 0.4], 5) == (pytest.approx(0.3), 2)

@@ -337,7 +337,7 @@ def read_volume(
     return [read_image(r.path, r.frame, window) for r in refs]
 
 
-def _dicom_series_order(files: list[Path]) -> list[Path]:
+def dicom_series_order(files: list[Path]) -> list[Path]:
     """Sort the files of a DICOM series along the patient axis (position, else instance number, else name)."""
     import pydicom
 
@@ -368,7 +368,7 @@ def expand_inputs(paths: Iterable[Path | str]) -> list[SliceRef]:
             dicoms = [f for f in files if image_kind(f) == "dicom"]
             others = [f for f in files if image_kind(f) != "dicom"]
             refs.extend(expand_inputs(others))
-            for f in _dicom_series_order(dicoms):
+            for f in dicom_series_order(dicoms):
                 refs.extend(expand_inputs([f]))
         elif p.is_file():
             if not is_supported_file(p):

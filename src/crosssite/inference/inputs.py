@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crosssite.data import SliceRef, expand_inputs
-from crosssite.data.io import image_kind, is_supported_file
+from crosssite.data.io import dicom_series_order, image_kind, is_supported_file
 from crosssite.errors import ImageReadError
 
 __all__ = ["SliceItem", "InputPlan", "collect_inputs"]
@@ -65,18 +65,18 @@ def _series_refs(folder: Path, dicoms: list[Path], plan: InputPlan) -> list[Slic
     """The DICOM slices of ``folder`` in patient-axis order.
 
     `expand_inputs` orders a folder's DICOM files as a whole and fails as a whole; when it fails, each
-    file is expanded alone so that the bad ones are reported by name, and the good ones keep name order.
+    file is expanded alone so that the bad ones are reported by name, and the good ones are ordered again.
     """
     try:
         return [r for r in expand_inputs([folder]) if image_kind(r.path) == "dicom"]
     except ImageReadError:
-        refs: list[SliceRef] = []
+        good: dict[Path, list[SliceRef]] = {}
         for f in dicoms:
             try:
-                refs.extend(expand_inputs([f]))
+                good[f] = expand_inputs([f])
             except ImageReadError as e:
                 plan.errors.append(e)
-        return refs
+        return [r for f in dicom_series_order(list(good)) for r in good[f]]
 
 
 def _expand_folder_files(folder: Path, names: Iterable[str], plan: InputPlan) -> int:
