@@ -31,7 +31,7 @@ def test_bench_reports_every_workload_against_the_plain_path(result: dict) -> No
     assert set(result["matmul_gflops"]) == {"fp32", "bf16"} and result["matmul_gflops"]["fp32"] > 0
     train, evaluation = result["train_step"]["paths"], result["eval_batch"]["paths"]
     assert {"plain", "mixed", "channels_last"} <= set(train)
-    assert {"plain", "channels_last", "onnx"} <= set(evaluation)  # onnxruntime is a dev dependency
+    assert {"plain", "channels_last", "onnx", "int8"} <= set(evaluation)  # onnxruntime is a dev dependency
     for paths in (train, evaluation):
         plain = paths["plain"]
         assert plain["images_per_s"] == pytest.approx(4 / plain["seconds"], rel=0.02)

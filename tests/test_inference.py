@@ -290,6 +290,51 @@ def test_binned_pool_equals_adaptive_pool_and_odd_maps_export(tmp_path: Path) ->
     np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], expected, rtol=0, atol=1e-4)
 
 
+def test_int8_export_on_real_slices(model_path: Path, site_a_path: Path, tmp_path: Path) -> None:
+    """Static int8 export calibrated on real site-A slices: a quantised graph that keeps the card, runs in
+    `Predictor`, and stays close to the PyTorch model on slices it was not calibrated on."""
+    import onnx
+
+    from crosssite.inference.export import OnnxBackend, export_int8
+
+    calibration = [site_a_path / "COVID", site_a_path / "non-COVID"]
+    done = export_int8(model_path, tmp_path / "int8.onnx", calibration, site="A", max_slices=32)
+    assert done.calibration_slices == 32 and done.errors == []
+
+    graph = onnx.load(str(done.path)).graph
+    ops = [node.op_type for node in graph.node]
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    convs = ops.count("Conv")
+    assert convs > 10 and len(int8_weights) == convs  # every convolution's weights are stored as int8
+    assert ops.count("QuantizeLinear") > convs // 2  # activations are quantised too
+    weights = [np.frombuffer(t.raw_data, np.int8) for t in int8_weights]
+    assert max(int(np.abs(w).max()) for w in weights) <= 64  # 7-bit range (reduce_range) on every CPU
+
+    card = OnnxBackend(done.path).card
+    assert card["norm"] == "A" and card["quantization"]["calibration_slices"] == 32
+    files = sorted((site_a_path / "COVID").glob("*.png"))[1:9]  # site A, between the evenly spread calibration picks
+    torch_p = slice_p(Predictor.from_file(model_path, site="A").predict(files))
+    records = Predictor.from_file(done.path).predict(files)
+    assert {r.norm for r in records} == {"A"}
+    diff = np.abs(slice_p(records) - torch_p)
+    assert torch_p.std() > 0.02 and diff.mean() < 0.03 and diff.max() < 0.1, (torch_p, diff)
+    assert 0 < done.mean_abs_p_diff < 0.03 and done.max_abs_p_diff < 0.1  # measured on the calibration slices
+
+
+def test_int8_export_needs_enough_readable_slices(model_path: Path, real: tuple, tmp_path: Path) -> None:
+    from crosssite.inference.export import MIN_CALIBRATION_SLICES, export_int8
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for f in real[2]:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(InferenceError, match=f"at least {MIN_CALIBRATION_SLICES} readable slices.*gave 8 "
+                                              r"\(1 unreadable\)"):
+        export_int8(model_path, tmp_path / "x.onnx", [folder], site="A")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_onnx_rejects_site_choice_and_bad_files(tmp_path: Path, model_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")

@@ -152,3 +152,25 @@ def test_empty_folder_and_corrupt_model(model_path: Path, files: list[Path], tmp
         result = run(*command)
         assert result.exit_code == 1 and "bad.safetensors" in result.stderr
         assert result.stderr.startswith("error: ") and "Traceback" not in result.output
+
+
+def test_int8_export_and_predict(model_path: Path, folder: Path, site_a_path: Path, tmp_path: Path) -> None:
+    onnx = tmp_path / "int8.onnx"
+    result = run("export", model_path, "--onnx", onnx, "--int8")
+    assert result.exit_code == 1 and "--calibrate" in result.stderr and not onnx.exists()
+    result = run("export", model_path, "--onnx", onnx, "--calibrate", folder)
+    assert result.exit_code == 1 and "--int8" in result.stderr and not onnx.exists()
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    result = run("export", model_path, "--onnx", onnx, "--site", "A", "--int8", "--calibrate", site_a_path / "COVID",
+                 "--calibrate", broken, "--calibration-slices", 17)  # the last of 17 evenly spread picks: broken.png
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable input(s)" in result.stderr and "broken.png" in result.stderr
+    assert "int8, calibrated on 16 slices" in result.stdout
+
+    out = tmp_path / "pred.json"
+    result = run("predict", onnx, folder, "--out", out)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["counts"]["slice"] == 8 and {r["norm"] for r in doc["rows"]} == {"A"}

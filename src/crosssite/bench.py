@@ -18,8 +18,10 @@ a training step), the ratio to an fp32 and a bf16 square matmul (up to 2048) mea
 The plain path is fp32, eager, contiguous, one forward per site. Each lever is then switched on alone --
 one forward for the mixed-site batch, channels_last, bf16 autocast (skipped where a bf16 matmul is
 slower than an fp32 one, i.e. no native bf16), torch.compile (``--compile``), and for inference ONNX Runtime on
-the exported model (when onnx and onnxruntime are installed) -- and the fast path combines the PyTorch levers
-that helped on their own in this run, or is ONNX Runtime if that is quicker. ``--json`` prints one JSON object.
+the exported model and on its int8 quantisation (when onnx and onnxruntime are installed; the int8 ranges are
+calibrated on random inputs here, which sets the speed, not the accuracy: see benchmarks/fast_path_accuracy.py)
+-- and the fast path combines the PyTorch levers that helped on their own in this run, or is an ONNX Runtime
+path if that is quicker. ``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ class Mode:
     channels_last: bool = False
     bf16: bool = False  # torch.autocast(cpu, bfloat16)
     compile: bool = False
-    onnx: bool = False  # inference only: `crosssite export --onnx` + ONNX Runtime (the `predict --backend` path)
+    onnx: bool = False  # inference only: `crosssite export --onnx` + ONNX Runtime (`predict model.onnx`)
+    int8: bool = False  # inference only: `crosssite export --onnx --int8` + ONNX Runtime
+
+    @property
+    def replaces_torch(self) -> bool:
+        """ONNX Runtime runs the network instead of PyTorch, so this path combines with no PyTorch lever."""
+        return self.onnx or self.int8
 
     @property
     def name(self) -> str:
@@ -168,25 +176,30 @@ def train_step_fn(mode: Mode, width: float, image_size: int, per_site: int) -> C
     return step
 
 
-def onnx_backend(width: float, image_size: int, workdir: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    """The network saved as a model file, exported with `export_onnx` (site 0's statistics), run by
-    `OnnxBackend`: exactly what ``crosssite export`` + ``crosssite predict model.onnx`` do."""
-    from crosssite.inference.export import OnnxBackend, export_onnx
+def onnx_backend(mode: Mode, width: float, image_size: int, workdir: Path) -> Callable[[torch.Tensor], np.ndarray]:
+    """The network saved as a model file, exported with `export_onnx` (site 0's statistics) and, for ``int8``,
+    quantised by `quantize_int8`, run by `OnnxBackend`: what ``crosssite export`` + ``crosssite predict
+    model.onnx`` do."""
+    from crosssite.inference.export import OnnxBackend, export_onnx, quantize_int8
     from crosssite.models import save
 
     model, _ = build(Mode(), width, image_size, train=False)
     stem = workdir / f"bench_w{width}_{image_size}"
-    if not stem.with_suffix(".onnx").is_file():
+    fp32, int8 = stem.with_name(stem.name + "_fp32.onnx"), stem.with_name(stem.name + "_int8.onnx")
+    if not fp32.is_file():
         save(model, stem, {"site_names": ["a", "b"], "preprocessing": {"image_size": image_size}})
-        export_onnx(stem, stem.with_suffix(".onnx"), site="a")
-    return OnnxBackend(stem.with_suffix(".onnx")).probabilities
+        export_onnx(stem, fp32, site="a")
+    if mode.int8 and not int8.is_file():
+        calibration = torch.randn(64, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+        quantize_int8(fp32, int8, calibration.split(16))
+    return OnnxBackend(int8 if mode.int8 else fp32).probabilities
 
 
 def eval_fn(mode: Mode, width: float, image_size: int, batch: int, workdir: Path) -> Callable[[], None]:
     x = images(batch, image_size, mode)
     site = torch.zeros(batch, dtype=torch.long)
-    if mode.onnx:
-        backend = onnx_backend(width, image_size, workdir)
+    if mode.replaces_torch:
+        backend = onnx_backend(mode, width, image_size, workdir)
         return lambda: backend(x)
     _, run = build(mode, width, image_size, train=False)
 
@@ -208,8 +221,8 @@ def png_file(tmp: Path) -> Path:
 
 def latency_fn(mode: Mode, width: float, image_size: int, file: Path, workdir: Path) -> Callable[[], None]:
     transform = eval_transform(image_size)
-    if mode.onnx:
-        backend = onnx_backend(width, image_size, workdir)
+    if mode.replaces_torch:
+        backend = onnx_backend(mode, width, image_size, workdir)
         return lambda: backend(transform(read_image(file))[None])
     _, run = build(mode, width, image_size, train=False)
     site = torch.zeros(1, dtype=torch.long)
@@ -272,7 +285,7 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         levers.append(Mode(bf16=True))
     if args.compile:
         levers.append(Mode(compile=True))
-    inference_levers = levers[1:] + ([Mode(onnx=True)] if _has_onnxruntime() else [])
+    inference_levers = levers[1:] + ([Mode(onnx=True), Mode(int8=True)] if _has_onnxruntime() else [])
     result: dict = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -304,12 +317,12 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             entries[lever.name]["speedup"] = round(plain["seconds"] / entries[lever.name]["seconds"], 2)
             if entries[lever.name]["speedup"] > 1.02:
                 helped.append(lever)
-        torch_helped = [m for m in helped if not m.onnx]
+        torch_helped = [m for m in helped if not m.replaces_torch]
         combined = _combined(torch_helped)
         if len(torch_helped) > 1:
             entries[combined.name] = fn(combined)
             entries[combined.name]["speedup"] = round(plain["seconds"] / entries[combined.name]["seconds"], 2)
-        fast = min([combined] + [m for m in helped if m.onnx], key=lambda m: entries[m.name]["seconds"])
+        fast = min([combined] + [m for m in helped if m.replaces_torch], key=lambda m: entries[m.name]["seconds"])
         result[part] = {"paths": entries, "fast": fast.name, "speedup": entries[fast.name].get("speedup", 1.0)}
 
     # (c) single-image latency from a PNG file, plain and with the evaluation's fast path

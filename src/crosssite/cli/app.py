@@ -19,7 +19,7 @@ def _root() -> None:
     """Cross-site COVID-19 CT classification (Wang, Liu, Dou, IEEE JBHI 2020)."""
 
 
-def fail(error: CrossSiteError) -> typer.Exit:
+def fail(error: CrossSiteError | str) -> typer.Exit:
     """Print ``error`` as one line on stderr and return the exit (status 1) to raise: never a traceback."""
     typer.echo(f"error: {' '.join(str(error).split())}", err=True)
     return typer.Exit(1)

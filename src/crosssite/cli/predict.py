@@ -2,7 +2,7 @@
 
     crosssite predict MODEL INPUT... [--site NAME | --adapt [--save-adapted NEW_MODEL --adapt-name NAME]]
                       [--cam DIR] [--out FILE.csv|FILE.json] [--batch-size N] [--top-k K]
-    crosssite export MODEL --onnx FILE [--site NAME]
+    crosssite export MODEL --onnx FILE [--site NAME] [--int8 --calibrate PATH... [--calibration-slices N]]
 
 MODEL is a crosssite model (stem, ``.safetensors``, ``.json`` or run folder) or, for ``predict``, an
 ``.onnx`` export. INPUT is an image, DICOM or NIfTI file, or a folder searched recursively (a folder of
@@ -128,14 +128,32 @@ def export(
     model: Path = typer.Argument(..., help="Model file (stem, .safetensors, .json or run folder)."),
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write."),
     site: str | None = typer.Option(None, "--site", help="Bake in this known site's normalisation (default: mean)."),
+    int8: bool = typer.Option(False, "--int8", help="Quantise to int8 (static; needs --calibrate)."),
+    calibrate: list[Path] = typer.Option(
+        [], "--calibrate", help="Images of the export's site (files or folders) to calibrate int8 ranges on; repeatable."
+    ),
+    calibration_slices: int = typer.Option(256, "--calibration-slices", help="At most this many slices, spread evenly."),
 ) -> None:
     """Export a model to ONNX (dynamic batch; normalisation fixed at export; preprocessing in its metadata)."""
     from crosssite.inference import export_onnx
-    from crosssite.inference.export import max_difference
+    from crosssite.inference.export import export_int8, max_difference
 
+    if calibrate and not int8:
+        raise fail("--calibrate is for --int8 exports; add --int8 or drop --calibrate")
+    if int8 and not calibrate:
+        raise fail("--int8 needs calibration images: --calibrate PATH (slices of the site the export is for)")
     try:
-        path = export_onnx(model, onnx, site)
-        diff = max_difference(model, path, site)
+        if not int8:
+            path = export_onnx(model, onnx, site)
+            diff = max_difference(model, path, site)
+            typer.echo(f"wrote {path} (max |P difference| to PyTorch on random inputs: {diff:.2e})")
+            return
+        done = export_int8(model, onnx, calibrate, site, max_slices=calibration_slices)
     except CrossSiteError as e:
         raise fail(e) from None
-    typer.echo(f"wrote {path} (max |P difference| to PyTorch on random inputs: {diff:.2e})")
+    if done.errors:
+        shown = "; ".join(str(e) for e in done.errors[:3])
+        more = f" (and {len(done.errors) - 3} more)" if len(done.errors) > 3 else ""
+        typer.echo(f"calibration skipped {len(done.errors)} unreadable input(s): {shown}{more}", err=True)
+    typer.echo(f"wrote {done.path} (int8, calibrated on {done.calibration_slices} slices; |P difference| to PyTorch "
+               f"on them: mean {done.mean_abs_p_diff:.2e}, max {done.max_abs_p_diff:.2e})")

@@ -14,14 +14,26 @@ exported graph, so the branch each per-site module takes is fixed too. That expo
 `torch.nn.AdaptiveAvgPool2d` when the output size does not divide the input size (the redesign pools a 7x7 map
 to 2x2 at 224 px, a 3x3 map at 48 px), so the export swaps each such pool for `BinnedAvgPool2d`, the same bins
 written as slices and means.
+
+int8 (`export_int8`, ``crosssite export --int8 --calibrate PATH``): the fp32 export is quantised statically
+with ONNX Runtime's quantisation tool -- QDQ format, int8 weights per output channel, uint8 activations whose
+ranges are calibrated (min/max) on slices of the site the export is for. On CPUs with integer dot-product
+instructions this roughly doubles throughput; on AVX2-only CPUs, which lack them, weights are quantised to 7 bits
+(``reduce_range``) so that the 16-bit intermediate sums of the uint8 x int8 products cannot saturate. The
+quantisation settings and the calibration slice count are stored in the metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
+import tempfile
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +42,19 @@ import torch
 from torch import nn
 
 import crosssite
-from crosssite.errors import CheckpointError
-from crosssite.inference.predictor import MEAN_OF_SITES, SHARED, Preprocess, has_site_modules, resolve_site
-from crosssite.inference.predictor import site_names_of
+from crosssite.errors import CheckpointError, ImageReadError
+from crosssite.inference.inputs import collect_inputs
+from crosssite.inference.predictor import MEAN_OF_SITES, SHARED, InferenceError, Preprocess, has_site_modules
+from crosssite.inference.predictor import load_slice, resolve_site, site_names_of
 
-__all__ = ["METADATA_KEY", "OPSET", "BinnedAvgPool2d", "exportable", "export_onnx", "max_difference", "read_metadata",
+__all__ = ["METADATA_KEY", "OPSET", "MIN_CALIBRATION_SLICES", "BinnedAvgPool2d", "Int8Export", "exportable",
+           "export_onnx", "export_int8", "quantize_int8", "calibration_slices", "max_difference", "read_metadata",
            "OnnxBackend"]
 
 METADATA_KEY = "crosssite"
 OPSET = 17
 EXPORT_FORMAT = 1
+MIN_CALIBRATION_SLICES = 16
 
 
 class BinnedAvgPool2d(nn.Module):
@@ -134,11 +149,125 @@ def export_onnx(
         "site_names": site_names_of(card),
         "source_model": str(model_path),
     }
-    graph = onnx.load(str(onnx_path))
-    entry = graph.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-    onnx.save(graph, str(onnx_path))
+    _write_metadata(onnx_path, meta)
     return onnx_path
+
+
+def _write_metadata(onnx_path: Path, meta: dict[str, Any]) -> None:
+    """Store ``meta`` as the file's crosssite metadata, replacing any there."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path))
+    kept = [(p.key, p.value) for p in graph.metadata_props if p.key != METADATA_KEY]
+    del graph.metadata_props[:]
+    for key, value in [*kept, (METADATA_KEY, json.dumps(meta))]:
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, str(onnx_path))
+
+
+def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, batches: Iterable[torch.Tensor], *,
+                  reduce_range: bool = True) -> Path:
+    """Quantise an fp32 export statically to int8 (see the module docstring), calibrating activation ranges
+    on ``batches`` of model inputs (B, 3, S, S); the crosssite metadata is carried over unchanged."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    meta = read_metadata(_session(fp32_path), fp32_path)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds: Iterator[torch.Tensor] = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self.feeds, None)
+            return None if x is None else {"image": x.detach().cpu().float().numpy()}
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantisation():
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph clean-up, as ORT advises
+        quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    _write_metadata(int8_path, meta)
+    return int8_path
+
+
+@contextlib.contextmanager
+def _quiet_quantisation() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs a warning for each 1-D norm weight it leaves in fp32; nothing is lost."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def calibration_slices(paths: Sequence[str | os.PathLike], preprocess: Preprocess, limit: int
+                       ) -> tuple[list[torch.Tensor], list[ImageReadError]]:
+    """Model inputs of at most ``limit`` slices spread evenly over the inputs ``paths`` (files, folders,
+    volumes, as `crosssite predict` reads them), and the errors of every input that could not be read."""
+    plan = collect_inputs(paths)
+    items = plan.items
+    if len(items) > limit:
+        items = [items[round(k * (len(items) - 1) / (limit - 1))] for k in range(limit)] if limit > 1 else items[:1]
+    loaded = [load_slice(preprocess, item) for item in items]
+    errors = list(plan.errors) + [x for x in loaded if isinstance(x, ImageReadError)]
+    return [x for x in loaded if isinstance(x, torch.Tensor)], errors
+
+
+@dataclass
+class Int8Export:
+    """What `export_int8` wrote and measured."""
+
+    path: Path
+    calibration_slices: int  # slices the activation ranges were calibrated on
+    errors: list[ImageReadError]  # calibration inputs that could not be read
+    max_abs_p_diff: float  # largest |P(COVID)| difference to the PyTorch model on the calibration slices
+    mean_abs_p_diff: float
+
+
+def export_int8(
+    model_path: str | os.PathLike,
+    onnx_path: str | os.PathLike,
+    calibration: Sequence[str | os.PathLike],
+    site: str | None = None,
+    *,
+    max_slices: int = 256,
+    batch_size: int = 16,
+    reduce_range: bool = True,
+) -> Int8Export:
+    """Export the model at ``model_path`` to int8 ONNX at ``onnx_path`` (see the module docstring), with the
+    activation ranges calibrated on up to ``max_slices`` slices of ``calibration`` (images of the site the
+    export is for: ``site``, or any of the known sites for the mean-of-sites normalisation)."""
+    from crosssite.inference.predictor import TorchBackend
+    from crosssite.models import load
+
+    if max_slices < MIN_CALIBRATION_SLICES:
+        raise InferenceError(f"int8 calibration needs at least {MIN_CALIBRATION_SLICES} slices, asked for {max_slices}")
+    model, card = load(model_path)
+    images, errors = calibration_slices(calibration, Preprocess.from_card(card, model_path), max_slices)
+    if len(images) < MIN_CALIBRATION_SLICES:
+        where = ", ".join(str(p) for p in calibration)
+        raise InferenceError(f"int8 calibration needs at least {MIN_CALIBRATION_SLICES} readable slices; {where} "
+                             f"gave {len(images)} ({len(errors)} unreadable)")
+    x = torch.stack(images)
+    batches = list(x.split(batch_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(model_path, Path(tmp) / "fp32.onnx", site)
+        path = quantize_int8(fp32, onnx_path, batches, reduce_range=reduce_range)
+    meta = read_metadata(_session(path), path)
+    meta["quantization"] = {"weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
+                            "activations": "uint8, min/max calibrated", "format": "QDQ",
+                            "calibration_slices": len(images)}
+    _write_metadata(path, meta)
+    expected = np.concatenate([TorchBackend(model, resolve_site(card, site)).probabilities(b) for b in batches])
+    backend = OnnxBackend(path)
+    got = np.concatenate([backend.probabilities(b) for b in batches])
+    diff = np.abs(got - expected)
+    return Int8Export(path, len(images), errors, float(diff.max()), float(diff.mean()))
 
 
 def _session(path: Path) -> Any:

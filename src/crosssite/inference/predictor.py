@@ -152,7 +152,8 @@ class TorchBackend:
 # ------------------------------------------------------------------------------------------- predictor
 
 
-def _load_one(preprocess: Preprocess, item: SliceItem) -> torch.Tensor | ImageReadError:
+def load_slice(preprocess: Preprocess, item: SliceItem) -> torch.Tensor | ImageReadError:
+    """The model input (3, S, S) of one slice, or the error that names why its file cannot be read."""
     try:
         return preprocess(read_image(item.ref.path, item.ref.frame))
     except ImageReadError as e:
@@ -280,7 +281,7 @@ class Predictor:
     # ----------------------------------------------------------------------------------------- reading
 
     def _read(self, items: Sequence[SliceItem], pool: ThreadPoolExecutor) -> list[torch.Tensor | ImageReadError]:
-        return list(pool.map(lambda item: _load_one(self.preprocess, item), items))
+        return list(pool.map(lambda item: load_slice(self.preprocess, item), items))
 
     def _readable_batches(self, items: Sequence[SliceItem], counter: list[int]) -> Iterator[torch.Tensor]:
         """Batches of the readable slices' model inputs; ``counter[0]`` counts the slices yielded."""
