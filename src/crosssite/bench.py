@@ -12,8 +12,9 @@ Network: ``covidnet_redesign``, 2 sites, site-specific BN, projection head (SepN
 (c) single-image latency, PNG file -> `read_image` -> `eval_transform` -> forward (p50 and p90).
 
 Each reports images/s, achieved GFLOP/s (FLOPs of one forward from `torch.utils.flop_counter`, times 3 for
-a training step), the ratio to an fp32 and a bf16 square matmul (up to 2048) measured in the same process, and peak RSS
-(the kernel's high-water mark, reset before each measurement).
+a training step), the ratio to an fp32 and a bf16 square matmul (up to 2048) measured in the same process (at
+the start and at the end; the better rate counts), and peak RSS (the kernel's high-water mark, reset once the
+workload is built and before it runs).
 
 The plain path is fp32, eager, contiguous, one forward per site. Each lever is then switched on alone --
 one forward for the mixed-site batch, channels_last, bf16 autocast (skipped where a bf16 matmul is
@@ -241,22 +242,30 @@ def latency_fn(mode: Mode, width: float, image_size: int, file: Path, workdir: P
 
 
 def measure(make: Callable[[], Callable[[], None]], steps: int, warmup: int) -> tuple[list[float], float]:
+    """Times of ``make()``'s workload and the peak RSS while it runs (building it -- a model, an export, an
+    int8 calibration -- is not part of the figure)."""
+    fn = make()
     reset_peak_rss()
-    times = timed(make(), steps, warmup)
+    times = timed(fn, steps, warmup)
     return times, peak_rss_gb()
 
 
-def report_part(times: list[float], rss: float, n_images: int, flops: float, peaks: dict) -> dict:
+def report_part(times: list[float], rss: float, n_images: int, flops: float) -> dict:
     t = statistics.median(times)
-    gflops = flops / t / 1e9
     return {
         "seconds": round(t, 4),
         "images_per_s": round(n_images / t, 2),
-        "gflops": round(gflops, 1),
-        "of_fp32_matmul": round(gflops / peaks["fp32"], 3),
-        "of_bf16_matmul": round(gflops / peaks["bf16"], 3),
+        "gflops": round(flops / t / 1e9, 1),
         "peak_rss_gb": round(rss, 2),
     }
+
+
+def add_ratios(result: dict, peaks: dict[str, float]) -> None:
+    """Each workload's GFLOP/s as a fraction of the fp32 and bf16 matmul rates."""
+    for part in ("train_step", "eval_batch"):
+        for entry in result[part]["paths"].values():
+            entry["of_fp32_matmul"] = round(entry["gflops"] / peaks["fp32"], 3)
+            entry["of_bf16_matmul"] = round(entry["gflops"] / peaks["bf16"], 3)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -295,16 +304,15 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         },
         "config": {"width": args.width, "image_size": args.image_size, "per_site": args.per_site, "steps": steps},
         "forward_gflop_per_image": round(flops / 1e9, 3),
-        "matmul_gflops": {k: round(v, 1) for k, v in peaks.items()},
     }
 
     def train(mode: Mode) -> dict:
         times, rss = measure(lambda: train_step_fn(mode, args.width, args.image_size, args.per_site), steps, warmup)
-        return report_part(times, rss, batch, 3 * flops * batch, peaks)
+        return report_part(times, rss, batch, 3 * flops * batch)
 
     def evaluate(mode: Mode) -> dict:
         times, rss = measure(lambda: eval_fn(mode, args.width, args.image_size, batch, workdir), steps, warmup)
-        return report_part(times, rss, batch, flops * batch, peaks)
+        return report_part(times, rss, batch, flops * batch)
 
     # (a) and (b): plain path, each lever alone, then the PyTorch levers that helped, together; the fast path
     # is the quicker of that combination and ONNX Runtime (which replaces PyTorch, so it combines with nothing)
@@ -338,6 +346,13 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             "peak_rss_gb": round(rss, 2),
         }
     result["single_image"] = {"file": str(file), "paths": latency}
+
+    # the matmul rates drift on a shared machine: measured again at the end, the limit is the better of the two
+    again = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    result["matmul_gflops_start_end"] = {k: [round(v, 1), round(again[k], 1)] for k, v in peaks.items()}
+    peaks = {k: max(v, again[k]) for k, v in peaks.items()}
+    result["matmul_gflops"] = {k: round(v, 1) for k, v in peaks.items()}
+    add_ratios(result, peaks)
     return result
 
 
