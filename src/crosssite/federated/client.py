@@ -38,7 +38,7 @@ from crosssite.errors import ConfigError
 from crosssite.federated.common import FEDERATED_METHODS, STRATEGIES, FederatedError, shared_keys
 from crosssite.training.checkpoint import atomic_write_bytes
 from crosssite.training.config import TrainConfig, save_config
-from crosssite.training.data import RunData, build_run_data, save_splits
+from crosssite.training.data import RunData, build_run_data, write_run_files
 from crosssite.training.engine import (
     TrainingDiverged,
     evaluate,
@@ -91,14 +91,11 @@ class SiteClient(NumPyClient):
         key = (str(self.dir.resolve()), json.dumps(self.config.to_dict(), sort_keys=True))
         if key not in _DATA:
             split_file = self.dir / "split.json"
-            data = build_run_data(self.config, [self.site], split_file, reuse_split=split_file.is_file())
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if not split_file.is_file():
-                save_splits(split_file, data.sites, data.splits)
+            new_split = not split_file.is_file()
+            data = build_run_data(self.config, [self.site], split_file, reuse_split=not new_split)
+            write_run_files(self.dir, data, new_split=new_split, prefix=f"{self.site.name}: ")
+            if new_split:
                 save_config(self.config, self.dir / "config.yaml")
-            if data.cache.skipped:
-                count = data.cache.write_skipped(self.dir / "skipped.json")
-                print(f"{self.site.name}: skipped {count} unreadable file(s), listed in {self.dir / 'skipped.json'}")
             _DATA[key] = data
         return _DATA[key]
 

@@ -117,8 +117,6 @@ def export_onnx(
 ) -> Path:
     """Export the crosssite model at ``model_path`` to ``onnx_path`` with the normalisation of the known
     site ``site`` (None: the mean of the known sites); return the ONNX path."""
-    import onnx
-
     from crosssite.models import load
 
     model, card = load(model_path)

@@ -20,7 +20,7 @@ from crosssite.errors import ConfigError
 from crosssite.training.checkpoint import atomic_write_text
 from crosssite.training.config import TrainConfig
 
-__all__ = ["RunData", "limit_site", "make_splits", "save_splits", "load_splits", "build_run_data"]
+__all__ = ["RunData", "limit_site", "make_splits", "save_splits", "load_splits", "build_run_data", "write_run_files"]
 
 PARTS = ("train", "val", "test")
 
@@ -86,6 +86,17 @@ def _check_parts(sites: list[Site], splits: list[Split]) -> None:
         for part in PARTS:
             if len(split.parts()[part]) == 0:
                 raise ConfigError(f"site {site.name!r}: the {part} part of the split is empty")
+
+
+def write_run_files(out_dir: Path, data: RunData, *, new_split: bool, prefix: str = "") -> None:
+    """Write ``split.json`` when the split was just made, and ``skipped.json`` (saying so on stdout, each line
+    starting with ``prefix``) when unreadable files were left out of the run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if new_split:
+        save_splits(out_dir / "split.json", data.sites, data.splits)
+    if data.cache.skipped:
+        count = data.cache.write_skipped(out_dir / "skipped.json")
+        print(f"{prefix}skipped {count} unreadable file(s), listed in {out_dir / 'skipped.json'}")
 
 
 def build_run_data(

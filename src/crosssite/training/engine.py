@@ -68,7 +68,7 @@ from crosssite.training.checkpoint import (
     set_rng_state,
 )
 from crosssite.training.config import TrainConfig, save_config
-from crosssite.training.data import RunData, build_run_data, save_splits
+from crosssite.training.data import RunData, build_run_data, write_run_files
 from crosssite.training.methods import METHODS, Method, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
 from crosssite.training.schedule import lr_at
@@ -439,13 +439,8 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
         progress=progress, pin_memory=device.type == "cuda",
     )
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(out_dir, data, new_split=saved is None)
         save_config(config, out_dir / "config.yaml")
-        if saved is None:
-            save_splits(out_dir / "split.json", data.sites, data.splits)
-        if data.cache.skipped:
-            count = data.cache.write_skipped(out_dir / "skipped.json")
-            print(f"skipped {count} unreadable file(s), listed in {out_dir / 'skipped.json'}")
 
     model = models.create_model(
         config.backbone,
