@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from crosssite.inference import Predictor, export_onnx
-from crosssite.inference.export import export_int8
+from crosssite.inference import Predictor, export_int8, export_onnx
 from crosssite.models import load
 
 

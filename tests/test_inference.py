@@ -335,6 +335,22 @@ def test_int8_export_needs_enough_readable_slices(model_path: Path, real: tuple,
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_missing_onnx_packages_give_an_install_hint(model_path: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from crosssite.inference.export import export_int8
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    for call in (lambda: export_onnx(model_path, tmp_path / "m.onnx"),
+                 lambda: export_int8(model_path, tmp_path / "m.onnx", [tmp_path]),
+                 lambda: Predictor.from_file(tmp_path / "m.onnx")):
+        with pytest.raises(InferenceError, match=r"need onnxruntime: pip install 'crosssite\[onnx\]'"):
+            call()
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_onnx_rejects_site_choice_and_bad_files(tmp_path: Path, model_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")

@@ -135,8 +135,8 @@ def export(
     calibration_slices: int = typer.Option(256, "--calibration-slices", help="At most this many slices, spread evenly."),
 ) -> None:
     """Export a model to ONNX (dynamic batch; normalisation fixed at export; preprocessing in its metadata)."""
-    from crosssite.inference import export_onnx
-    from crosssite.inference.export import export_int8, max_difference
+    from crosssite.inference import export_int8, export_onnx
+    from crosssite.inference.export import max_difference
 
     if calibrate and not int8:
         raise fail("--calibrate is for --int8 exports; add --int8 or drop --calibrate")

@@ -48,8 +48,8 @@ from crosssite.inference.predictor import MEAN_OF_SITES, SHARED, InferenceError,
 from crosssite.inference.predictor import load_slice, resolve_site, site_names_of
 
 __all__ = ["METADATA_KEY", "OPSET", "MIN_CALIBRATION_SLICES", "BinnedAvgPool2d", "Int8Export", "exportable",
-           "export_onnx", "export_int8", "quantize_int8", "calibration_slices", "max_difference", "read_metadata",
-           "OnnxBackend"]
+           "require_onnx", "export_onnx", "export_int8", "quantize_int8", "calibration_slices", "max_difference",
+           "read_metadata", "OnnxBackend"]
 
 METADATA_KEY = "crosssite"
 OPSET = 17
@@ -108,6 +108,16 @@ class _FixedSite(nn.Module):
         return torch.softmax(self.model(image, site).logits, dim=1)  # (B, num_classes)
 
 
+def require_onnx() -> None:
+    """Raise a one-line error naming the install command when the optional ONNX packages are missing."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InferenceError(f"ONNX export and ONNX models need {' and '.join(missing)}: "
+                             "pip install 'crosssite[onnx]'")
+
+
 def export_onnx(
     model_path: str | os.PathLike,
     onnx_path: str | os.PathLike,
@@ -119,6 +129,7 @@ def export_onnx(
     site ``site`` (None: the mean of the known sites); return the ONNX path."""
     from crosssite.models import load
 
+    require_onnx()
     model, card = load(model_path)
     pre = Preprocess.from_card(card, model_path)
     index = resolve_site(card, site)
@@ -243,6 +254,7 @@ def export_int8(
     from crosssite.inference.predictor import TorchBackend
     from crosssite.models import load
 
+    require_onnx()
     if max_slices < MIN_CALIBRATION_SLICES:
         raise InferenceError(f"int8 calibration needs at least {MIN_CALIBRATION_SLICES} slices, asked for {max_slices}")
     model, card = load(model_path)
@@ -269,6 +281,7 @@ def export_int8(
 
 
 def _session(path: Path) -> Any:
+    require_onnx()
     import onnxruntime as ort
 
     if not path.is_file():
