@@ -148,6 +148,7 @@ def export(
             diff = max_difference(model, path, site)
             typer.echo(f"wrote {path} (max |P difference| to PyTorch on random inputs: {diff:.2e})")
             return
+        typer.echo(f"exporting, then calibrating int8 ranges on up to {calibration_slices} slices ...", err=True)
         done = export_int8(model, onnx, calibrate, site, max_slices=calibration_slices)
     except CrossSiteError as e:
         raise fail(e) from None
