@@ -330,7 +330,7 @@ def test_int8_export_needs_enough_readable_slices(model_path: Path, real: tuple,
         shutil.copy(f, folder / f.name)
     (folder / "broken.png").write_bytes(b"not a png")
     with pytest.raises(InferenceError, match=f"at least {MIN_CALIBRATION_SLICES} readable slices.*gave 8 "
-                                              r"\(1 unreadable\)"):
+                                              r"\(1 unreadable; first: .*broken.png"):
         export_int8(model_path, tmp_path / "x.onnx", [folder], site="A")
     assert not (tmp_path / "x.onnx").exists()
 

@@ -261,8 +261,9 @@ def export_int8(
     images, errors = calibration_slices(calibration, Preprocess.from_card(card, model_path), max_slices)
     if len(images) < MIN_CALIBRATION_SLICES:
         where = ", ".join(str(p) for p in calibration)
+        first = f"; first: {errors[0]}" if errors else ""
         raise InferenceError(f"int8 calibration needs at least {MIN_CALIBRATION_SLICES} readable slices; {where} "
-                             f"gave {len(images)} ({len(errors)} unreadable)")
+                             f"gave {len(images)} ({len(errors)} unreadable{first})")
     x = torch.stack(images)
     batches = list(x.split(batch_size))
     with tempfile.TemporaryDirectory() as tmp:
