@@ -178,7 +178,8 @@ def _write_metadata(onnx_path: Path, meta: dict[str, Any]) -> None:
 def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, batches: Iterable[torch.Tensor], *,
                   reduce_range: bool = True) -> Path:
     """Quantise an fp32 export statically to int8 (see the module docstring), calibrating activation ranges
-    on ``batches`` of model inputs (B, 3, S, S); the crosssite metadata is carried over unchanged."""
+    on ``batches`` of model inputs (B, 3, S, S); the crosssite metadata is carried over, with the quantisation
+    settings and the number of calibration slices added under ``quantization``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -188,16 +189,23 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, ba
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.feeds: Iterator[torch.Tensor] = iter(batches)
+            self.slices = 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             x = next(self.feeds, None)
-            return None if x is None else {"image": x.detach().cpu().float().numpy()}
+            if x is None:
+                return None
+            self.slices += len(x)
+            return {"image": x.detach().cpu().float().numpy()}
 
+    reader = Reader()
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantisation():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph clean-up, as ORT advises
-        quantize_static(str(prepared), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    meta["quantization"] = {"format": "QDQ", "weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
+                            "activations": "uint8, min/max calibrated", "calibration_slices": reader.slices}
     _write_metadata(int8_path, meta)
     return int8_path
 
@@ -269,11 +277,6 @@ def export_int8(
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model_path, Path(tmp) / "fp32.onnx", site)
         path = quantize_int8(fp32, onnx_path, batches, reduce_range=reduce_range)
-    meta = read_metadata(_session(path), path)
-    meta["quantization"] = {"weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
-                            "activations": "uint8, min/max calibrated", "format": "QDQ",
-                            "calibration_slices": len(images)}
-    _write_metadata(path, meta)
     expected = np.concatenate([TorchBackend(model, resolve_site(card, site)).probabilities(b) for b in batches])
     backend = OnnxBackend(path)
     got = np.concatenate([backend.probabilities(b) for b in batches])
