@@ -74,5 +74,6 @@ def main() -> None:
         diffs = "  ".join(f"{name} {r['max_abs_p_diff_' + name]:.2e}" for name in names if name != "torch")
         print(f"{key:<28} n={r['n']:<5} AUC {aucs}   max |dp| {diffs}")
 
+
 if __name__ == "__main__":
     main()

@@ -48,7 +48,7 @@ from crosssite.inference.predictor import MEAN_OF_SITES, SHARED, InferenceError,
 from crosssite.inference.predictor import load_slice, resolve_site, site_names_of
 
 __all__ = ["METADATA_KEY", "OPSET", "MIN_CALIBRATION_SLICES", "BinnedAvgPool2d", "Int8Export", "exportable",
-           "require_onnx", "export_onnx", "export_int8", "quantize_int8", "calibration_slices", "max_difference",
+           "missing_onnx_packages", "require_onnx", "export_onnx", "export_int8", "quantize_int8", "calibration_slices", "max_difference",
            "read_metadata", "OnnxBackend"]
 
 METADATA_KEY = "crosssite"
@@ -108,11 +108,16 @@ class _FixedSite(nn.Module):
         return torch.softmax(self.model(image, site).logits, dim=1)  # (B, num_classes)
 
 
-def require_onnx() -> None:
-    """Raise a one-line error naming the install command when the optional ONNX packages are missing."""
+def missing_onnx_packages() -> list[str]:
+    """Which of the optional packages ONNX export and ONNX models need (onnx, onnxruntime) are not installed."""
     import importlib.util
 
-    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+
+
+def require_onnx() -> None:
+    """Raise a one-line error naming the install command when the optional ONNX packages are missing."""
+    missing = missing_onnx_packages()
     if missing:
         raise InferenceError(f"ONNX export and ONNX models need {' and '.join(missing)}: "
                              "pip install 'crosssite[onnx]'")
