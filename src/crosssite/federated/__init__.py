@@ -13,12 +13,12 @@ a Flower server averages what the clients send. Strategies (`STRATEGIES`):
 """
 
 from crosssite.federated.client import SiteClient, build_site_model
-from crosssite.federated.common import FEDERATED_METHODS, STRATEGIES, FederatedError, shared_keys
+from crosssite.federated.common import federated_methods, STRATEGIES, FederatedError, shared_keys
 from crosssite.federated.server import RoundLogger, make_strategy, run_server
 from crosssite.federated.simulation import run_federated, summarise
 
 __all__ = [
-    "FEDERATED_METHODS",
+    "federated_methods",
     "STRATEGIES",
     "FederatedError",
     "RoundLogger",

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from crosssite import models
 from crosssite.data import Site
 from crosssite.errors import ConfigError
-from crosssite.federated.common import FEDERATED_METHODS, STRATEGIES, FederatedError, shared_keys
+from crosssite.federated.common import federated_methods, STRATEGIES, FederatedError, shared_keys
 from crosssite.training.checkpoint import atomic_write_bytes
 from crosssite.training.config import TrainConfig, save_config
 from crosssite.training.data import RunData, build_run_data, write_run_files
@@ -75,8 +75,8 @@ class SiteClient(NumPyClient):
     """Flower client of ``site``: trains and validates locally, exchanges only the weights of `shared_keys`."""
 
     def __init__(self, config: TrainConfig, site: Site, out_dir: str | Path, strategy: str) -> None:
-        if config.method not in FEDERATED_METHODS:
-            raise ConfigError(f"method: federated training supports {', '.join(FEDERATED_METHODS)}, "
+        if not METHODS[config.method].federated:
+            raise ConfigError(f"method: federated training supports {', '.join(federated_methods())}, "
                               f"got {config.method!r}")
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy: unknown {strategy!r}; valid: {', '.join(STRATEGIES)}")

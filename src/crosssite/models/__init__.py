@@ -12,7 +12,7 @@ from crosssite.models.covidnet import CovidNet, ModelOutput
 from crosssite.models.hub import load, model_paths, save
 from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteModule, adapt_norm, get_norm_layer, \
     norm_state_keys
-from crosssite.models.registry import create_model, is_model, list_models, register_model
+from crosssite.models.registry import ModelConfig, create_model, is_model, list_models, model_config, register_model
 
 __all__ = [
     "BatchNorm",
@@ -34,5 +34,7 @@ __all__ = [
     "model_paths",
     "norm_state_keys",
     "register_model",
+    "ModelConfig",
+    "model_config",
     "save",
 ]

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from crosssite.errors import ConfigError
 from crosssite.models.adapters import AdapterLayer, get_adapter_layer
 from crosssite.models.norms import BatchNorm, NoNorm, NormLayer, SiteModule, get_norm_layer, per_site
-from crosssite.models.registry import register_model
+from crosssite.models.registry import ModelConfig, model_config, register_model
 
 __all__ = ["ModelOutput", "ConvNormAct", "PEPX", "DenseStage", "LinearNormAct", "MLPHead", "SiteHeads", "CovidNet"]
 
@@ -352,6 +352,20 @@ class CovidNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, zero-initialised last layer with ``num_classes`` outputs for the universal head and every
+        auxiliary head (fine-tuning for another label set); the rest of the network is kept."""
+        heads = [self.head, *(self.aux_heads.heads if self.aux_heads is not None else ())]
+        for head in heads:
+            old = head.fc
+            head.fc = nn.Linear(old.in_features, num_classes).to(old.weight)
+            nn.init.zeros_(head.fc.weight)
+            nn.init.zeros_(head.fc.bias)
+        self.num_classes = num_classes
+        self.model_kwargs["num_classes"] = num_classes
+        if self.aux_heads is not None:
+            self.aux_heads.head_args = (*self.aux_heads.head_args[:2], num_classes)
+
     def forward_features(self, x: Tensor, site: Tensor | None = None) -> Tensor:
         """The last PEPX block's output (B, C, h, w) (7x7x2048 at width 1 and 224 px)."""
         site = self._check_site(site, x.shape[0])
@@ -377,15 +391,15 @@ class CovidNet(nn.Module):
         )
 
 
-@register_model
+@register_model(config=ModelConfig(has_norm=False, schedule="step", init="fan_in"))
 def covidnet(*, num_sites: int, norm: str | None = None, **kwargs) -> CovidNet:
     """The original COVID-Net (baseline rows of Table I): no BN by default, flatten of the 7x7x2048 map,
     fan-in initialisation by default."""
-    kwargs.setdefault("init", "fan_in")
+    kwargs.setdefault("init", model_config("covidnet").init)
     return CovidNet(num_sites=num_sites, norm="none" if norm is None else norm, pool="flatten", **kwargs)
 
 
-@register_model
+@register_model(config=ModelConfig())
 def covidnet_redesign(*, num_sites: int, norm: str | None = None, **kwargs) -> CovidNet:
     """The redesigned COVID-Net (JBHI 2020, III-A): BN+ReLU on stem and shortcuts, 2x2 average-pooled head."""
     return CovidNet(num_sites=num_sites, norm="batch" if norm is None else norm, pool="avg", **kwargs)

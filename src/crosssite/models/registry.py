@@ -1,31 +1,71 @@
-"""Model registry: ``@register_model`` constructors looked up by name, as in timm.
+"""Model registry: ``@register_model`` constructors looked up by name, each with a `ModelConfig`, as in timm.
 
 `create_model` records the architecture name on the model (``model.arch``), and the model records its
 resolved keyword arguments (``model.model_kwargs``, everything but ``num_sites``), so that
 `crosssite.models.hub.save` can write them into the model card and `crosssite.models.hub.load` can
-rebuild the same network.
+rebuild the same network. `model_config` answers what the rest of the package needs to know about an
+architecture without building it (input size, fallback normalisation, classifier, norms, schedule, init).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from crosssite.errors import ConfigError
 
-__all__ = ["register_model", "create_model", "list_models", "is_model"]
-
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+__all__ = ["ModelConfig", "register_model", "create_model", "list_models", "is_model", "model_config"]
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a model constructor under its function name."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} is registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+@dataclass(frozen=True)
+class ModelConfig:
+    """What an architecture needs from the data and the training loop.
+
+    Attributes:
+        input_size: the paper's input side (3 x input_size x input_size).
+        mean, std: per-channel normalisation used when a model card carries none (a trained model's card holds
+            its own training part's values).
+        classifier: attribute path of the module `get_classifier` returns (its last layer is ``<classifier>.fc``).
+        has_norm: whether the architecture has normalisation layers for a method's ``norm`` to act on.
+        schedule: the learning-rate schedule it is trained with (``"cosine"`` or ``"step"``).
+        init: its default weight initialisation.
+    """
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.63, 0.63, 0.63)
+    std: tuple[float, float, float] = (0.29, 0.29, 0.29)
+    classifier: str = "head"
+    has_norm: bool = True
+    schedule: str = "cosine"
+    init: str = "default"
+
+
+_MODELS: dict[str, tuple[Callable[..., nn.Module], ModelConfig]] = {}
+
+
+def register_model(
+    fn: Callable[..., nn.Module] | None = None, *, config: ModelConfig | None = None
+) -> Callable[..., nn.Module] | Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a model constructor under its function name: ``@register_model`` or
+    ``@register_model(config=ModelConfig(...))``."""
+
+    def add(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if constructor.__name__ in _MODELS:
+            raise ValueError(f"model {constructor.__name__!r} is registered twice")
+        _MODELS[constructor.__name__] = (constructor, config or ModelConfig())
+        return constructor
+
+    return add if fn is None else add(fn)
+
+
+def model_config(name: str) -> ModelConfig:
+    """The `ModelConfig` of the registered model ``name``."""
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _MODELS[name][1]
 
 
 def list_models() -> list[str]:
@@ -46,7 +86,7 @@ def create_model(name: str, *, num_sites: int, **kwargs: Any) -> nn.Module:
     """
     if name not in _MODELS:
         raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
-    model = _MODELS[name](num_sites=num_sites, **kwargs)
+    model = _MODELS[name][0](num_sites=num_sites, **kwargs)
     model.arch = name
     if not hasattr(model, "model_kwargs"):
         model.model_kwargs = dict(kwargs)

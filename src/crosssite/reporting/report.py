@@ -261,7 +261,8 @@ def _runs_section(runs: Sequence[RunResult], notes: Sequence[str]) -> list[Block
     items += list(notes)
     other = sorted({(r.method, r.backbone) for r in runs} - {(row.method, row.backbone) for row in ROWS})
     if other:
-        items.append("Runs outside Table I's rows (not tabulated): " + ", ".join(f"{m}/{b}" for m, b in other) + ".")
+        items.append("Rows beyond the paper's Table I (tabulated without the paper's numbers): "
+                     + ", ".join(f"{m}/{b}" for m, b in other) + ".")
     return [Heading("Runs"), Bullets(items), table]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from crosssite.errors import CrossSiteError
 from crosssite.evaluation import bootstrap_ci, paired_ttest
+from crosssite.training.methods import PAPER_TABLE_I
 
 __all__ = [
     "ReportError",
@@ -36,6 +37,7 @@ __all__ = [
     "site_letter",
     "site_order",
     "runs_of",
+    "rows_for",
     "summarise",
     "table_one",
     "ttest_pvalues",
@@ -60,20 +62,12 @@ class PaperRow:
     method: str
     backbone: str
     label: str
-    paper_auc: tuple[float, float]  # % on site A (SARS-CoV-2 CT), site B (COVID-CT)
+    paper_auc: tuple[float, float] | None  # % on site A (SARS-CoV-2 CT), site B (COVID-CT); None: not in the paper
     paper_p: tuple[float, float] | None = None  # Tables II/III of the paper (metric unstated), sites A, B
 
 
-ROWS: tuple[PaperRow, ...] = (
-    PaperRow("single", "covidnet", "Single (COVID-Net)", (84.08, 71.09)),
-    PaperRow("single", "covidnet_redesign", "Single (Redesign)", (94.12, 84.13), (0.002, 0.004)),
-    PaperRow("joint", "covidnet", "Joint (COVID-Net)", (74.78, 68.12)),
-    PaperRow("joint", "covidnet_redesign", "Joint (Redesign)", (85.72, 72.48), (0.007, 0.005)),
-    PaperRow("series-adapter", "covidnet_redesign", "Series Adapter", (92.93, 73.92), (0.009, 1e-5)),
-    PaperRow("parallel-adapter", "covidnet_redesign", "Parallel Adapter", (89.99, 80.29), (0.012, 0.014)),
-    PaperRow("ms-net", "covidnet_redesign", "MS-Net", (94.37, 82.19), (0.021, 0.008)),
-    PaperRow("sepnorm", "covidnet_redesign", "SepNorm", (94.57, 83.94), (0.023, 0.009)),
-    PaperRow("sepnorm-contrastive", "covidnet_redesign", "SepNorm + Contrastive", (96.24, 85.32)),
+ROWS: tuple[PaperRow, ...] = tuple(
+    PaperRow(method, backbone, r.label, r.auc, r.p) for (method, backbone), r in PAPER_TABLE_I.items()
 )
 OURS = ROWS[-1]
 # Table II: ours against the baselines; Table III: ours against the comparison methods.
@@ -234,6 +228,13 @@ def site_order(runs: Sequence[RunResult]) -> list[str]:
     return sorted(given, key=lambda n: (rank.get(site_layout(runs, n), len(rank)), given.index(n)))
 
 
+def rows_for(runs: Iterable[RunResult]) -> list[PaperRow]:
+    """The paper's rows in its order, then a row for every other (method, backbone) the runs hold (a method
+    added to `crosssite.training.METHODS`), without paper numbers."""
+    extra = sorted({(r.method, r.backbone) for r in runs} - {(row.method, row.backbone) for row in ROWS})
+    return [*ROWS, *(PaperRow(m, b, f"{m} ({b})", None) for m, b in extra)]
+
+
 def runs_of(runs: Iterable[RunResult], row: PaperRow) -> list[RunResult]:
     """The runs of one table row, ordered by (seed, fold)."""
     mine = [r for r in runs if r.method == row.method and r.backbone == row.backbone]
@@ -291,7 +292,7 @@ def _sites_legend(sites: Sequence[str]) -> str:
 
 def _paper_auc(row: PaperRow, layout: str) -> str:
     """The paper's AUC for this column, when the column is one of the paper's two sites."""
-    if layout in PAPER_SITES:
+    if layout in PAPER_SITES and row.paper_auc is not None:
         return f"{row.paper_auc[PAPER_SITES.index(layout)]:.2f}"
     return "–"
 
@@ -309,7 +310,7 @@ def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     """Table I: per row and site, mean ± std in % over folds x seeds, the paper's AUC beside ours."""
     header = _header(["Method", "runs"], sites, "AUC (paper)")
     body = []
-    for row in ROWS:
+    for row in rows_for(runs):
         mine = runs_of(runs, row)
         collapsed = sum(r.collapsed for r in mine)
         label = row.label + (f" ⚠ collapsed in {collapsed} of {len(mine)} runs" if collapsed else "")
@@ -396,7 +397,7 @@ def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int 
     header = ["Method"] + [f"{site_letter(i)} AUC (95% CI)" for i in range(len(sites))]
     units = {}
     body = []
-    for row in ROWS:
+    for row in rows_for(runs):
         mine = [r for r in runs_of(runs, row) if not r.collapsed]
         cells = [row.label]
         for site in sites:

@@ -5,8 +5,8 @@
 """
 
 from crosssite.training.config import TrainConfig, load_config
-from crosssite.training.engine import TrainingDiverged, TrainingError, compute_loss, train
-from crosssite.training.methods import METHODS, Method
+from crosssite.training.engine import TrainingDiverged, TrainingError, train
+from crosssite.training.methods import METHODS, PAPER_TABLE_I, LossTerm, Method, compute_loss, register_method
 
-__all__ = ["TrainConfig", "load_config", "METHODS", "Method", "train", "compute_loss", "TrainingError",
-           "TrainingDiverged"]
+__all__ = ["TrainConfig", "load_config", "METHODS", "PAPER_TABLE_I", "LossTerm", "Method", "register_method", "train",
+           "compute_loss", "TrainingError", "TrainingDiverged"]

@@ -58,7 +58,6 @@ from crosssite import models
 from crosssite.data import CLASS_NAMES, Site, load_sites
 from crosssite.errors import ConfigError, CrossSiteError
 from crosssite.evaluation import binary_metrics, collect_probabilities
-from crosssite.losses import ms_net_loss, supervised_contrastive_loss
 from crosssite.training import distributed
 from crosssite.training.checkpoint import (
     atomic_write_text,
@@ -69,7 +68,7 @@ from crosssite.training.checkpoint import (
 )
 from crosssite.training.config import TrainConfig, save_config
 from crosssite.training.data import RunData, build_run_data, multi_site_steps, write_run_files
-from crosssite.training.methods import METHODS, Method, model_kwargs
+from crosssite.training.methods import METHODS, Method, compute_loss, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
 from crosssite.training.schedule import lr_at
 
@@ -102,35 +101,10 @@ def non_finite_tensors(model: nn.Module) -> list[str]:
 # ------------------------------------------------------------------------------------------------- loss
 
 
-def compute_loss(
-    out: models.ModelOutput,
-    labels: Tensor,
-    method: Method,
-    config: TrainConfig,
-    gather: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss and its unweighted parts: ``ce`` (+ ``con``) (+ ``aux_ce``, ``kt``), all in float32.
-
-    total = ce + alpha * con + aux_ce + kt_weight * kt
-
-    ``gather`` (data-parallel training) maps a rank's projections and labels to the global batch's, on which the
-    contrastive term is computed.
-    """
-    parts = {"ce": F.cross_entropy(out.logits.float(), labels)}
-    if method.contrastive:
-        projection, con_labels = (gather(out.projection), gather(labels)) if gather else (out.projection, labels)
-        parts["con"] = supervised_contrastive_loss(projection, con_labels, config.tau, config.contrastive_form)
-    if method.knowledge_transfer:
-        parts.update(ms_net_loss(out.logits, out.aux_logits, labels, config.kt_temperature))
-    weights = {"con": config.alpha, "kt": config.kt_weight}
-    total = sum(weights.get(name, 1.0) * value for name, value in parts.items())
-    return total, parts
-
-
 def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based) of ``epochs`` epochs: step decay for `covidnet`, else
-    cosine (`crosssite.training.schedule.lr_at`)."""
-    kind = "step" if config.backbone == "covidnet" else "cosine"
+    """Learning rate of optimiser step ``step`` (0-based) of ``epochs`` epochs, in the backbone's schedule
+    (`crosssite.models.model_config`: step decay for `covidnet`, cosine for the redesign; `schedule.lr_at`)."""
+    kind = models.model_config(config.backbone).schedule
     return lr_at(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr=config.lr, lr_min=config.lr_min,
                  kind=kind, per=config.schedule_per)
 
