@@ -213,7 +213,7 @@ def test_official_protocol_needs_an_official_split(sites3, tmp_path: Path) -> No
 
 def test_recalibrate_bn_sets_plain_averages_and_keeps_weights() -> None:
     from crosssite.models import BatchNorm, create_model
-    from crosssite.training.engine import recalibrate_bn
+    from crosssite.training.validation import recalibrate_bn
 
     model = create_model("covidnet_redesign", num_sites=2, width=0.0625, norm="batch", image_size=32)
     weights = {k: v.clone() for k, v in model.named_parameters()}

@@ -29,3 +29,12 @@ class ConfigError(CrossSiteError):
 
 class CheckpointError(CrossSiteError):
     """A model or checkpoint file that is corrupt, truncated, or from an incompatible version."""
+
+
+class TrainingError(CrossSiteError):
+    """A run that cannot start or continue (run directory in use, mismatching resume, ...)."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss, the gradient norm, a parameter or a buffer became NaN or infinite; the last good (finite)
+    checkpoint is kept."""

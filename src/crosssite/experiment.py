@@ -8,7 +8,6 @@ invocations; a run interrupted half-way resumes from its own last checkpoint.
 
 from __future__ import annotations
 
-import csv
 import fcntl
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Any
 from crosssite.data import Site
 from crosssite.errors import ConfigError
 from crosssite.training.methods import PAPER_TABLE_I
+from crosssite.training.rundir import read_predictions
 
 __all__ = [
     "PRESETS",
@@ -137,19 +137,15 @@ def machine_info() -> dict[str, Any]:
 
 def _test_predictions(run_dir: Path) -> dict[str, dict[str, list]]:
     """Per site, the labels and P(COVID) of the test part (and the patient ids, where the site has them for
-    every slice), read from the run's predictions.csv files."""
+    every slice), from the run's predictions.csv files."""
     out: dict[str, dict[str, list]] = {}
-    for path in sorted(run_dir.rglob("predictions.csv")):
-        with open(path, newline="", encoding="utf-8") as fh:
-            for rec in csv.DictReader(fh):
-                if rec.get("part", "test") != "test":
-                    continue
-                site = out.setdefault(rec["site"], {"y_true": [], "p_covid": [], "patients": []})
-                site["y_true"].append(int(rec["label"]))
-                site["p_covid"].append(float(rec["p_covid"]))
-                site["patients"].append(rec.get("patient") or None)
+    for p in read_predictions(run_dir, "test"):
+        site = out.setdefault(p.site, {"y_true": [], "p_covid": [], "patients": []})
+        site["y_true"].append(p.label)
+        site["p_covid"].append(p.p_covid)
+        site["patients"].append(p.patient)
     for site in out.values():
-        if any(p is None for p in site["patients"]):
+        if any(pid is None for pid in site["patients"]):
             del site["patients"]
     return out
 

@@ -55,16 +55,12 @@ def _load_models(source: Path, device: str) -> list[_Model]:
 def _test_indices(run_dir: Path, site: Any) -> np.ndarray:
     """Indices into `site.samples` of the files that were `site`'s test part in run_dir/split.json."""
     from crosssite.errors import SiteError
+    from crosssite.training.rundir import SPLIT, split_files
 
-    path = run_dir / "split.json"
+    path = run_dir / SPLIT
     if not path.is_file():
         raise SiteError(f"{path}: not found; pass --all to score every image of {site.name!r}")
-    try:
-        entries = {e["site"]: e for e in json.loads(path.read_text())["sites"]}
-        test = entries[site.name]["test"]
-        files = list(zip(test["paths"], test.get("frames") or [None] * len(test["paths"])))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SiteError(f"{path}: no readable test part for site {site.name!r} ({e})") from None
+    files = split_files(run_dir, site.name, "test")
     where = {(str(s.path), s.frame): i for i, s in enumerate(site.samples)}
     missing = [p for p, f in files if (p, f) not in where]
     if missing:
@@ -147,14 +143,12 @@ def evaluate(
 ) -> None:
     """Accuracy, F1, recall, specificity, precision and AUC per site (COVID positive), with 95% bootstrap
     intervals and confusion matrices."""
-    import torch
-
     from crosssite.data import load_site
     from crosssite.evaluation import evaluate_model
+    from crosssite.training.step import resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        device = str(resolve_device(device))
         if not site and not external:
             raise CrossSiteError("give at least one --site or --external")
         models = _load_models(source, device)

@@ -96,14 +96,14 @@ def _run(
     from crosssite.data import load_sites
     from crosssite.training import load_config, train
     from crosssite.training.config import apply_overrides, parse_overrides
-    from crosssite.training.engine import load_site_specs
+    from crosssite.training.rundir import read_sites
 
     saved = out / "config.yaml"
     if config_file is None and resume and saved.is_file():
         config_file = saved
     options = {k: v for k, v in (("method", method), ("backbone", backbone)) if v is not None}
     config = apply_overrides(load_config(config_file), options | parse_overrides(overrides))
-    sites = load_sites(specs) if specs else (load_site_specs(out) if resume else None)
+    sites = load_sites(specs) if specs else (read_sites(out) if resume else None)
     if not sites:
         raise CrossSiteError("no site given: use --site NAME=PATH (at least one)")
     return train(config, sites, out, resume=resume, progress=progress)

@@ -38,18 +38,11 @@ from crosssite.errors import ConfigError
 from crosssite.federated.common import federated_methods, STRATEGIES, FederatedError, shared_keys
 from crosssite.training.checkpoint import atomic_write_bytes
 from crosssite.training.config import TrainConfig, save_config
-from crosssite.training.data import RunData, build_run_data, write_run_files
-from crosssite.training.engine import (
-    TrainingDiverged,
-    evaluate,
-    json_safe,
-    learning_rate,
-    model_card,
-    resolve_device,
-    train_step,
-    write_json,
-    write_predictions,
-)
+from crosssite.training.data import RunData, build_run_data
+from crosssite.training.engine import TrainingDiverged
+from crosssite.training.rundir import json_safe, model_card, write_json, write_predictions, write_run_files
+from crosssite.training.step import epoch_steps, learning_rate, resolve_device, train_step
+from crosssite.training.validation import evaluate
 from crosssite.training.methods import METHODS, model_kwargs
 from crosssite.training.progress import write_log_csv
 
@@ -82,7 +75,7 @@ class SiteClient(NumPyClient):
             raise ConfigError(f"strategy: unknown {strategy!r}; valid: {', '.join(STRATEGIES)}")
         self.config, self.site, self.strategy = config, site, strategy
         self.dir = Path(out_dir) / site.name
-        self.device = resolve_device(config)
+        self.device = resolve_device(config.device)
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -163,19 +156,19 @@ class SiteClient(NumPyClient):
         anchors = _proximal_anchors(model, self._keys(model)) if mu > 0 else []
         penalty = (lambda: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)) if anchors else None
         steps_per_epoch = data.steps_per_epoch
-        sampler = data.train.batch_sampler
         torch.manual_seed(zlib.crc32(f"{c.seed}/{self.site.name}/{rnd}".encode()))
         model.train()
         sums: dict[str, float] = {}
         steps = 0
         for e in range(local_epochs):
             epoch = (rnd - 1) * local_epochs + e
-            sampler.set_epoch(epoch)
-            sampler.start_step = 0
-            for i, batch in enumerate(data.train):
+
+            def step(batch: dict[str, Tensor], i: int, epoch: int = epoch) -> dict[str, float]:
                 lr = learning_rate(c, epoch * steps_per_epoch + i, steps_per_epoch, rounds * local_epochs)
-                values = train_step(model, model, optimizer, batch, method, c, self.device, lr=lr,
-                                    on_diverged=self._diverged(rnd, epoch), penalty=penalty)
+                return train_step(model, model, optimizer, batch, method, c, self.device, lr=lr,
+                                  on_diverged=self._diverged(rnd, epoch), penalty=penalty)
+
+            for _, values in epoch_steps(data.train, epoch, 0, step):
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1

@@ -27,7 +27,7 @@ from crosssite.federated.client import SiteClient
 from crosssite.federated.common import FederatedError
 from crosssite.federated.server import RoundLogger, make_strategy
 from crosssite.training.config import TrainConfig, save_config
-from crosssite.training.engine import json_safe, site_spec, write_json
+from crosssite.training.rundir import json_safe, site_spec, write_json
 
 __all__ = ["run_federated", "summarise"]
 

@@ -13,7 +13,6 @@ the file needs nothing else.
 from __future__ import annotations
 
 import base64
-import csv
 import dataclasses
 import html
 import json
@@ -31,6 +30,7 @@ import torch
 import crosssite
 from crosssite.errors import CrossSiteError
 from crosssite.gradcam import grad_cam
+from crosssite.training.rundir import PREDICTIONS, Prediction, RunDirError, read_predictions
 from crosssite.reporting.figures import GradCamCase, gradcam_figure, roc_figure
 from crosssite.reporting.tables import (
     OURS,
@@ -283,30 +283,16 @@ def _roc_section(runs: Sequence[RunResult], sites: Sequence[str], fig_dir: Path)
 
 
 # ---------------------------------------------------------------------------------------------- Grad-CAM
-@dataclass(frozen=True)
-class _TestSlice:
-    path: Path
-    frame: int | None
-    label: int
-    p_covid: float  # as the run scored it
-
-
-def _test_slices(run_dir: Path, site: str) -> list[_TestSlice]:
+def _test_slices(run_dir: Path, site: str) -> list[Prediction]:
     """`site`'s test part with labels and the run's P(COVID), from run_dir/predictions.csv (the training
     engine writes one row per validation and test slice of the best model)."""
-    path = run_dir / "predictions.csv"
+    path = run_dir / PREDICTIONS
     if not path.is_file():
         raise ReportError(f"{path}: not found, so the test part of {site!r} is unknown")
-    out = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for number, rec in enumerate(csv.DictReader(fh), 2):
-            if rec.get("site") != site or rec.get("part", "test") != "test":
-                continue
-            try:
-                frame = int(rec["frame"]) if rec.get("frame") else None
-                out.append(_TestSlice(Path(rec["path"]), frame, int(rec["label"]), float(rec["p_covid"])))
-            except (KeyError, TypeError, ValueError):
-                raise ReportError(f"{path}:{number}: needs path, frame, label and p_covid columns") from None
+    try:
+        out = [p for p in read_predictions(run_dir, "test") if p.site == site]
+    except RunDirError as e:
+        raise ReportError(str(e)) from None
     if not out:
         raise ReportError(f"{path}: no test slice of site {site!r}")
     return out

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 import numpy as np
 import torch
 
@@ -90,3 +92,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: checkpoint version {found!r}, expected {CHECKPOINT_VERSION}")
     return state
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding a NaN or an infinity."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]

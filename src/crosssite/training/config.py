@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 
 from crosssite.data import FRAMES
-from crosssite.errors import ConfigError
+from crosssite.errors import ConfigError, TrainingError
 from crosssite.models import is_model, list_models
 from crosssite.training.checkpoint import atomic_write_text
 from crosssite.training.methods import METHODS
 
-__all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "save_config"]
+__all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "save_config", "resumed_config",
+           "RUNTIME_KEYS"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "block_act": ("none", "relu"),
@@ -233,3 +234,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# Keys that may change when a run is resumed: they change speed or bookkeeping, not what is computed.
+RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "log_every", "ckpt_every")
+
+
+def resumed_config(config: TrainConfig, saved: dict[str, Any], where: Path) -> TrainConfig:
+    """The saved config with the runtime keys of ``config``; any other difference is an error."""
+    saved_config = TrainConfig(**saved)
+    differ = [k for k in saved if k not in RUNTIME_KEYS and getattr(config, k) != saved[k]]
+    if differ:
+        changes = ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in differ)
+        raise TrainingError(f"{where}: cannot resume with a different configuration ({changes})")
+    return saved_config.replace(**{k: getattr(config, k) for k in RUNTIME_KEYS})

@@ -12,7 +12,6 @@ beside the run as ``split.json`` and reloaded (and checked against the site's fi
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +34,10 @@ from crosssite.data import (
     train_transform,
 )
 from crosssite.errors import ConfigError
-from crosssite.training.checkpoint import atomic_write_text
 from crosssite.training.config import TrainConfig
+from crosssite.training.rundir import load_splits
 
-__all__ = ["RunData", "limit_site", "make_splits", "save_splits", "load_splits", "pixel_stats", "multi_site_steps",
-           "build_run_data", "write_run_files"]
+__all__ = ["RunData", "limit_site", "make_splits", "pixel_stats", "multi_site_steps", "build_run_data"]
 
 PARTS = ("train", "val", "test")
 
@@ -86,23 +84,6 @@ def make_splits(sites: list[Site], config: TrainConfig) -> list[Split]:
     return [split_fold(s, config.fold, config.folds, config.split_seed, config.val_fraction) for s in sites]
 
 
-def save_splits(path: Path, sites: list[Site], splits: list[Split]) -> None:
-    """``split.json``: per site (by name) the indices, paths and frames of each part."""
-    data = {"sites": [split.to_json(site) for site, split in zip(sites, splits)]}
-    atomic_write_text(path, json.dumps(data, indent=1))
-
-
-def load_splits(path: Path, sites: list[Site]) -> list[Split]:
-    """Splits saved by `save_splits`, checked against the sites' current files."""
-    data = json.loads(Path(path).read_text())
-    by_name = {entry["site"]: entry for entry in data["sites"]}
-    missing = [s.name for s in sites if s.name not in by_name]
-    if missing or len(by_name) != len(sites):
-        raise ConfigError(f"{path}: saved sites {sorted(by_name)} do not match the given sites "
-                          f"{[s.name for s in sites]}")
-    return [Split.from_json(by_name[site.name], site) for site in sites]
-
-
 def pixel_stats(cache: SliceCache, slots: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation (in [0, 1]) of every pixel of the cached slices ``slots``.
 
@@ -134,17 +115,6 @@ def _check_parts(sites: list[Site], splits: list[Split]) -> None:
         for part in PARTS:
             if len(split.parts()[part]) == 0:
                 raise ConfigError(f"site {site.name!r}: the {part} part of the split is empty")
-
-
-def write_run_files(out_dir: Path, data: RunData, *, new_split: bool, prefix: str = "") -> None:
-    """Write ``split.json`` when the split was just made, and ``skipped.json`` (saying so on stdout, each line
-    starting with ``prefix``) when unreadable files were left out of the run."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if new_split:
-        save_splits(out_dir / "split.json", data.sites, data.splits)
-    if data.cache.skipped:
-        count = data.cache.write_skipped(out_dir / "skipped.json")
-        print(f"{prefix}skipped {count} unreadable file(s), listed in {out_dir / 'skipped.json'}")
 
 
 def build_run_data(

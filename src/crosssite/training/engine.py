@@ -1,158 +1,64 @@
-"""The one training loop behind every method of the paper's Table I.
+"""The one training loop behind every method: `train` -> one `_Loop` per model (per site for `single`).
 
     metrics = train(TrainConfig(method="sepnorm-contrastive", epochs=100), sites, Path("runs/ours"))
 
-A run directory holds:
+The run directory's files are written and read by `crosssite.training.rundir`; a step is
+`crosssite.training.step.train_step` (the loss: the method's `compute_loss`); validation, the collapse check and
+BN recalibration are `crosssite.training.validation`. Method `single` trains one run per site in
+``out_dir/<site name>/`` with the multi-site rows' batch and step count, and merges their metrics.
 
-    config.yaml           the resolved configuration
-    sites.json            the sites as given (name, path, layout), so `--resume` needs no --site
-    split.json            per site the train / val / test indices and files (crosssite.data.Split)
-    log.csv               one row per epoch: losses, learning rate, validation AUC per site, images/s, time
-    checkpoints/last.pt   the full training state, written every `ckpt_every` steps and at each epoch end
-    model.safetensors     the best model (highest mean validation AUC over sites; never chosen on test)
-    model.json            its model card (architecture, sites, classes, preprocessing, config, val metrics)
-    metrics.json          validation and test metrics of the best model, per site
-    predictions.csv       the best model's P(COVID) for every validation and test slice
-    skipped.json          unreadable files left out (only with `skip_bad`)
+Resuming: the learning rate is a pure function of the global step, so resuming needs only the counters, the model,
+the optimiser and the random generators saved in ``last.pt``; the batch sampler skips the steps of the interrupted
+epoch that were already done, so a resumed run makes exactly as many optimiser steps as an uninterrupted one (and,
+with ``workers=0`` on CPU, ends with the same weights). A checkpoint is written only when every parameter and
+buffer is finite.
 
-Method `single` trains one such run per site in ``out_dir/<site name>/`` and merges their metrics.
-
-Every step draws ``batch_per_site`` slices from each site and runs one forward pass over the mixed batch; the
-loss is the universal head's cross-entropy plus the method's terms (`compute_loss`). Every `eval_every` epochs
-(and after the last) the model is validated on each site's validation part -- with ``bn_recalibrate``, after its
-batch-norm statistics are recomputed on the training part (`recalibrate_bn`) -- and the best mean AUC over sites
-is kept as ``model.safetensors``.
-
-The learning rate is a pure function of the global step (`crosssite.training.schedule`), so resuming needs only
-the counters, the model, the optimiser and the random generators saved in ``last.pt``; the batch sampler skips
-the steps of the interrupted epoch that were already done, so a resumed run makes exactly as many optimiser steps
-as an uninterrupted one (and, with ``workers=0`` on CPU, ends with the same weights).
-
-Distributed data parallel (``torchrun --nproc_per_node=N -m crosssite train ...``): ``rank``/``world_size`` are
-read from the environment, the sampler is sharded by rank, `train` initialises the process group, the model is
-wrapped in `DistributedDataParallel`, batch-norm statistics and the contrastive batch are synchronised across
-ranks, and only rank 0 writes files; see `crosssite.training.distributed` for why N processes compute what one
-process computes on the same global batch.
+Distributed data parallel (``torchrun --nproc_per_node=N -m crosssite train ...``): ``rank``/``world_size`` come
+from the environment, the sampler is sharded by rank, the model is wrapped in `DistributedDataParallel`, batch-norm
+statistics and the contrastive batch are synchronised across ranks, and only rank 0 writes files
+(`crosssite.training.distributed`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crosssite import models
-from crosssite.data import CLASS_NAMES, Site, load_sites
-from crosssite.errors import ConfigError, CrossSiteError
-from crosssite.evaluation import binary_metrics, collect_probabilities
+from crosssite.data import Site, load_sites
+from crosssite.errors import TrainingDiverged, TrainingError
 from crosssite.training import distributed
-from crosssite.training.checkpoint import (
-    atomic_write_text,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from crosssite.training.config import TrainConfig, save_config
-from crosssite.training.data import RunData, build_run_data, multi_site_steps, write_run_files
-from crosssite.training.methods import METHODS, Method, compute_loss, model_kwargs
+from crosssite.training.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
+from crosssite.training.config import TrainConfig, resumed_config, save_config
+from crosssite.training.data import RunData, build_run_data, multi_site_steps
+from crosssite.training.methods import METHODS, Method, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
-from crosssite.training.schedule import lr_at
+from crosssite.training.rundir import (
+    CHECKPOINT,
+    METRICS,
+    MODEL_STEM,
+    PREDICTIONS,
+    json_safe,
+    model_card,
+    write_json,
+    write_predictions,
+    write_run_files,
+    write_sites,
+)
+from crosssite.training.step import epoch_steps, learning_rate, resolve_device, train_step
+from crosssite.training.validation import evaluate, merge_site_runs, recalibrate_bn, run_metrics, validate_epoch
 
-__all__ = ["TrainingError", "TrainingDiverged", "train", "train_step", "learning_rate", "compute_loss", "evaluate", "recalibrate_bn",
-           "site_spec", "load_site_specs", "json_safe", "model_card", "write_json", "write_predictions",
-           "resolve_device", "RUNTIME_KEYS"]
-
-# Keys that may change when a run is resumed: they change speed or bookkeeping, not what is computed.
-RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "log_every", "ckpt_every")
-
-CHECKPOINT = Path("checkpoints") / "last.pt"
-MODEL_STEM = "model"
-
-
-class TrainingError(CrossSiteError):
-    """A run that cannot start or continue (run directory in use, mismatching resume, ...)."""
-
-
-class TrainingDiverged(TrainingError):
-    """The loss, the gradient norm, a parameter or a buffer became NaN or infinite; the last good (finite)
-    checkpoint is kept."""
-
-
-def non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``model`` holding a NaN or an infinity."""
-    return [name for name, t in model.state_dict().items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-# ------------------------------------------------------------------------------------------------- loss
-
-
-def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based) of ``epochs`` epochs, in the backbone's schedule
-    (`crosssite.models.model_config`: step decay for `covidnet`, cosine for the redesign; `schedule.lr_at`)."""
-    kind = models.model_config(config.backbone).schedule
-    return lr_at(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr=config.lr, lr_min=config.lr_min,
-                 kind=kind, per=config.schedule_per)
-
-
-def train_step(
-    model: nn.Module,
-    forward: Callable[..., models.ModelOutput],
-    optimizer: torch.optim.Optimizer,
-    batch: dict[str, Tensor],
-    method: Method,
-    config: TrainConfig,
-    device: torch.device,
-    *,
-    lr: float,
-    on_diverged: Callable[[str, dict[str, float]], None],
-    penalty: Callable[[], Tensor] | None = None,
-) -> dict[str, float]:
-    """One optimiser step on a mixed-site batch: forward, `compute_loss` (+ ``penalty()`` as ``prox``), backward,
-    gradient clipping, update. Returns the loss parts (and ``loss``) as floats, averaged over ranks.
-
-    ``forward`` is ``model`` or its DDP / compiled wrapper. ``on_diverged(what, values)`` is called (and must raise)
-    when the loss or the gradient norm is not finite, before the weights are touched.
-    """
-    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
-    if config.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = batch["label"].to(device, non_blocking=True)  # (B,)
-    site = batch["site"].to(device, non_blocking=True)  # (B,)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with _autocast(config, device), distributed.synchronised_norms(model):
-        out = forward(images, site)
-    total, parts = compute_loss(out, labels, method, config, gather=distributed.gather)
-    if penalty is not None:
-        parts["prox"] = penalty()
-        total = total + parts["prox"]
-    values = {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in parts.items()}
-    values = distributed.mean_over_ranks(values)  # the global batch's losses, on every rank
-    if not math.isfinite(values["loss"]):
-        on_diverged("loss", values)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if config.grad_clip > 0:
-        norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-        if not math.isfinite(norm):
-            on_diverged("gradient norm", values | {"grad_norm": norm})
-    optimizer.step()
-    return values
+__all__ = ["TrainingError", "TrainingDiverged", "train"]
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -178,160 +84,10 @@ class RunState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def resolve_device(config: TrainConfig) -> torch.device:
-    """The device ``config.device`` names (``auto``: CUDA when available, else the CPU)."""
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
-    return torch.device(config.device)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _resumed_config(config: TrainConfig, saved: dict[str, Any], where: Path) -> TrainConfig:
-    """The saved config with the runtime keys of ``config``; any other difference is an error."""
-    saved_config = TrainConfig(**saved)
-    differ = [k for k in saved if k not in RUNTIME_KEYS and getattr(config, k) != saved[k]]
-    if differ:
-        changes = ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in differ)
-        raise TrainingError(f"{where}: cannot resume with a different configuration ({changes})")
-    return saved_config.replace(**{k: getattr(config, k) for k in RUNTIME_KEYS})
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate(
-    model: nn.Module, data: RunData, part: str, device: torch.device, config: TrainConfig
-) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Metrics per site on ``part`` (``val`` / ``test``) and one prediction row per slice."""
-    with _autocast(config, device):
-        probs = collect_probabilities(model, data.eval[part], device)
-    metrics, rows = {}, []
-    for s, site in enumerate(data.sites):
-        mine = probs.site == s
-        metrics[site.name] = binary_metrics(probs.label[mine], probs.p_covid[mine])
-        for index, label, p in zip(probs.index[mine], probs.label[mine], probs.p_covid[mine]):
-            sample = site.samples[index]
-            rows.append({"site": site.name, "path": str(sample.path), "frame": sample.frame,
-                         "patient": sample.patient if site.has_patients else None,
-                         "label": int(label), "p_covid": float(p), "part": part})
-    return metrics, rows
-
-
-def prediction_spread(rows: list[dict[str, Any]], site_names: Sequence[str]) -> dict[str, float]:
-    """Standard deviation of P(COVID) over each site's rows (NaN for a site without rows)."""
-    return {name: float(np.std([r["p_covid"] for r in rows if r["site"] == name]))
-            if any(r["site"] == name for r in rows) else float("nan") for name in site_names}
-
-
-def collapsed_sites(spread: dict[str, float], threshold: float) -> list[str]:
-    """Sites whose predictions barely vary (std of P(COVID) below ``threshold``): a collapsed model."""
-    return [name for name, std in spread.items() if std < threshold]
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Any, device: torch.device, config: TrainConfig) -> None:
-    """Recompute every batch-norm running mean and variance as the plain average over ``loader``'s batches.
-
-    Running statistics kept with momentum 0.1 trail a network that changes quickly (high learning rates, short
-    runs) and are estimated on augmented crops; re-estimating them after training on the evaluation view of the
-    training part ("precise BN", Wu & Johnson 2021) removes both gaps. ``loader`` draws its batches as the
-    training sampler does (`RunData.recalibration`), so a shared BN mixes the sites in training's proportions.
-    Weights are not touched.
-    """
-    norms = [m for m in model.modules() if hasattr(m, "momentum") and any(
-        hasattr(b, "running_mean") for b in m.modules())]
-    stats = [m for m in model.modules() if isinstance(getattr(m, "running_mean", None), Tensor)]
-    for m in stats:
-        m.running_mean.zero_()
-        m.running_var.fill_(1.0)
-        m.num_batches_tracked.zero_()
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.momentum = None  # cumulative average
-    model.train()
-    try:
-        with _autocast(config, device):
-            for batch in loader:
-                model(batch["image"].to(device, non_blocking=True), batch["site"].to(device, non_blocking=True))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-
-
-def _selection_metric(val: dict[str, dict[str, float]]) -> float:
-    """Mean validation AUC over sites (mean accuracy if no site's AUC is defined)."""
-    aucs = [m["auc"] for m in val.values() if not math.isnan(m["auc"])]
-    if aucs:
-        return float(np.mean(aucs))
-    return float(np.mean([m["accuracy"] for m in val.values()]))
-
-
-def json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-_NORM_TEXT = {"train": "pixel mean / std of the run's training part", "fixed": "fixed constants (crosssite 0.1)"}
-_FRAME_TEXT = {
-    "resize": "whole slice resized to a square",
-    "pad": "whole slice padded to a square (median border grey), then resized",
-    "crop": "short side to image_size, central square",
-}
-
-
-def model_card(
-    config: TrainConfig, site_names: list[str], method: str, metrics: dict[str, Any], data: RunData
-) -> dict[str, Any]:
-    """The card saved beside a trained model: what `crosssite evaluate` / `predict` / `export` need to use it
-    (sites, classes, preprocessing with the run's own normalisation, threshold) and how it was made
-    (configuration, method, selection metrics)."""
-    return {
-        "site_names": list(site_names),
-        "class_names": list(CLASS_NAMES),
-        "preprocessing": {"image_size": config.image_size, "frame": config.frame, "mean": list(data.mean),
-                          "std": list(data.std), "normalisation": _NORM_TEXT[config.input_norm],
-                          "eval_resize": _FRAME_TEXT[config.frame]},
-        "train_config": config.to_dict(),
-        "method": method,
-        "threshold": 0.5,
-        "metrics": json_safe(metrics),
-    }
-
-
-def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["site", "path", "frame", "patient", "label", "p_covid", "part"],
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        frame = "" if row["frame"] is None else row["frame"]
-        patient = "" if row.get("patient") is None else row["patient"]
-        writer.writerow({**row, "frame": frame, "patient": patient, "p_covid": repr(float(row["p_covid"]))})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -354,7 +110,7 @@ def train(
         progress: show a progress bar (only on a terminal) and print one line per epoch.
     """
     sites = load_sites(sites)
-    with distributed.process_group(resolve_device(config)):
+    with distributed.process_group(resolve_device(config.device)):
         return _train_sites(config, sites, Path(out_dir), resume, progress)
 
 
@@ -365,7 +121,7 @@ def _train_sites(config: TrainConfig, sites: list[Site], out_dir: Path, resume: 
     distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     is_main = distributed.world()[0] == 0
     if is_main:
-        write_json(out_dir / "sites.json", {"sites": [site_spec(site) for site in sites]})
+        write_sites(out_dir, sites)
     if not method.per_site:
         return _train_run(config, sites, out_dir, resume, progress)
     if is_main:
@@ -379,56 +135,10 @@ def _train_sites(config: TrainConfig, sites: list[Site], out_dir: Path, resume: 
             print(f"[{config.method}] site {site.name}: batch {site_config.batch_per_site}, "
                   f"{site_config.steps_per_epoch} steps per epoch")
         per_site[site.name] = _train_run(site_config, [site], out_dir / site.name, resume, progress)
-    merged = _merge_single(config, per_site)
+    merged = merge_site_runs(config, per_site)
     if is_main:
-        write_json(out_dir / "metrics.json", merged)
+        write_json(out_dir / METRICS, merged)
     return merged
-
-
-def site_spec(site: Site) -> dict[str, str | None]:
-    """``{"name", "path", "layout"}`` from which `crosssite.data.load_site` reloads ``site`` (``sites.json``)."""
-    if site.layout == "synthetic":
-        options = ",".join(f"{k}={v}" for k, v in sorted(site.params.items()))
-        return {"name": site.name, "path": f"synthetic:{options}", "layout": "synthetic"}
-    return {"name": site.name, "path": str(site.root), "layout": site.layout}
-
-
-def load_site_specs(out_dir: str | Path) -> list[Site]:
-    """The sites a run in ``out_dir`` was trained on, reloaded from its ``sites.json``."""
-    path = Path(out_dir) / "sites.json"
-    if not path.is_file():
-        raise TrainingError(f"{path}: not found; give the sites with --site")
-    entries = json.loads(path.read_text())["sites"]
-    return load_sites([(e["name"], e["path"], e["layout"]) for e in entries])
-
-
-def _merge_single(config: TrainConfig, per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    sites = {name: run["sites"][name] for name, run in per_site.items()}
-    return {
-        **_run_header(config),
-        "steps": sum(run["steps"] for run in per_site.values()),
-        "collapsed": any(run.get("collapsed", False) for run in per_site.values()),
-        "val_mean_auc": _nanmean([s["val"]["auc"] for s in sites.values()]),
-        "test_mean_auc": _nanmean([s["test"]["auc"] for s in sites.values()]),
-        "sites": sites,
-    }
-
-
-def _nanmean(values: list[float | None]) -> float:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def _run_header(config: TrainConfig) -> dict[str, Any]:
-    return {
-        "method": config.method,
-        "backbone": config.backbone,
-        "protocol": config.protocol,
-        "fold": config.fold,
-        "folds": config.folds,
-        "seed": config.seed,
-        "epochs": config.epochs,
-    }
 
 
 def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bool, progress: bool) -> dict[str, Any]:
@@ -441,12 +151,12 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
         if not resume:
             raise TrainingError(f"{out_dir}: already holds a run (checkpoints/last.pt); resume it or use a new folder")
         saved = load_checkpoint(ckpt_path)
-        config = _resumed_config(config, saved["config"], ckpt_path)
-        if saved["state"]["finished"] and (out_dir / "metrics.json").is_file():
-            return json.loads((out_dir / "metrics.json").read_text())
+        config = resumed_config(config, saved["config"], ckpt_path)
+        if saved["state"]["finished"] and (out_dir / METRICS).is_file():
+            return json.loads((out_dir / METRICS).read_text())
 
     method = METHODS[config.method]
-    device = distributed.local_device(resolve_device(config))
+    device = distributed.local_device(resolve_device(config.device))
     _seed_everything(config.seed)
     data = build_run_data(
         config, sites, out_dir / "split.json", reuse_split=saved is not None, rank=rank, world_size=world_size,
@@ -533,16 +243,13 @@ class _Loop:
         s, c = self.state, self.config
         bar = ProgressBar(self.total_steps, s.global_step, enabled=self.progress and self.is_main,
                           description=f"{c.method} {'/'.join(self.site_names)}")
-        sampler = self.data.train.batch_sampler
         self.tensorboard = TensorBoard(self.out_dir / "tb", enabled=self.is_main)
         try:
             for epoch in range(s.epoch, c.epochs):
-                sampler.set_epoch(epoch)
-                sampler.start_step = s.step_in_epoch
                 self.model.train()
                 tick = time.perf_counter()
-                for batch in self.data.train:
-                    values = self.step(batch, epoch)
+                steps = epoch_steps(self.data.train, epoch, s.step_in_epoch, lambda batch, _: self.step(batch, epoch))
+                for batch, values in steps:
                     s.global_step += 1
                     s.step_in_epoch += 1
                     for k, v in values.items():
@@ -571,18 +278,12 @@ class _Loop:
             self.check_finite(epoch)
             if self.data.recalibration is not None:
                 recalibrate_bn(self.model, self.data.recalibration, self.device, c)
-            val, rows = evaluate(self.model, self.data, "val", self.device, c)
-            metric = _selection_metric(val)
-            spread = prediction_spread(rows, self.site_names)
-            row |= {f"val_auc_{name}": m["auc"] for name, m in val.items()}
-            row |= {"val_auc_mean": _nanmean([m["auc"] for m in val.values()]), "val_selection": metric}
-            row |= {f"val_p_std_{name}": std for name, std in spread.items()}
-            # The first epoch may still sit at the prior; from the second on, a flat output is a collapse.
-            collapsed = collapsed_sites(spread, c.collapse_std) if epoch > 0 or c.epochs == 1 else []
-            row["collapsed"] = int(bool(collapsed))
-            if collapsed:
-                bar.print(f"warning: collapsed predictions at epoch {epoch + 1}: the std of P(COVID) over the "
-                          f"validation part of {', '.join(collapsed)} is below {c.collapse_std:g}")
+            val, scores = validate_epoch(self.model, self.data, self.device, c, epoch)
+            row |= scores
+            if row["collapsed"]:
+                bar.print(f"warning: collapsed predictions at epoch {epoch + 1}: the std of P(COVID) over a "
+                          f"validation part is below {c.collapse_std:g}")
+            metric = scores["val_selection"]
             if metric > s.best_metric:
                 s.best_metric, s.best_epoch = metric, epoch + 1
                 if self.is_main:
@@ -634,38 +335,15 @@ class _Loop:
             best = best.to(memory_format=torch.channels_last)
         val, val_rows = evaluate(best, self.data, "val", self.device, self.config)
         test, test_rows = evaluate(best, self.data, "test", self.device, self.config)
-        spread = prediction_spread(val_rows, self.site_names)
-        collapsed = collapsed_sites(spread, self.config.collapse_std)
-        if collapsed and self.progress:
-            print(f"warning: the best model's predictions have collapsed on {', '.join(collapsed)} (std of "
-                  f"P(COVID) over validation below {self.config.collapse_std:g}); its metrics are not a result")
+        metrics = run_metrics(self.config, self.data, val, test, val_rows, self.state)
+        if metrics["collapsed"] and self.progress:
+            print(f"warning: the best model's predictions have collapsed (std of P(COVID) over a validation part "
+                  f"below {self.config.collapse_std:g}); its metrics are not a result")
         s = self.state
-        metrics = {
-            **_run_header(self.config),
-            "steps": s.global_step,
-            "best_epoch": s.best_epoch,
-            "collapsed": bool(collapsed),
-            "normalisation": {"mean": list(self.data.mean), "std": list(self.data.std)},
-            "val_mean_auc": _nanmean([m["auc"] for m in val.values()]),
-            "test_mean_auc": _nanmean([m["auc"] for m in test.values()]),
-            "sites": {
-                site.name: {
-                    "n_train": int(len(split.train)),
-                    "n_val": int(len(split.val)),
-                    "n_test": int(len(split.test)),
-                    "best_epoch": s.best_epoch,
-                    "val_p_std": spread[site.name],
-                    "collapsed": site.name in collapsed,
-                    "val": val[site.name],
-                    "test": test[site.name],
-                }
-                for site, split in zip(self.data.sites, self.data.splits)
-            },
-        }
         metrics = json_safe(metrics)
         if self.is_main:
-            write_predictions(self.out_dir / "predictions.csv", val_rows + test_rows)
-            write_json(self.out_dir / "metrics.json", metrics)
+            write_predictions(self.out_dir / PREDICTIONS, val_rows + test_rows)
+            write_json(self.out_dir / METRICS, metrics)
             s.finished = True
             self.save_checkpoint()
         return metrics

@@ -1,0 +1,209 @@
+"""The files of a run directory, written and read in one place (training, federated clients, evaluate,
+experiment and report all go through here).
+
+    config.yaml           the resolved configuration (`crosssite.training.config.save_config`)
+    sites.json            the sites as given (name, path, layout), so `--resume` needs no --site
+    split.json            per site the train / val / test indices and files (crosssite.data.Split)
+    log.csv               one row per epoch (`crosssite.training.progress.write_log_csv`)
+    checkpoints/last.pt   the full training state (`crosssite.training.checkpoint`)
+    model.safetensors     the best model and model.json, its card (`model_card`)
+    metrics.json          validation and test metrics of the best model, per site
+    predictions.csv       the best model's P(COVID) for every validation and test slice
+    skipped.json          unreadable files left out (only with `skip_bad`)
+
+A `single` run holds one such directory per site (``RUN/<site>/``); `read_predictions` reads them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from crosssite.data import CLASS_NAMES, Site, Split, load_sites
+from crosssite.errors import ConfigError, CrossSiteError
+from crosssite.training.checkpoint import atomic_write_text
+
+if TYPE_CHECKING:
+    from crosssite.training.config import TrainConfig
+    from crosssite.training.data import RunData
+
+__all__ = [
+    "CONFIG", "SITES", "SPLIT", "LOG", "CHECKPOINT", "MODEL_STEM", "METRICS", "PREDICTIONS", "SKIPPED",
+    "RunDirError", "Prediction", "json_safe", "write_json", "read_json", "site_spec", "write_sites", "read_sites",
+    "save_splits", "load_splits", "split_files", "write_run_files", "model_card", "write_predictions",
+    "read_predictions",
+]
+
+CONFIG = "config.yaml"
+SITES = "sites.json"
+SPLIT = "split.json"
+LOG = "log.csv"
+CHECKPOINT = Path("checkpoints") / "last.pt"
+MODEL_STEM = "model"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.csv"
+SKIPPED = "skipped.json"
+PREDICTION_COLUMNS = ["site", "path", "frame", "patient", "label", "p_covid", "part"]
+
+
+class RunDirError(CrossSiteError):
+    """A run directory whose files are missing or unreadable."""
+
+
+class Prediction(NamedTuple):
+    """One row of ``predictions.csv``."""
+
+    site: str
+    path: Path
+    frame: int | None
+    patient: str | None
+    label: int
+    p_covid: float
+    part: str
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON null), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; a missing or corrupt file is a `RunDirError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``predictions.csv``: one row per slice (site, path, frame, patient, label, P(COVID) at full precision,
+    part)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, PREDICTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        frame = "" if row["frame"] is None else row["frame"]
+        patient = "" if row.get("patient") is None else row["patient"]
+        writer.writerow({**row, "frame": frame, "patient": patient, "p_covid": repr(float(row["p_covid"]))})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_predictions(run_dir: Path, part: str | None = None) -> list[Prediction]:
+    """Every row of the run's ``predictions.csv`` files (one per site for `single`), of ``part`` if given."""
+    out = []
+    for path in sorted(Path(run_dir).rglob(PREDICTIONS)):
+        with open(path, newline="", encoding="utf-8") as fh:
+            for number, rec in enumerate(csv.DictReader(fh), 2):
+                if part is not None and rec.get("part", "test") != part:
+                    continue
+                try:
+                    out.append(Prediction(rec["site"], Path(rec["path"]), int(rec["frame"]) if rec.get("frame") else None,
+                                          rec.get("patient") or None, int(rec["label"]), float(rec["p_covid"]),
+                                          rec.get("part", "test")))
+                except (KeyError, ValueError) as e:
+                    raise RunDirError(f"{path}:{number}: needs site, path, frame, label and p_covid ({e})") from None
+    return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as indented JSON (non-finite floats as null), atomically."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2) + "\n")
+
+
+def site_spec(site: Site) -> dict[str, str | None]:
+    """``{"name", "path", "layout"}`` from which `crosssite.data.load_site` reloads ``site`` (``sites.json``)."""
+    if site.layout == "synthetic":
+        options = ",".join(f"{k}={v}" for k, v in sorted(site.params.items()))
+        return {"name": site.name, "path": f"synthetic:{options}", "layout": "synthetic"}
+    return {"name": site.name, "path": str(site.root), "layout": site.layout}
+
+
+def write_sites(out_dir: Path, sites: list[Site]) -> None:
+    """``sites.json``: how to reload every site of the run."""
+    write_json(Path(out_dir) / SITES, {"sites": [site_spec(site) for site in sites]})
+
+
+def read_sites(out_dir: str | Path) -> list[Site]:
+    """The sites a run in ``out_dir`` was trained on, reloaded from its ``sites.json``."""
+    path = Path(out_dir) / SITES
+    if not path.is_file():
+        raise RunDirError(f"{path}: not found; give the sites with --site")
+    entries = read_json(path)["sites"]
+    return load_sites([(e["name"], e["path"], e["layout"]) for e in entries])
+
+
+def save_splits(path: Path, sites: list[Site], splits: list[Split]) -> None:
+    """``split.json``: per site (by name) the indices, paths and frames of each part."""
+    data = {"sites": [split.to_json(site) for site, split in zip(sites, splits)]}
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def load_splits(path: Path, sites: list[Site]) -> list[Split]:
+    """Splits saved by `save_splits`, checked against the sites' current files."""
+    by_name = {entry["site"]: entry for entry in read_json(path)["sites"]}
+    missing = [s.name for s in sites if s.name not in by_name]
+    if missing or len(by_name) != len(sites):
+        raise ConfigError(f"{path}: saved sites {sorted(by_name)} do not match the given sites "
+                          f"{[s.name for s in sites]}")
+    return [Split.from_json(by_name[site.name], site) for site in sites]
+
+
+def split_files(run_dir: Path, site: str, part: str) -> list[tuple[str, int | None]]:
+    """(path, frame) of every file of ``site``'s ``part`` in the run's ``split.json``."""
+    path = Path(run_dir) / SPLIT
+    try:
+        entries = {e["site"]: e for e in read_json(path)["sites"]}
+        files = entries[site][part]
+        return list(zip(files["paths"], files.get("frames") or [None] * len(files["paths"])))
+    except (KeyError, TypeError) as e:
+        raise RunDirError(f"{path}: no readable {part} part for site {site!r} ({e})") from None
+
+
+def write_run_files(out_dir: Path, data: RunData, *, new_split: bool, prefix: str = "") -> None:
+    """Write ``split.json`` when the split was just made, and ``skipped.json`` (saying so on stdout, each line
+    starting with ``prefix``) when unreadable files were left out of the run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if new_split:
+        save_splits(out_dir / SPLIT, data.sites, data.splits)
+    if data.cache.skipped:
+        count = data.cache.write_skipped(out_dir / SKIPPED)
+        print(f"{prefix}skipped {count} unreadable file(s), listed in {out_dir / SKIPPED}")
+
+
+_NORM_TEXT = {"train": "pixel mean / std of the run's training part", "fixed": "fixed constants (crosssite 0.1)"}
+_FRAME_TEXT = {
+    "resize": "whole slice resized to a square",
+    "pad": "whole slice padded to a square (median border grey), then resized",
+    "crop": "short side to image_size, central square",
+}
+
+
+def model_card(
+    config: TrainConfig, site_names: list[str], method: str, metrics: dict[str, Any], data: RunData
+) -> dict[str, Any]:
+    """The card saved beside a trained model: what `crosssite evaluate` / `predict` / `export` need to use it
+    (sites, classes, preprocessing with the run's own normalisation, threshold) and how it was made
+    (configuration, method, selection metrics)."""
+    return {
+        "site_names": list(site_names),
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": {"image_size": config.image_size, "frame": config.frame, "mean": list(data.mean),
+                          "std": list(data.std), "normalisation": _NORM_TEXT[config.input_norm],
+                          "eval_resize": _FRAME_TEXT[config.frame]},
+        "train_config": config.to_dict(),
+        "method": method,
+        "threshold": 0.5,
+        "metrics": json_safe(metrics),
+    }

@@ -1,0 +1,107 @@
+"""One optimiser step, and the learning rate of each step: what every trainer (central, data-parallel,
+federated client) runs.
+
+The learning rate is a pure function of the global step (`crosssite.training.schedule`), so resuming needs only
+the step count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from crosssite import models
+from crosssite.errors import ConfigError
+from crosssite.training import distributed
+from crosssite.training.config import TrainConfig
+from crosssite.training.methods import Method, compute_loss
+from crosssite.training.schedule import lr_at
+
+__all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device"]
+
+
+def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``epochs`` epochs, in the backbone's schedule
+    (`crosssite.models.model_config`: step decay for `covidnet`, cosine for the redesign; `schedule.lr_at`)."""
+    kind = models.model_config(config.backbone).schedule
+    return lr_at(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr=config.lr, lr_min=config.lr_min,
+                 kind=kind, per=config.schedule_per)
+
+
+def train_step(
+    model: nn.Module,
+    forward: Callable[..., models.ModelOutput],
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Tensor],
+    method: Method,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    lr: float,
+    on_diverged: Callable[[str, dict[str, float]], None],
+    penalty: Callable[[], Tensor] | None = None,
+) -> dict[str, float]:
+    """One optimiser step on a mixed-site batch: forward, `compute_loss` (+ ``penalty()`` as ``prox``), backward,
+    gradient clipping, update. Returns the loss parts (and ``loss``) as floats, averaged over ranks.
+
+    ``forward`` is ``model`` or its DDP / compiled wrapper. ``on_diverged(what, values)`` is called (and must raise)
+    when the loss or the gradient norm is not finite, before the weights are touched.
+    """
+    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = batch["label"].to(device, non_blocking=True)  # (B,)
+    site = batch["site"].to(device, non_blocking=True)  # (B,)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(config, device), distributed.synchronised_norms(model):
+        out = forward(images, site)
+    total, parts = compute_loss(out, labels, method, config, gather=distributed.gather)
+    if penalty is not None:
+        parts["prox"] = penalty()
+        total = total + parts["prox"]
+    values = {"loss": float(total.detach())} | {k: float(v.detach()) for k, v in parts.items()}
+    values = distributed.mean_over_ranks(values)  # the global batch's losses, on every rank
+    if not math.isfinite(values["loss"]):
+        on_diverged("loss", values)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if config.grad_clip > 0:
+        norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        if not math.isfinite(norm):
+            on_diverged("gradient norm", values | {"grad_norm": norm})
+    optimizer.step()
+    return values
+
+
+def autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if config.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``name`` (``auto``: CUDA when available, else the CPU); a missing CUDA is a `ConfigError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def epoch_steps(
+    loader: Any, epoch: int, start_step: int, step: Callable[[dict[str, Tensor], int], dict[str, float]]
+) -> Iterator[tuple[dict[str, Tensor], dict[str, float]]]:
+    """One epoch of optimiser steps: the loader's multi-site sampler set to ``epoch`` and resumed at
+    ``start_step``; ``step(batch, i)`` (``i``: the step's index in the epoch) runs each step, and every batch is
+    yielded with the loss values it returned. Central training and each federated client run their epochs here."""
+    sampler = loader.batch_sampler
+    sampler.set_epoch(epoch)
+    sampler.start_step = start_step
+    for i, batch in enumerate(loader, start_step):
+        yield batch, step(batch, i)
