@@ -29,3 +29,15 @@ class ConfigError(CrossSiteError):
 
 class CheckpointError(CrossSiteError):
     """A model or checkpoint file that is corrupt, truncated, or from an incompatible version."""
+
+
+class OutputError(CrossSiteError):
+    """An output that cannot be written: not a directory, permission, read-only file system, full disk, quota.
+
+    Raised by `crosssite.ioutil.guard_output` from the `OSError` of the failed write; the message names the path,
+    what was being written, the cause, and what to do.
+    """
+
+    def __init__(self, path: object, what: str, reason: str, hint: str) -> None:
+        self.path, self.what, self.reason, self.hint = path, what, reason, hint
+        super().__init__(f"{path}: cannot write {what}: {reason}; {hint}")

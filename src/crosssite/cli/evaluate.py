@@ -120,11 +120,12 @@ def _print(results: list[dict[str, Any]]) -> None:
 
 
 def _save(out: Path, report: dict[str, Any], results: list[Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    from crosssite.ioutil import atomic_write_text
+
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=1) + "\n", "evaluation metrics")
     for r, row in zip(results, report["results"]):
         stem = f"confusion_{row['model']}_{r.site}_{r.strategy}".replace(":", "-").replace("/", "-")
-        (out / f"{stem}.csv").write_text(r.confusion.to_csv())
+        atomic_write_text(out / f"{stem}.csv", r.confusion.to_csv(), "confusion matrix")
 
 
 @app.command()

@@ -31,10 +31,12 @@ from crosssite.data.io import LUNG_WINDOW, READER_VERSION, read_image
 from crosssite.data.sites import Sample
 from crosssite.data.transforms import resize_short_side
 from crosssite.errors import ImageReadError
+from crosssite.ioutil import guard_output
 
 __all__ = ["cache_root", "file_sha1", "SliceCache"]
 
 _CHUNK = 64  # slices decoded per batch of thread-pool work
+CACHE_WHAT = "the decode cache (or set CROSSSITE_CACHE to a folder with space)"
 
 
 def cache_root() -> Path:
@@ -122,12 +124,14 @@ class SliceCache:
         self.short_side = short_side
         self.window = window
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "slices"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads or min(4, os.cpu_count() or 1)
         self.skipped: list[tuple[Sample, str]] = []
         self._maps: dict[str, np.memmap] = {}
         self._index = {s: i for i, s in enumerate(self.samples)}
-        self._build(skip_bad, progress)
+        # Inputs that fail are ImageReadErrors; an OSError here is the cache's own folder (full, read-only...).
+        with guard_output(self.cache_dir, CACHE_WHAT):
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._build(skip_bad, progress)
 
     # ------------------------------------------------------------------------------------------ build
 

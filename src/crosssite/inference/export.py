@@ -43,6 +43,7 @@ from torch import nn
 
 import crosssite
 from crosssite.errors import CheckpointError, ImageReadError
+from crosssite.ioutil import atomic_write
 from crosssite.inference.inputs import collect_inputs
 from crosssite.inference.predictor import MEAN_OF_SITES, SHARED, InferenceError, Preprocess, has_site_modules
 from crosssite.inference.predictor import load_slice, resolve_site, site_names_of
@@ -141,17 +142,6 @@ def export_onnx(
     norm = SHARED if not has_site_modules(model) else (site if site is not None else MEAN_OF_SITES)
     wrapper = _FixedSite(exportable(model), index).eval()
     example = torch.zeros(2, 3, pre.image_size, pre.image_size)
-    onnx_path = Path(onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(
-            wrapper, (example,), str(onnx_path), dynamo=False, opset_version=opset,
-            input_names=["image"], output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-        )
     meta = {
         "export_format": EXPORT_FORMAT,
         "package_version": crosssite.__version__,
@@ -163,8 +153,20 @@ def export_onnx(
         "site_names": site_names_of(card),
         "source_model": str(model_path),
     }
-    _write_metadata(onnx_path, meta)
-    return onnx_path
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(
+                wrapper, (example,), tmp, dynamo=False, opset_version=opset,
+                input_names=["image"], output_names=["probabilities"],
+                dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            )
+        _write_metadata(Path(tmp), meta)
+
+    return atomic_write(onnx_path, write, "ONNX export")  # a failed export leaves no partial file
 
 
 def _write_metadata(onnx_path: Path, meta: dict[str, Any]) -> None:

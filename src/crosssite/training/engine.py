@@ -71,6 +71,7 @@ from crosssite.training.config import TrainConfig, save_config
 from crosssite.training.data import RunData, build_run_data, write_run_files
 from crosssite.training.methods import METHODS, Method, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
+from crosssite.training.rundir import undo_failed_start
 from crosssite.training.schedule import lr_at
 
 __all__ = ["TrainingError", "TrainingDiverged", "train", "train_step", "learning_rate", "compute_loss", "evaluate", "recalibrate_bn",
@@ -345,7 +346,7 @@ def train(
         progress: show a progress bar (only on a terminal) and print one line per epoch.
     """
     sites = load_sites(sites)
-    with distributed.process_group(resolve_device(config)):
+    with distributed.process_group(resolve_device(config)), undo_failed_start(out_dir):
         return _train_sites(config, sites, Path(out_dir), resume, progress)
 
 
