@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crosssite.data.io import LUNG_WINDOW, READER_VERSION, read_image
+from crosssite.data.io import LUNG_WINDOW, READER_VERSION, check_image_size, read_image
 from crosssite.data.sites import Sample
 from crosssite.data.transforms import resize_short_side
 from crosssite.errors import ImageReadError
@@ -181,7 +181,8 @@ class SliceCache:
         self._shapes = np.array([(h, w) for _, _, h, w in loc], dtype=np.int64).reshape(-1, 2)
 
     def _decode(self, sample: Sample) -> np.ndarray:
-        return resize_short_side(read_image(sample.path, sample.frame, self.window), self.short_side)
+        image = check_image_size(sample.path, read_image(sample.path, sample.frame, self.window))
+        return resize_short_side(image, self.short_side)
 
     def _write_pack(
         self, missing: dict[str, Sample], skip_bad: bool, progress: bool
