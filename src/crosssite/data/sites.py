@@ -218,6 +218,20 @@ def detect_layout(path: Path) -> str:
 # --------------------------------------------------------------------------------------------- layouts
 
 
+def _ignored(name: str) -> bool:
+    """Hidden and system entries (``.DS_Store``, ``._x.png``, ``.git/``, ``Thumbs.db``) are skipped on purpose."""
+    return name.startswith(".") or name.lower() in _IGNORED_FILES
+
+
+def ignored_files(folder: Path | str) -> list[Path]:
+    """The hidden and system files and folders below ``folder`` that site loading skips on purpose."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        found += [Path(root) / n for n in sorted([*dirs, *names]) if _ignored(n)]
+        dirs[:] = [d for d in dirs if not _ignored(d)]
+    return found
+
+
 def _image_files(folder: Path) -> list[Path]:
     """Image files below ``folder`` (recursively, sorted); an unsupported file is an error naming it."""
     from crosssite.data.io import is_supported_file
@@ -226,7 +240,7 @@ def _image_files(folder: Path) -> list[Path]:
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
-            if name.startswith(".") or name.lower() in _IGNORED_FILES:
+            if _ignored(name):
                 continue
             path = Path(root) / name
             if not is_supported_file(path):
