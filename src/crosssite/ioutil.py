@@ -92,7 +92,7 @@ def atomic_write(path: os.PathLike | str, write: Callable[[str], None], what: st
     """
     path = Path(path)
     with guard_output(path, what):
-        ensure_dir(path.parent)
+        ensure_dir(path.parent, f"the folder of the {what} {path.name}")
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would

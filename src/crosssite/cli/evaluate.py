@@ -22,6 +22,7 @@ import typer
 
 from crosssite.cli.app import app, fail
 from crosssite.errors import CheckpointError, CrossSiteError
+from crosssite.ioutil import ensure_dir
 
 
 
@@ -154,6 +155,8 @@ def evaluate(
     try:
         if not site and not external:
             raise CrossSiteError("give at least one --site or --external")
+        if out is not None:
+            ensure_dir(out, "the --out folder")  # before any work: a bad output path fails at once
         models = _load_models(source, device)
         known_sites = [load_site(s) for s in site or []]
         external_sites = [load_site(s) for s in external or []]
