@@ -201,6 +201,19 @@ def test_train_out_without_write_permission(tmp_path: Path) -> None:
     assert list(locked.iterdir()) == []
 
 
+def test_train_out_in_an_immutable_directory(tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode:
+        pytest.skip("cannot make a directory immutable here (no chattr, or the file system lacks the attribute)")
+    try:
+        status, output = cli("train", *SITES, *TINY, "--out", frozen / "run")
+        assert "not permitted" in assert_named_error(status, output, frozen / "run")
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)], check=True)
+    assert list(frozen.iterdir()) == []
+
+
 def test_train_on_a_full_disk_names_the_file_and_resumes(tmp_path: Path) -> None:
     """A 1 MB file-size limit: the run stops at the first file larger than that (the 2.7 MB checkpoint), leaves
     no partial file, and ``--resume`` without the limit finishes the run."""
