@@ -368,6 +368,8 @@ def test_tiny_image_refused_in_training_and_warned_in_predict(tmp_path: Path, mo
     Image.fromarray(np.full((1, 1), 90, np.uint8)).save(files[0])
     status, output = cli("train", *SITES[:2], "--site", spec, *TINY, "--out", tmp_path / "run")
     assert f"minimum of {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}" in assert_named_error(status, output, files[0], "1 x 1")
+    status, output = cli("data", "check", spec, "--json")
+    assert status == 1 and str(files[0]) in output and "image of 1 x 1 pixels" in output
 
 
 def test_non_ct_dicom_is_predicted_only_with_a_warning(tmp_path: Path, model_file: Path) -> None:

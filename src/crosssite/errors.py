@@ -38,6 +38,7 @@ class OutputError(CrossSiteError):
     what was being written, the cause, and what to do.
     """
 
-    def __init__(self, path: object, what: str, reason: str, hint: str) -> None:
+    def __init__(self, path: object | None, what: str, reason: str, hint: str) -> None:
         self.path, self.what, self.reason, self.hint = path, what, reason, hint
-        super().__init__(f"{path}: cannot write {what}: {reason}; {hint}")
+        where = "" if path is None else f"{path}: "
+        super().__init__(f"{where}cannot write {what}: {reason}; {hint}")

@@ -55,7 +55,7 @@ def output_error(error: OSError, path: object | None = None, what: str = "output
     where = error.filename if path is None else path
     if path is not None and error.filename is not None and str(error.filename) != str(path):
         reason = f"{reason} ({error.filename})"
-    return OutputError(where if where is not None else "(unknown path)", what, reason, hint)
+    return OutputError(where, what, reason, hint)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from crosssite.data.io import ImageInfo, inspect_image
+from crosssite.data.io import MIN_IMAGE_SIDE, ImageInfo, inspect_image, too_small
 from crosssite.data.sites import Sample, Site
 from crosssite.errors import ImageReadError
 
@@ -33,9 +33,12 @@ def sample_name(sample: Sample) -> str:
 
 def _inspect(sample: Sample) -> ImageInfo | ImageReadError:
     try:
-        return inspect_image(sample.path, sample.frame)
+        info = inspect_image(sample.path, sample.frame)
     except ImageReadError as e:
         return e
+    if min(info.width, info.height) < MIN_IMAGE_SIDE:  # unreadable for training, so reported as such
+        return ImageReadError(sample.path, too_small(info.width, info.height))
+    return info
 
 
 def _site_report(site: Site, results: Sequence[ImageInfo | ImageReadError]) -> dict:

@@ -46,6 +46,7 @@ __all__ = [
     "inspect_image",
     "MIN_IMAGE_SIDE",
     "check_image_size",
+    "too_small",
     "input_warnings",
 ]
 
@@ -337,9 +338,14 @@ def check_image_size(path: Path | str, image: np.ndarray) -> np.ndarray:
     """``image`` itself, or `ImageReadError` naming ``path`` when a side is below `MIN_IMAGE_SIDE` pixels."""
     if min(image.shape) < MIN_IMAGE_SIDE:
         height, width = image.shape
-        raise ImageReadError(path, f"image of {width} x {height} pixels is below the minimum of {MIN_IMAGE_SIDE} x "
-                                   f"{MIN_IMAGE_SIDE} for a CT slice")
+        raise ImageReadError(path, too_small(width, height))
     return image
+
+
+def too_small(width: int, height: int) -> str:
+    """The reason given for an image below `MIN_IMAGE_SIDE`."""
+    minimum = f"{MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}"
+    return f"image of {width} x {height} pixels is below the minimum of {minimum} for a CT slice"
 
 
 def _dicom_header_warnings(ds) -> list[str]:
@@ -394,8 +400,7 @@ def input_warnings(path: Path | str) -> list[str]:
     except Exception:  # the read itself reports it
         return found
     if size is not None and 0 < min(size) < MIN_IMAGE_SIDE:
-        found.append(f"image of {size[0]} x {size[1]} pixels is below the minimum of {MIN_IMAGE_SIDE} x "
-                     f"{MIN_IMAGE_SIDE} for a CT slice")
+        found.append(too_small(*size))
     return found
 
 
