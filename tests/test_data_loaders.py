@@ -44,7 +44,7 @@ def test_short_side_for() -> None:
 
 def test_train_transform_is_a_crop_with_flips() -> None:
     image = np.random.default_rng(0).integers(0, 256, (37, 45), dtype=np.uint8)
-    transform = train_transform(32)
+    transform = train_transform(32, frame="crop")
     assert transform.short_side == 37
     seen_flips = set()
     for _ in range(12):
@@ -64,15 +64,54 @@ def test_train_transform_is_a_crop_with_flips() -> None:
     assert len(seen_flips) > 1
 
 
-def test_eval_transform_resizes_then_centres() -> None:
+def test_eval_transform_crop_frame_resizes_then_centres() -> None:
     image = np.random.default_rng(1).integers(0, 256, (256, 300), dtype=np.uint8)
-    out = eval_transform(224)(image)
+    out = eval_transform(224, frame="crop")(image)
     resized = resize_short_side(image, 224)
     left = (resized.shape[1] - 224) // 2
     np.testing.assert_array_equal(_denormalise(out), resized[:, left : left + 224])
-    crop_mode = eval_transform(224, mode="crop")(image)
-    np.testing.assert_array_equal(_denormalise(crop_mode), image[:224 + 16, 38 : 38 + 224][16:])
-    assert torch.equal(eval_transform(224)(image), out)  # deterministic
+    assert torch.equal(eval_transform(224, frame="crop")(image), out)  # deterministic
+
+
+def _marked_slice() -> np.ndarray:
+    """300 px wide, 200 px high, mid grey, with white markers in the leftmost and rightmost 8 columns."""
+    image = np.full((200, 300), 100, dtype=np.uint8)
+    image[:, :8] = 255
+    image[:, -8:] = 255
+    return image
+
+
+@pytest.mark.parametrize("frame", ["resize", "pad"])
+def test_whole_slice_frames_keep_both_lateral_edges(frame: str) -> None:
+    image = _marked_slice()
+    for size in (64, 224):
+        seen = _denormalise(eval_transform(size, frame=frame)(image))
+        assert seen.shape == (size, size)
+        rows = seen[size // 4 : 3 * size // 4]  # inside the slice (pad adds bands above and below)
+        assert rows[:, 0].min() > 200 and rows[:, -1].min() > 200, (frame, size)
+    # the central crop of crosssite 0.1 loses both markers
+    cropped = _denormalise(eval_transform(64, frame="crop")(image))
+    assert cropped.max() < 150
+
+
+def test_pad_frame_keeps_the_aspect_ratio() -> None:
+    image = _marked_slice()
+    seen = _denormalise(eval_transform(60, frame="pad")(image))
+    # 300 x 200 padded to 300 x 300 with the border's median (the markers are a minority of the border)
+    assert abs(int(seen[0, 30]) - 100) <= 1 and abs(int(seen[-1, 30]) - 100) <= 1
+    content = np.flatnonzero(seen[:, 0] > 200)
+    assert 35 <= len(content) <= 45  # 200 / 300 of 60 rows hold the slice
+
+
+def test_train_crops_lie_inside_the_whole_slice_frame() -> None:
+    image = _marked_slice()
+    transform = train_transform(56, frame="resize")  # frame 64 x 64, random 56 crop
+    hits = 0
+    for _ in range(20):
+        crop = _denormalise(transform(image))
+        assert crop.shape == (56, 56)
+        hits += int(crop[:, 0].min() > 200 or crop[:, -1].min() > 200)
+    assert hits > 0  # the lateral edge is reachable by training crops
 
 
 def test_normalisation_of_the_mean_grey_is_zero() -> None:

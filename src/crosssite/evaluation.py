@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -47,6 +47,7 @@ __all__ = [
     "bootstrap_ci",
     "paired_ttest",
     "collect_probabilities",
+    "patients_of",
     "SiteEvaluation",
     "evaluate_predictions",
     "norm_strategies",
@@ -190,6 +191,31 @@ def _resample_counts(codes: np.ndarray, n_values: int, n: int, rng: np.random.Ge
     return np.bincount(flat, minlength=n * n_values).reshape(n, n_values)
 
 
+def _cluster_counts(
+    y: np.ndarray, codes: np.ndarray, groups: np.ndarray, n_values: int, n: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Score-code counts of COVID and non-COVID slices in ``n`` resamples of whole groups (patients).
+
+    Groups are stratified by class (a group holding any COVID slice counts as COVID): each resample draws, with
+    replacement, as many groups of each stratum as there are, and takes every slice of every drawn group.
+    """
+    names, group_of = np.unique(groups, return_inverse=True)
+    per_group = np.zeros((2, len(names), n_values), dtype=np.int64)  # (class, group, score code)
+    np.add.at(per_group, (y, group_of, codes), 1)
+    covid_group = per_group[1].sum(1) > 0
+    strata = [np.flatnonzero(covid_group), np.flatnonzero(~covid_group)]
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2)]
+    chunk = max(1, _BOOTSTRAP_CELLS // max(len(names), n_values))
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        draws = np.zeros((size, len(names)), dtype=np.int64)  # (resample, group): times drawn
+        for members, rng in zip(strata, rngs):
+            if len(members):
+                picked = members[rng.integers(0, len(members), size=(size, len(members)))]
+                np.add.at(draws, (np.arange(size)[:, None], picked), 1)
+        yield draws @ per_group[1], draws @ per_group[0]
+
+
 def bootstrap_ci(
     y_true: object,
     p_covid: object,
@@ -197,17 +223,22 @@ def bootstrap_ci(
     alpha: float = 0.05,
     seed: int = 0,
     threshold: float = 0.5,
+    groups: object | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of every metric in `METRICS`.
 
     Resampling is stratified: each resample draws, with replacement, as many COVID and as many
     non-COVID cases as the data holds, so every resample keeps the class balance (and AUC stays defined).
+    With ``groups`` (one patient id per slice) the cases drawn are patients, each with all its slices (a
+    cluster bootstrap): slices of one patient are not independent, and resampling them as if they were gives
+    intervals that are too narrow.
 
     Args:
         y_true, p_covid, threshold: as in `binary_metrics`.
         n: number of resamples.
         alpha: 1 - coverage; 0.05 gives 95% intervals.
         seed: seed of the resampling generator.
+        groups: None (resample slices) or a patient id per slice (resample patients).
     Returns:
         `{metric: (low, high)}`; (nan, nan) where the metric is undefined on every resample.
     """
@@ -217,6 +248,13 @@ def bootstrap_ci(
         raise EvaluationError(f"alpha must lie in (0, 1), got {alpha}")
     y, p = _check_inputs(y_true, p_covid)
     values, codes = np.unique(p, return_inverse=True)
+    if groups is not None:
+        g = np.asarray(groups, dtype=object).astype(str)
+        if g.shape != y.shape:
+            raise EvaluationError(f"groups has {g.size} ids for {y.size} slices")
+        parts = [_metrics_from_counts(pos, neg, values >= threshold)
+                 for pos, neg in _cluster_counts(y, codes, g, len(values), n, seed)]
+        return _percentiles(parts, alpha)
     # one generator per class: the draws do not depend on how the resamples are chunked
     rng_pos, rng_neg = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     chunk = max(1, _BOOTSTRAP_CELLS // max(len(values), len(y)))  # resamples per pass, bounding memory
@@ -226,6 +264,10 @@ def bootstrap_ci(
         pos_counts = _resample_counts(codes[y == 1], len(values), size, rng_pos)
         neg_counts = _resample_counts(codes[y == 0], len(values), size, rng_neg)
         parts.append(_metrics_from_counts(pos_counts, neg_counts, values >= threshold))
+    return _percentiles(parts, alpha)
+
+
+def _percentiles(parts: list[dict[str, np.ndarray]], alpha: float) -> dict[str, tuple[float, float]]:
     resampled = {name: np.concatenate([part[name] for part in parts]) for name in METRICS}
     quantiles = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     out = {}
@@ -329,6 +371,7 @@ class SiteEvaluation:
     ci: dict[str, tuple[float, float]]
     confusion: ConfusionMatrix
     alpha: float = 0.05
+    resampled: str = "slices"  # what the bootstrap drew: "slices" or "patients"
 
     def to_dict(self) -> dict[str, Any]:
         def num(v: float) -> float | None:
@@ -344,6 +387,7 @@ class SiteEvaluation:
             "metrics": {k: num(v) for k, v in self.metrics.items()},
             "ci": {k: [num(lo), num(hi)] for k, (lo, hi) in self.ci.items()},
             "ci_level": 1 - self.alpha,
+            "ci_resampled": self.resampled,
             "confusion_matrix": self.confusion.to_dict(),
         }
 
@@ -359,12 +403,14 @@ def evaluate_predictions(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    patients: object | None = None,
 ) -> SiteEvaluation:
-    """Point metrics, bootstrap intervals and confusion matrix of one site's predictions."""
+    """Point metrics, bootstrap intervals (over ``patients`` where given, else slices) and confusion matrix of
+    one site's predictions."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # NaN metrics are reported as such
         metrics = binary_metrics(y_true, p_covid, threshold)
-        ci = bootstrap_ci(y_true, p_covid, n=n_boot, alpha=alpha, seed=seed, threshold=threshold)
+        ci = bootstrap_ci(y_true, p_covid, n=n_boot, alpha=alpha, seed=seed, threshold=threshold, groups=patients)
     return SiteEvaluation(
         site=site,
         strategy=strategy,
@@ -375,6 +421,7 @@ def evaluate_predictions(
         ci=ci,
         confusion=confusion_matrix(y_true, p_covid, threshold),
         alpha=alpha,
+        resampled="slices" if patients is None else "patients",
     )
 
 
@@ -396,6 +443,15 @@ def norm_strategies(model: torch.nn.Module, site_names: list[str]) -> list[tuple
     if any(isinstance(m, SiteBatchNorm) for m in model.modules()):
         out.append(("adabn", "AdaBN: statistics re-estimated on this site's images", None))
     return out
+
+
+def patients_of(loader: Iterable, probs: Probabilities) -> list[str] | None:
+    """Patient id of each collected slice, when ``loader``'s dataset has them for every slice (else None)."""
+    sites = getattr(getattr(loader, "dataset", None), "sites", None)
+    if not sites or not all(site.has_patients for site in sites):
+        return None
+    ids = [sites[s].samples[i].patient for s, i in zip(probs.site, probs.index)]
+    return None if any(pid is None for pid in ids) else [str(pid) for pid in ids]
 
 
 def evaluate_model(
@@ -431,7 +487,7 @@ def evaluate_model(
         results.append(
             evaluate_predictions(
                 name, probs.label, probs.p_covid, strategy="own", description="the site's own statistics",
-                threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed,
+                threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed, patients=patients_of(loader, probs),
             )  # fmt: skip
         )
     for name, loader in (external or {}).items():
@@ -446,7 +502,7 @@ def evaluate_model(
             results.append(
                 evaluate_predictions(
                     name, probs.label, probs.p_covid, strategy=key, description=description,
-                    threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed,
+                    threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed, patients=patients_of(loader, probs),
                 )  # fmt: skip
             )
     return results

@@ -136,16 +136,21 @@ def machine_info() -> dict[str, Any]:
 
 
 def _test_predictions(run_dir: Path) -> dict[str, dict[str, list]]:
-    """Per site, the labels and P(COVID) of the test part, read from the run's predictions.csv files."""
+    """Per site, the labels and P(COVID) of the test part (and the patient ids, where the site has them for
+    every slice), read from the run's predictions.csv files."""
     out: dict[str, dict[str, list]] = {}
     for path in sorted(run_dir.rglob("predictions.csv")):
         with open(path, newline="", encoding="utf-8") as fh:
             for rec in csv.DictReader(fh):
                 if rec.get("part", "test") != "test":
                     continue
-                site = out.setdefault(rec["site"], {"y_true": [], "p_covid": []})
+                site = out.setdefault(rec["site"], {"y_true": [], "p_covid": [], "patients": []})
                 site["y_true"].append(int(rec["label"]))
                 site["p_covid"].append(float(rec["p_covid"]))
+                site["patients"].append(rec.get("patient") or None)
+    for site in out.values():
+        if any(p is None for p in site["patients"]):
+            del site["patients"]
     return out
 
 
@@ -211,6 +216,7 @@ def run_experiment(
                 "site_order": [s.name for s in sites],
                 "site_info": {s.name: {"layout": s.layout, "has_patients": s.has_patients} for s in sites},
                 "val": {name: _numbers(m["val"]) for name, m in metrics["sites"].items()},
+                "collapsed": bool(metrics.get("collapsed", False)),
                 "resumed": resumed,
                 "config": asdict(config),
                 "git_commit": git_commit(),

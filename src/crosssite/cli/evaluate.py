@@ -75,12 +75,16 @@ def _test_indices(run_dir: Path, site: Any) -> np.ndarray:
     return np.array([where[(p, f)] for p, f in files], dtype=np.int64)
 
 
-def _loader(site: Any, indices: np.ndarray | None, image_size: int, batch_size: int, workers: int) -> Any:
+def _loader(site: Any, indices: np.ndarray | None, card: dict[str, Any], batch_size: int, workers: int) -> Any:
+    """Batches of ``site`` preprocessed as the model card says (frame, image size, the training part's mean/std)."""
     from crosssite.data import build_cache, eval_loader
+    from crosssite.inference import Preprocess
 
+    pre = Preprocess.from_card(card)
     ix = [indices]
-    cache = build_cache([site], ix, image_size)
-    return eval_loader([site], ix, cache, image_size, batch_size=batch_size, workers=workers)
+    cache = build_cache([site], ix, pre.image_size, frame=pre.frame)
+    return eval_loader([site], ix, cache, pre.image_size, batch_size=batch_size, workers=workers,
+                       transform=pre.transform)
 
 
 def _fmt(v: float | None) -> str:
@@ -169,7 +173,6 @@ def evaluate(
                     f"({', '.join(n for m in models for n in m.site_names)}); pass it with --external"
                 )
         for m in models:
-            image_size = int((m.card.get("preprocessing") or {}).get("image_size", 224))
             mine = [s for s in known_sites if s.name in m.site_names]
             if not mine and not external_sites:
                 continue
@@ -177,8 +180,8 @@ def evaluate(
             def indices(s: Any, m: _Model = m) -> np.ndarray | None:
                 return None if all_images or m.run_dir is None else _test_indices(m.run_dir, s)
 
-            known = {s.name: _loader(s, indices(s), image_size, batch_size, workers) for s in mine}
-            ext = {s.name: _loader(s, None, image_size, batch_size, workers) for s in external_sites}
+            known = {s.name: _loader(s, indices(s), m.card, batch_size, workers) for s in mine}
+            ext = {s.name: _loader(s, None, m.card, batch_size, workers) for s in external_sites}
             label = m.run_dir.name if m.run_dir is not None else source.stem
             for r in evaluate_model(
                 m.model, m.site_names, known, ext, device=device, threshold=float(m.card.get("threshold", 0.5)),

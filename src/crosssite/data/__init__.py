@@ -42,19 +42,23 @@ from crosssite.data.sites import (
 from crosssite.data.splits import Split, make_folds, official_split, split_fold
 from crosssite.data.synthetic import SyntheticParams, synthetic_site
 from crosssite.data.transforms import (
+    DEFAULT_FRAME,
     DEFAULT_MEAN,
     DEFAULT_STD,
+    FRAMES,
     EvalTransform,
     Normalise,
     TrainTransform,
     eval_transform,
     resize_short_side,
+    frame_slice,
+    preprocessing_transform,
     short_side_for,
     train_transform,
 )
 
 __all__ = [
-    "CLASS_ALIASES", "CLASS_NAMES", "DEFAULT_MEAN", "DEFAULT_STD", "LAYOUTS", "LUNG_WINDOW",
+    "CLASS_ALIASES", "CLASS_NAMES", "DEFAULT_FRAME", "DEFAULT_MEAN", "FRAMES", "frame_slice", "preprocessing_transform", "DEFAULT_STD", "LAYOUTS", "LUNG_WINDOW",
     "EvalTransform", "ImageInfo", "MultiSiteBatchSampler", "Normalise", "Sample", "Site", "SliceCache",
     "SliceDataset", "SliceRef", "Split", "SyntheticParams", "TrainTransform",
     "build_cache", "cache_root", "check_sites", "class_of_name", "detect_layout", "eval_loader",

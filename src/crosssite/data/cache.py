@@ -29,7 +29,7 @@ import numpy as np
 
 from crosssite.data.io import LUNG_WINDOW, READER_VERSION, check_image_size, read_image
 from crosssite.data.sites import Sample
-from crosssite.data.transforms import resize_short_side
+from crosssite.data.transforms import frame_slice
 from crosssite.errors import ImageReadError
 from crosssite.ioutil import guard_output
 
@@ -102,7 +102,9 @@ class _FileHashes:
 
 
 class SliceCache:
-    """uint8 slices (short side ``short_side``) of ``samples``, decoded once and memory-mapped.
+    """uint8 slices of ``samples`` framed at ``short_side`` (`crosssite.data.transforms.frame_slice`: ``"crop"``
+    keeps the aspect ratio with that short side, ``"resize"`` / ``"pad"`` store the whole slice as a square of
+    that side), decoded once and memory-mapped.
 
     ``cache[i]`` is sample ``i``'s slice, uint8 (h, w); `slot_of` finds a sample by value. With
     ``skip_bad=True`` an unreadable sample is recorded in ``skipped`` (sample, reason) and marked False in
@@ -115,6 +117,7 @@ class SliceCache:
         short_side: int = 256,
         cache_dir: Path | str | None = None,
         *,
+        frame: str = "crop",
         window: tuple[float, float] | None = LUNG_WINDOW,
         skip_bad: bool = False,
         progress: bool = True,
@@ -122,6 +125,7 @@ class SliceCache:
     ) -> None:
         self.samples = list(samples)
         self.short_side = short_side
+        self.frame = frame
         self.window = window
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "slices"
         self.threads = threads or min(4, os.cpu_count() or 1)
@@ -136,7 +140,8 @@ class SliceCache:
     # ------------------------------------------------------------------------------------------ build
 
     def _key(self, file_digest: str, sample: Sample) -> str:
-        text = f"{file_digest}|{sample.frame}|{self.short_side}|{READER_VERSION}|{self.window}"
+        framing = self.short_side if self.frame == "crop" else f"{self.short_side}|{self.frame}"
+        text = f"{file_digest}|{sample.frame}|{framing}|{READER_VERSION}|{self.window}"
         return hashlib.sha1(text.encode()).hexdigest()
 
     def _read_packs(self) -> dict[str, tuple[str, int, int, int]]:
@@ -182,7 +187,7 @@ class SliceCache:
 
     def _decode(self, sample: Sample) -> np.ndarray:
         image = check_image_size(sample.path, read_image(sample.path, sample.frame, self.window))
-        return resize_short_side(image, self.short_side)
+        return frame_slice(image, self.short_side, self.frame)
 
     def _write_pack(
         self, missing: dict[str, Sample], skip_bad: bool, progress: bool

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from crosssite.data.cache import SliceCache
 from crosssite.data.sampler import MultiSiteBatchSampler
 from crosssite.data.sites import Sample, Site
-from crosssite.data.transforms import eval_transform, short_side_for, train_transform
+from crosssite.data.transforms import DEFAULT_FRAME, eval_transform, short_side_for, train_transform
 from crosssite.errors import SiteError
 
 __all__ = ["SliceDataset", "build_cache", "train_loader", "eval_loader"]
@@ -40,10 +40,12 @@ def build_cache(
     image_size: int = 224,
     **kwargs,
 ) -> SliceCache:
-    """A `SliceCache` (short side ``short_side_for(image_size)``) of the chosen samples of ``sites``."""
+    """A `SliceCache` (framed at ``short_side_for(image_size)``, ``frame`` default "resize": the whole slice)
+    of the chosen samples of ``sites``."""
     ix = _as_indices(sites, indices)
     samples = [site.samples[i] for site, idx in zip(sites, ix) for i in idx]
     kwargs.setdefault("short_side", short_side_for(image_size))
+    kwargs.setdefault("frame", DEFAULT_FRAME)
     return SliceCache(samples, **kwargs)
 
 
@@ -117,20 +119,22 @@ def train_loader(
     rank: int = 0,
     world_size: int = 1,
     start_step: int = 0,
+    steps_per_epoch: int | None = None,
     transform: Callable[[np.ndarray], torch.Tensor] | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Training batches: ``batch_per_site`` augmented slices of every site per step (`MultiSiteBatchSampler`).
+    """Training batches: ``batch_per_site`` augmented slices of every site per step (`MultiSiteBatchSampler`;
+    ``steps_per_epoch`` fixes the epoch's length instead of the sampler's rule).
 
     Call ``loader.batch_sampler.set_epoch(e)`` before each epoch.
     """
-    transform = transform or train_transform(image_size, short_side=cache.short_side)
+    transform = transform or train_transform(image_size, short_side=cache.short_side, frame=cache.frame)
     dataset = SliceDataset(sites, indices, cache, transform)
     empty = [site.name for s, site in enumerate(dataset.sites) if not (dataset.site_of_item == s).any()]
     if empty:
         raise SiteError(f"no training slices left for site(s) {', '.join(empty)}")
     sampler = MultiSiteBatchSampler(dataset.site_of_item, batch_per_site, oversample, seed, rank, world_size,
-                                    start_step, num_sites=len(dataset.sites))
+                                    start_step, num_sites=len(dataset.sites), steps_per_epoch=steps_per_epoch)
     # Worker seeds differ per rank, so ranks do not draw the same crops and flips.
     return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(workers, seed + 7919 * rank, pin_memory))
 
@@ -144,10 +148,9 @@ def eval_loader(
     batch_size: int = 64,
     workers: int = 0,
     transform: Callable[[np.ndarray], torch.Tensor] | None = None,
-    mode: str = "resize",
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Evaluation batches in order (site by site, in index order), with `eval_transform`."""
-    transform = transform or eval_transform(image_size, mode=mode)
+    """Evaluation batches in order (site by site, in index order), with `eval_transform` in the cache's frame."""
+    transform = transform or eval_transform(image_size, frame=cache.frame)
     dataset = SliceDataset(sites, indices, cache, transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **_loader_kwargs(workers, 0, pin_memory))

@@ -67,6 +67,8 @@ class MultiSiteBatchSampler(Sampler[list[int]]):
             start at step 0.
         num_sites: the number of sites (default: the largest site index + 1); a site without items is an
             error, never silently left out.
+        steps_per_epoch: a fixed epoch length (default: the rule of the module docstring); each site's stream
+            continues with fresh shuffles as long as needed.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class MultiSiteBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         start_step: int = 0,
         num_sites: int | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
         sites = np.asarray(site_of_item, dtype=np.int64)
         if sites.ndim != 1 or len(sites) == 0:
@@ -102,6 +105,9 @@ class MultiSiteBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.start_step = start_step
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.fixed_steps = steps_per_epoch
         self.epoch = 0
 
     @property
@@ -110,6 +116,8 @@ class MultiSiteBatchSampler(Sampler[list[int]]):
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.fixed_steps is not None:
+            return self.fixed_steps
         return max(-(-len(it) * f // self.batch_per_site) for it, f in zip(self.items, self.factors))
 
     def __len__(self) -> int:

@@ -1,13 +1,19 @@
-"""Resizing, augmentation and normalisation of grey slices, on numpy / torch (no torchvision).
+"""Framing, augmentation and normalisation of grey slices, on numpy / torch (no torchvision).
 
-Training (the paper): the slice is resized so its short side is ``short_side_for(image_size)``
-(256 for 224), a random ``image_size`` square is cropped, and it is flipped horizontally and vertically,
-each with probability 1/2.
+The paper: "all images are first resized to 224 x 224" -- the whole slice. A slice is first *framed* at
+``short_side_for(image_size)`` (256 for 224), the size the decode cache stores (`frame_slice`):
 
-Evaluation, "resize to 224" in the paper, read without distorting the aspect ratio: the short side is
-resized to ``image_size`` and the central ``image_size`` square is kept (``mode="resize"``, default; the
-whole field of view of a square slice). ``mode="crop"`` instead keeps the training scale: short side
-``short_side_for(image_size)``, then the central square.
+* ``"resize"`` (default): the whole slice resized to a 256 x 256 square (the aspect ratio is not kept);
+* ``"pad"``: the whole slice padded to a square with the median grey of its border, then resized to 256 x 256
+  (the aspect ratio is kept);
+* ``"crop"``: the short side resized to 256, the long side kept; training crops at random along it and
+  evaluation keeps the central square (crosssite 0.1 and the authors' release: 26-30% of a landscape slice's
+  width, the lateral lungs, is never seen at evaluation).
+
+Training (the paper's augmentation inside that frame): a random ``image_size`` square of the framed slice,
+flipped horizontally and vertically, each with probability 1/2. Evaluation: the framed square resized to
+``image_size`` (``"resize"`` / ``"pad"``: every pixel of the slice is in view), or, with ``"crop"``, the short
+side resized to ``image_size`` and the central square kept.
 
 Both end with float conversion, the grey slice repeated to three channels and per-channel normalisation
 (`Normalise`): output float32 (3, image_size, image_size). Each transform is a geometric part, ``crop``
@@ -25,21 +31,39 @@ from PIL import Image
 __all__ = [
     "DEFAULT_MEAN",
     "DEFAULT_STD",
+    "FRAMES",
+    "DEFAULT_FRAME",
+    "frame_slice",
     "short_side_for",
     "resize_short_side",
     "to_uint8",
+    "resize_to",
+    "pad_to_square",
+    "is_framed",
     "Normalise",
     "TrainTransform",
     "EvalTransform",
+    "preprocessing_transform",
     "train_transform",
     "eval_transform",
 ]
 
-# Mean and standard deviation of all pixels (in [0, 1]) of both real sites together (3227 slices, short
-# side 256): 0.630 and 0.287 (site A alone 0.640 / 0.273, site B 0.599 / 0.326). The same for the three
-# channels because the slices are grey.
+# Fallback normalisation only (tests, a model card without its own values): a trained model normalises with
+# the mean and standard deviation of its own run's training part, stored in its card (`training.data`).
+# These are the pixel mean and std (in [0, 1]) of both real sites together (3227 slices, short side 256):
+# 0.630 and 0.287 (site A alone 0.640 / 0.273, site B 0.599 / 0.326); the same for the three channels because
+# the slices are grey.
 DEFAULT_MEAN: tuple[float, float, float] = (0.63, 0.63, 0.63)
 DEFAULT_STD: tuple[float, float, float] = (0.29, 0.29, 0.29)
+
+
+FRAMES = ("resize", "pad", "crop")
+DEFAULT_FRAME = "resize"
+
+
+def _check_frame(frame: str) -> None:
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {', '.join(FRAMES)}, got {frame!r}")
 
 
 def short_side_for(image_size: int) -> int:
@@ -71,6 +95,53 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
         return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
     resized = np.asarray(Image.fromarray(image.astype(np.float32, copy=False), mode="F").resize(size, Image.BILINEAR))
     return to_uint8(resized)
+
+
+def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize (bilinear, antialiased when shrinking) to exactly ``(height, width)``; returns uint8.
+
+    A float image in [0, 1] is resized in float and rounded once.
+    """
+    if image.dtype == np.uint8:
+        if image.shape == (height, width):
+            return image
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    resized = Image.fromarray(image.astype(np.float32, copy=False), mode="F").resize((width, height), Image.BILINEAR)
+    return to_uint8(np.asarray(resized))
+
+
+def pad_to_square(image: np.ndarray) -> np.ndarray:
+    """The slice centred on a square canvas filled with the median of its border pixels (same dtype)."""
+    h, w = image.shape
+    side = max(h, w)
+    if h == w:
+        return image
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    canvas = np.full((side, side), np.median(border), dtype=image.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = image
+    return canvas
+
+
+def frame_slice(image: np.ndarray, size: int, frame: str = DEFAULT_FRAME) -> np.ndarray:
+    """A decoded slice (H, W), uint8 or float in [0, 1], framed as the decode cache stores it; uint8.
+
+    ``"resize"``: (size, size), the whole slice; ``"pad"``: padded to a square, then (size, size);
+    ``"crop"``: short side ``size``, aspect ratio kept (see the module docstring).
+    """
+    _check_frame(frame)
+    if frame == "crop":
+        return resize_short_side(image, size)
+    if frame == "pad":
+        image = pad_to_square(image)
+    return resize_to(image, size, size)
+
+
+def is_framed(image: np.ndarray, size: int, frame: str) -> bool:
+    """Whether ``image`` already is a uint8 slice framed at ``size`` (as `frame_slice` returns it)."""
+    if image.dtype != np.uint8:
+        return False
+    return min(image.shape) == size if frame == "crop" else image.shape == (size, size)
 
 
 class Normalise:
@@ -106,11 +177,12 @@ class Normalise:
 
 
 class TrainTransform:
-    """Random ``image_size`` crop of the short-side-``short_side`` slice, random h/v flips, normalisation.
+    """Random ``image_size`` crop of the slice framed at ``short_side``, random h/v flips, normalisation.
 
-    Input: a uint8 or float [0, 1] slice (H, W); a slice whose short side is not ``short_side`` is resized
-    first (slices from `SliceCache` already are). `crop` is the geometric part (uint8 out), `normalise`
-    the rest. Randomness comes from torch's global generator, which a `DataLoader` seeds in each worker.
+    Input: a uint8 or float [0, 1] slice (H, W); a slice not yet framed at ``short_side`` is framed first
+    (`frame_slice`; slices from `SliceCache` already are). `crop` is the geometric part (uint8 out),
+    `normalise` the rest. Randomness comes from torch's global generator, which a `DataLoader` seeds in each
+    worker.
     """
 
     def __init__(
@@ -120,18 +192,21 @@ class TrainTransform:
         flips: bool = True,
         mean: Sequence[float] = DEFAULT_MEAN,
         std: Sequence[float] = DEFAULT_STD,
+        frame: str = DEFAULT_FRAME,
     ) -> None:
+        _check_frame(frame)
         self.image_size = image_size
         self.short_side = short_side or short_side_for(image_size)
         if self.short_side < image_size:
             raise ValueError(f"short side {self.short_side} is smaller than the crop {image_size}")
         self.flips = flips
+        self.frame = frame
         self.normalise = Normalise(mean, std)
 
     def crop(self, image: np.ndarray) -> np.ndarray:
         """uint8 (image_size, image_size): random crop, then random vertical and horizontal flips."""
-        if min(image.shape) != self.short_side or image.dtype != np.uint8:
-            image = resize_short_side(image, self.short_side)
+        if not is_framed(image, self.short_side, self.frame):
+            image = frame_slice(image, self.short_side, self.frame)
         h, w = image.shape
         s = self.image_size
         top = int(torch.randint(h - s + 1, ()))
@@ -146,39 +221,41 @@ class TrainTransform:
         return self.normalise(self.crop(image))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(image_size={self.image_size}, short_side={self.short_side}, flips={self.flips})"
+        return (f"{type(self).__name__}(image_size={self.image_size}, short_side={self.short_side}, "
+                f"flips={self.flips}, frame={self.frame!r})")
 
 
 class EvalTransform:
-    """Deterministic: resize the short side (to ``image_size`` or, with ``mode="crop"``, to
-    ``short_side_for(image_size)``), keep the central square, normalise.
+    """Deterministic: the slice framed at ``short_side_for(image_size)`` (as the decode cache stores it), then
+    resized to ``image_size`` x ``image_size`` (``frame="resize"`` / ``"pad"``: the whole slice), or with
+    ``frame="crop"`` its short side resized to ``image_size`` and the central square kept; normalised.
 
-    Input: a uint8 slice (from `SliceCache`) or a float [0, 1] slice (from `read_image`). A float slice is
-    first resized and rounded exactly as the decode cache does (short side ``short_side_for(image_size)``),
-    so both give the same tensor.
+    Input: a uint8 slice from `SliceCache`, or any decoded slice (uint8 or float [0, 1], e.g. from
+    `read_image`), which is framed exactly as the decode cache frames it first, so both give the same tensor.
     """
 
     def __init__(
         self,
         image_size: int,
-        mode: str = "resize",
+        frame: str = DEFAULT_FRAME,
         mean: Sequence[float] = DEFAULT_MEAN,
         std: Sequence[float] = DEFAULT_STD,
     ) -> None:
-        if mode not in ("resize", "crop"):
-            raise ValueError(f"eval mode must be 'resize' or 'crop', got {mode!r}")
+        _check_frame(frame)
         self.image_size = image_size
-        self.mode = mode
-        self.short_side = image_size if mode == "resize" else short_side_for(image_size)
+        self.frame = frame
+        self.framed_size = short_side_for(image_size)
         self.normalise = Normalise(mean, std)
 
     def crop(self, image: np.ndarray) -> np.ndarray:
-        """uint8 (image_size, image_size): resized, central square."""
-        if image.dtype != np.uint8:  # a freshly decoded slice: take the decode cache's path first
-            image = resize_short_side(image, short_side_for(self.image_size))
-        image = resize_short_side(image, self.short_side)
-        h, w = image.shape
+        """uint8 (image_size, image_size): the framed slice, resized (and, for ``"crop"``, centred)."""
+        if not is_framed(image, self.framed_size, self.frame):  # a freshly decoded slice: the cache's path first
+            image = frame_slice(image, self.framed_size, self.frame)
         s = self.image_size
+        if self.frame != "crop":
+            return np.ascontiguousarray(resize_to(image, s, s))
+        image = resize_short_side(image, s)
+        h, w = image.shape
         top, left = (h - s) // 2, (w - s) // 2
         return np.ascontiguousarray(image[top : top + s, left : left + s])
 
@@ -186,7 +263,14 @@ class EvalTransform:
         return self.normalise(self.crop(image))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(image_size={self.image_size}, mode={self.mode!r})"
+        return f"{type(self).__name__}(image_size={self.image_size}, frame={self.frame!r})"
+
+
+def preprocessing_transform(preprocessing: dict) -> EvalTransform:
+    """The evaluation transform a model card's ``preprocessing`` entry describes: ``image_size``, ``frame`` and
+    the training part's ``mean`` / ``std`` (a card without ``frame``, from crosssite 0.1, means ``"crop"``)."""
+    return EvalTransform(int(preprocessing["image_size"]), frame=preprocessing.get("frame", "crop"),
+                         mean=preprocessing.get("mean", DEFAULT_MEAN), std=preprocessing.get("std", DEFAULT_STD))
 
 
 def train_transform(image_size: int = 224, **kwargs) -> TrainTransform:

@@ -203,7 +203,7 @@ class SiteClient(NumPyClient):
             best = auc
             card = model_card(self.config, [self.site.name], f"federated-{self.strategy} ({self.config.method})",
                               {"val": {self.site.name: metrics}, "round": rnd,
-                               "selection": "validation AUC of this site"})
+                               "selection": "validation AUC of this site"}, self.data)
             models.save(model, self.dir / MODEL_STEM, card)
         self._save_state(model, history, best)
         write_log_csv(self.dir / "log.csv", history)

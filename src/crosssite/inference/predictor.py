@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD, eval_transform, read_image
+from crosssite.data import CLASS_NAMES, DEFAULT_FRAME, DEFAULT_MEAN, DEFAULT_STD, eval_transform, read_image
 from crosssite.data.io import input_warnings
 from crosssite.errors import CheckpointError, CrossSiteError, ImageReadError
 from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
@@ -90,23 +90,36 @@ def has_site_modules(model: nn.Module) -> bool:
 
 
 class Preprocess:
-    """A decoded grey slice (H, W) in [0, 1] -> the model input (3, S, S), exactly as evaluation makes it."""
+    """A decoded grey slice (H, W) in [0, 1] -> the model input (3, S, S), exactly as evaluation makes it:
+    the card's frame (whole slice, padded, or central crop), image size and the training part's mean / std."""
 
-    def __init__(self, image_size: int, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD):
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = DEFAULT_MEAN,
+        std: Sequence[float] = DEFAULT_STD,
+        frame: str = DEFAULT_FRAME,
+    ):
         self.image_size = int(image_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.transform = eval_transform(self.image_size, mean=self.mean, std=self.std)
+        self.frame = frame
+        self.transform = eval_transform(self.image_size, frame=frame, mean=self.mean, std=self.std)
 
     @classmethod
     def from_card(cls, card: dict[str, Any], where: object = "model card") -> Preprocess:
+        """The card's preprocessing; a card without ``frame`` (crosssite 0.1) was trained on central crops."""
         pre = card.get("preprocessing") or {}
         if "image_size" not in pre:
             raise CheckpointError(f"{where}: the model card has no preprocessing.image_size (the training image size)")
-        return cls(int(pre["image_size"]), pre.get("mean", DEFAULT_MEAN), pre.get("std", DEFAULT_STD))
+        try:
+            return cls(int(pre["image_size"]), pre.get("mean", DEFAULT_MEAN), pre.get("std", DEFAULT_STD),
+                       pre.get("frame", "crop"))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: invalid preprocessing in the model card ({e})") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        return {"image_size": self.image_size, "frame": self.frame, "mean": list(self.mean), "std": list(self.std)}
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.transform(image)

@@ -35,6 +35,12 @@ Choices this file makes (documented, not in the paper):
   a second BN+ReLU, which would confine every projection to the positive orthant of the cosine
   similarity's unit sphere, so the final layer is linear as in SimCLR.
 * The auxiliary heads have the universal head's architecture; being per site already, their BN is shared.
+* ``init="fan_in"`` (the original COVID-Net's default): every convolution and linear weight drawn with
+  variance 1 / fan-in (gain 1, no ReLU gain: the PEPX blocks are linear), biases zero, and the classifiers'
+  last layers zero so training starts at P = 1/2. With PyTorch's defaults the normalisation-free network's
+  logits barely vary across a batch (std ~2e-5 at 64 px, width 0.25) and it never learns; the ReLU gain
+  overshoots (logit std ~1e11, the dense sums add block outputs up). ``"default"`` keeps PyTorch's
+  initialisation (the redesign's default: its BN layers rescale every stage).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from crosssite.models.registry import register_model
 __all__ = ["ModelOutput", "ConvNormAct", "PEPX", "DenseStage", "LinearNormAct", "MLPHead", "SiteHeads", "CovidNet"]
 
 BLOCK_ACTS = ("none", "relu")
+INITS = ("default", "fan_in")
 
 
 class ModelOutput(NamedTuple):
@@ -221,6 +228,7 @@ class CovidNet(nn.Module):
         aux_heads: add MS-Net's per-site auxiliary heads (``ModelOutput.aux_logits``).
         projection: add the contrastive projection head (``ModelOutput.projection``).
         pool: ``"avg"`` (adaptive average pool to 2x2, the redesign) or ``"flatten"`` (the original).
+        init: ``"default"`` (PyTorch's) or ``"fan_in"`` (see the module docstring).
         image_size: input side the ``"flatten"`` head is sized for; unused by ``"avg"``.
         depths, stage_chs, stem_chs, head_hidden, proj_hidden, proj_dim: sizes at width 1.
     """
@@ -237,6 +245,7 @@ class CovidNet(nn.Module):
         aux_heads: bool = False,
         projection: bool = False,
         pool: str = "avg",
+        init: str = "default",
         image_size: int = 224,
         depths: Sequence[int] = (3, 4, 6, 3),
         stage_chs: Sequence[int] = (256, 512, 1024, 2048),
@@ -250,6 +259,8 @@ class CovidNet(nn.Module):
             raise ConfigError(f"num_sites must be >= 1, got {num_sites}")
         if block_act not in BLOCK_ACTS:
             raise ConfigError(f"unknown block_act {block_act!r}; expected one of {', '.join(BLOCK_ACTS)}")
+        if init not in INITS:
+            raise ConfigError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
         if pool not in ("avg", "flatten"):
             raise ConfigError(f"unknown pool {pool!r}; expected 'avg' or 'flatten'")
         if width <= 0:
@@ -264,6 +275,7 @@ class CovidNet(nn.Module):
             "adapter": adapter,
             "aux_heads": aux_heads,
             "projection": projection,
+            "init": init,
             "image_size": image_size,
         }
         norm_layer = get_norm_layer(norm, num_sites)
@@ -303,6 +315,20 @@ class CovidNet(nn.Module):
         self.aux_heads = (
             SiteHeads(self.embed_dim, hidden, num_classes, num_sites, norm=norm != "none") if aux_heads else None
         )
+        if init == "fan_in":
+            self.init_fan_in()
+
+    @torch.no_grad()
+    def init_fan_in(self) -> None:
+        """Weights ~ N(0, 1 / fan_in), biases 0, the classifiers' last layers 0 (module docstring)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        heads = [self.head, *(self.aux_heads.heads if self.aux_heads is not None else ())]
+        for head in heads:
+            nn.init.zeros_(head.fc.weight)
 
     @staticmethod
     def feature_size(image_size: int, num_stages: int = 4) -> int:
@@ -353,7 +379,9 @@ class CovidNet(nn.Module):
 
 @register_model
 def covidnet(*, num_sites: int, norm: str | None = None, **kwargs) -> CovidNet:
-    """The original COVID-Net (baseline rows of Table I): no BN by default, flatten of the 7x7x2048 map."""
+    """The original COVID-Net (baseline rows of Table I): no BN by default, flatten of the 7x7x2048 map,
+    fan-in initialisation by default."""
+    kwargs.setdefault("init", "fan_in")
     return CovidNet(num_sites=num_sites, norm="none" if norm is None else norm, pool="flatten", **kwargs)
 
 

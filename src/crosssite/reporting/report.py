@@ -327,7 +327,7 @@ def _gradcam_for_site(
 ) -> tuple[list[GradCamCase], list[GradCamCase], int, float]:
     """Correct and failed cases of `site` with their maps, the number of test slices, and the largest gap
     between the P(COVID) recomputed here and the run's own (a check that model and preprocessing match)."""
-    from crosssite.data import eval_transform, read_image
+    from crosssite.data import preprocessing_transform, read_image
 
     names = list(card.get("site_names") or [])
     if site not in names:
@@ -339,7 +339,7 @@ def _gradcam_for_site(
     chosen = correct + failed
     if not chosen:
         return [], [], len(slices), 0.0
-    transform = eval_transform(int((card.get("preprocessing") or {}).get("image_size", 224)))
+    transform = preprocessing_transform(card.get("preprocessing") or {"image_size": 224})  # the model's own
     images = torch.stack([transform(read_image(slices[i].path, slices[i].frame)) for i in chosen])  # (n, 3, S, S)
     out = grad_cam(model, images, site=names.index(site))
     gap = float(np.max(np.abs(out.p_covid.double().numpy() - [slices[i].p_covid for i in chosen])))

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from crosssite.data import FRAMES
 from crosssite.errors import ConfigError
 from crosssite.models import is_model, list_models
 from crosssite.training.checkpoint import atomic_write_text
@@ -23,6 +24,8 @@ __all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "block_act": ("none", "relu"),
+    "frame": FRAMES,
+    "init": ("auto", "default", "fan_in"),
     "schedule_per": ("step", "epoch"),
     "contrastive_form": ("ntxent", "eq4"),
     "protocol": ("kfold", "official"),
@@ -40,10 +43,20 @@ class TrainConfig:
     backbone: str = "covidnet_redesign"
     width: float = 1.0
     block_act: str = "none"
+    # weight initialisation: "auto" is the backbone's own (fan-in for the normalisation-free `covidnet`,
+    # PyTorch's defaults for the redesign); "default" / "fan_in" force one (crosssite.models.covidnet)
+    init: str = "auto"
     image_size: int = 224
+    # how a slice becomes a square (crosssite.data.transforms): "resize" / "pad" keep the whole slice in view,
+    # "crop" keeps a central square of a short-side-resized slice (crosssite 0.1)
+    frame: str = "resize"
     # optimisation (Adam, cosine to lr_min; step decay x0.1 every 30 of 100 epochs for `covidnet`)
     epochs: int = 100
     batch_per_site: int = 16
+    # optimiser steps per epoch; 0: the sampler's rule (the longest oversampled site list / batch_per_site).
+    # `single` sets it for each of its per-site runs to the multi-site runs' count, with a batch of
+    # batch_per_site x number of sites (32) from its one site, so every row of Table I makes as many steps.
+    steps_per_epoch: int = 0
     oversample: int = 4  # a site with < half the largest site's training items is repeated this often per epoch
     lr: float = 1e-4
     lr_min: float = 1e-6
@@ -59,6 +72,9 @@ class TrainConfig:
     # batch-norm statistics: before each validation, recompute every BN running mean / variance as the plain
     # average over the training part seen through the evaluation transform ("precise BN"); off in the paper
     bn_recalibrate: bool = False
+    # a validation whose P(COVID) varies less than this (standard deviation over a site's validation part)
+    # flags the run as collapsed: its numbers are noise around the class prior, not a result
+    collapse_std: float = 1e-3
     # data and protocol
     seed: int = 0  # model initialisation, batch order, augmentation
     split_seed: int = 0  # folds and the limit_per_site subset (kept fixed across seeds)
@@ -97,7 +113,7 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)!r}")
         non_negative = (
             "lr_min", "weight_decay", "grad_clip", "alpha", "kt_weight", "seed", "split_seed", "limit_per_site",
-            "workers", "ckpt_every",
+            "workers", "ckpt_every", "steps_per_epoch", "collapse_std",
         )
         for key in non_negative:
             if getattr(self, key) < 0:

@@ -1,5 +1,9 @@
 """Everything a run needs from `crosssite.data`: per-site splits, the decode cache, train and eval loaders.
 
+Normalisation: the per-channel mean and standard deviation every transform of the run uses are computed on the
+run's own training part (its decoded, framed slices), never on validation or test slices, and go into the model
+card, so prediction and export apply the same values.
+
 The split of every site is fixed by ``(protocol, fold, folds, split_seed, val_fraction, limit_per_site)`` only,
 never by the training seed, so the runs of one fold with different seeds see the same test part. It is saved
 beside the run as ``split.json`` and reloaded (and checked against the site's files) on resume.
@@ -15,12 +19,25 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from crosssite.data import Site, SliceCache, Split, build_cache, eval_loader, official_split, split_fold, train_loader
+from crosssite.data import (
+    MultiSiteBatchSampler,
+    Site,
+    SliceCache,
+    Split,
+    build_cache,
+    eval_loader,
+    eval_transform,
+    official_split,
+    split_fold,
+    train_loader,
+    train_transform,
+)
 from crosssite.errors import ConfigError
 from crosssite.training.checkpoint import atomic_write_text
 from crosssite.training.config import TrainConfig
 
-__all__ = ["RunData", "limit_site", "make_splits", "save_splits", "load_splits", "build_run_data", "write_run_files"]
+__all__ = ["RunData", "limit_site", "make_splits", "save_splits", "load_splits", "pixel_stats", "multi_site_steps",
+           "build_run_data", "write_run_files"]
 
 PARTS = ("train", "val", "test")
 
@@ -33,7 +50,10 @@ class RunData:
     splits: list[Split]
     cache: SliceCache
     train: DataLoader  # batches of `batch_per_site` per site; `train.batch_sampler` is the MultiSiteBatchSampler
-    eval: dict[str, DataLoader]  # "val" / "test" (and "train" with bn_recalibrate): every site's part, in order
+    eval: dict[str, DataLoader]  # "val" / "test": every site's part, in order
+    recalibration: DataLoader | None  # with bn_recalibrate: the training part, drawn as `train` draws it
+    mean: tuple[float, float, float]  # normalisation, from the training part
+    std: tuple[float, float, float]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -81,6 +101,32 @@ def load_splits(path: Path, sites: list[Site]) -> list[Split]:
     return [Split.from_json(by_name[site.name], site) for site in sites]
 
 
+def pixel_stats(cache: SliceCache, slots: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation (in [0, 1]) of every pixel of the cached slices ``slots``.
+
+    The slices are grey, so the three channels share one value.
+    """
+    total = total_sq = count = 0.0
+    for slot in slots:
+        pixels = cache[int(slot)].astype(np.float64) / 255.0
+        total += float(pixels.sum())
+        total_sq += float(np.square(pixels).sum())
+        count += pixels.size
+    if count == 0:
+        raise ConfigError("no readable training slice to compute the normalisation from")
+    mean = total / count
+    std = max(np.sqrt(max(total_sq / count - mean * mean, 0.0)), 1e-3)
+    return (mean,) * 3, (float(std),) * 3
+
+
+def multi_site_steps(sites: list[Site], config: TrainConfig) -> int:
+    """Optimiser steps per epoch of a multi-site run on ``sites`` (what `single` matches on each site)."""
+    splits = make_splits([limit_site(site, config.limit_per_site, config.split_seed) for site in sites], config)
+    site_of_item = np.concatenate([np.full(len(split.train), s) for s, split in enumerate(splits)])
+    oversample = None if config.oversample == 1 else _oversample_factors(splits, config.oversample)
+    return len(MultiSiteBatchSampler(site_of_item, config.batch_per_site, oversample, num_sites=len(sites)))
+
+
 def _check_parts(sites: list[Site], splits: list[Split]) -> None:
     for site, split in zip(sites, splits):
         for part in PARTS:
@@ -114,11 +160,17 @@ def build_run_data(
     sites = [limit_site(site, config.limit_per_site, config.split_seed) for site in sites]
     splits = load_splits(split_file, sites) if reuse_split else make_splits(sites, config)
     _check_parts(sites, splits)
-    cache = build_cache(sites, None, config.image_size, skip_bad=config.skip_bad, progress=progress)
+    cache = build_cache(sites, None, config.image_size, frame=config.frame, skip_bad=config.skip_bad,
+                        progress=progress)
+    train_indices = [s.train for s in splits]
+    train_slots = np.array([cache.slot_of(site.samples[i]) for site, ix in zip(sites, train_indices) for i in ix])
+    mean, std = pixel_stats(cache, train_slots[cache.valid[train_slots]])
     oversample = None if config.oversample == 1 else _oversample_factors(splits, config.oversample)
+    augment = train_transform(config.image_size, short_side=cache.short_side, frame=config.frame, mean=mean, std=std)
+    view = eval_transform(config.image_size, frame=config.frame, mean=mean, std=std)
     train = train_loader(
         sites,
-        [s.train for s in splits],
+        train_indices,
         cache,
         config.image_size,
         batch_per_site=config.batch_per_site,
@@ -127,6 +179,8 @@ def build_run_data(
         workers=config.workers,
         rank=rank,
         world_size=world_size,
+        steps_per_epoch=config.steps_per_epoch or None,
+        transform=augment,
         pin_memory=pin_memory,
     )
     eval_batch = max(2 * config.batch_per_site, 32)
@@ -138,11 +192,20 @@ def build_run_data(
             config.image_size,
             batch_size=eval_batch,
             workers=config.workers,
+            transform=view,
             pin_memory=pin_memory,
         )
-        for part in (PARTS if config.bn_recalibrate else ("val", "test"))
+        for part in ("val", "test")
     }
-    return RunData(sites=sites, splits=splits, cache=cache, train=train, eval=evaluation)
+    # BN recalibration sees the training part through the evaluation view, but in the training sampler's
+    # proportions (per-site batches, oversampling), so shared BN statistics mix the sites as training does.
+    recalibration = train_loader(
+        sites, train_indices, cache, config.image_size, batch_per_site=config.batch_per_site, oversample=oversample,
+        seed=config.seed, workers=config.workers, rank=rank, world_size=world_size,
+        steps_per_epoch=config.steps_per_epoch or None, transform=view, pin_memory=pin_memory,
+    ) if config.bn_recalibrate else None
+    return RunData(sites=sites, splits=splits, cache=cache, train=train, eval=evaluation,
+                   recalibration=recalibration, mean=mean, std=std)
 
 
 def _oversample_factors(splits: list[Split], factor: int) -> list[int]:

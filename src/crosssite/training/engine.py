@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crosssite import models
-from crosssite.data import CLASS_NAMES, DEFAULT_MEAN, DEFAULT_STD, Site, load_sites
+from crosssite.data import CLASS_NAMES, Site, load_sites
 from crosssite.errors import ConfigError, CrossSiteError
 from crosssite.evaluation import binary_metrics, collect_probabilities
 from crosssite.losses import ms_net_loss, supervised_contrastive_loss
@@ -68,7 +68,7 @@ from crosssite.training.checkpoint import (
     set_rng_state,
 )
 from crosssite.training.config import TrainConfig, save_config
-from crosssite.training.data import RunData, build_run_data, write_run_files
+from crosssite.training.data import RunData, build_run_data, multi_site_steps, write_run_files
 from crosssite.training.methods import METHODS, Method, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
 from crosssite.training.rundir import undo_failed_start
@@ -90,7 +90,14 @@ class TrainingError(CrossSiteError):
 
 
 class TrainingDiverged(TrainingError):
-    """The loss (or gradient norm) became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, the gradient norm, a parameter or a buffer became NaN or infinite; the last good (finite)
+    checkpoint is kept."""
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding a NaN or an infinity."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -245,8 +252,20 @@ def evaluate(
         for index, label, p in zip(probs.index[mine], probs.label[mine], probs.p_covid[mine]):
             sample = site.samples[index]
             rows.append({"site": site.name, "path": str(sample.path), "frame": sample.frame,
+                         "patient": sample.patient if site.has_patients else None,
                          "label": int(label), "p_covid": float(p), "part": part})
     return metrics, rows
+
+
+def prediction_spread(rows: list[dict[str, Any]], site_names: Sequence[str]) -> dict[str, float]:
+    """Standard deviation of P(COVID) over each site's rows (NaN for a site without rows)."""
+    return {name: float(np.std([r["p_covid"] for r in rows if r["site"] == name]))
+            if any(r["site"] == name for r in rows) else float("nan") for name in site_names}
+
+
+def collapsed_sites(spread: dict[str, float], threshold: float) -> list[str]:
+    """Sites whose predictions barely vary (std of P(COVID) below ``threshold``): a collapsed model."""
+    return [name for name, std in spread.items() if std < threshold]
 
 
 @torch.no_grad()
@@ -255,7 +274,9 @@ def recalibrate_bn(model: nn.Module, loader: Any, device: torch.device, config: 
 
     Running statistics kept with momentum 0.1 trail a network that changes quickly (high learning rates, short
     runs) and are estimated on augmented crops; re-estimating them after training on the evaluation view of the
-    training part ("precise BN", Wu & Johnson 2021) removes both gaps. Weights are not touched.
+    training part ("precise BN", Wu & Johnson 2021) removes both gaps. ``loader`` draws its batches as the
+    training sampler does (`RunData.recalibration`), so a shared BN mixes the sites in training's proportions.
+    Weights are not touched.
     """
     norms = [m for m in model.modules() if hasattr(m, "momentum") and any(
         hasattr(b, "running_mean") for b in m.modules())]
@@ -297,14 +318,25 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def model_card(config: TrainConfig, site_names: list[str], method: str, metrics: dict[str, Any]) -> dict[str, Any]:
+_FRAME_TEXT = {
+    "resize": "whole slice resized to a square",
+    "pad": "whole slice padded to a square (median border grey), then resized",
+    "crop": "short side to image_size, central square",
+}
+
+
+def model_card(
+    config: TrainConfig, site_names: list[str], method: str, metrics: dict[str, Any], data: RunData
+) -> dict[str, Any]:
     """The card saved beside a trained model: what `crosssite evaluate` / `predict` / `export` need to use it
-    (sites, classes, preprocessing, threshold) and how it was made (configuration, method, selection metrics)."""
+    (sites, classes, preprocessing with the run's own normalisation, threshold) and how it was made
+    (configuration, method, selection metrics)."""
     return {
         "site_names": list(site_names),
         "class_names": list(CLASS_NAMES),
-        "preprocessing": {"image_size": config.image_size, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD),
-                          "eval_resize": "short side to image_size, central square"},
+        "preprocessing": {"image_size": config.image_size, "frame": config.frame, "mean": list(data.mean),
+                          "std": list(data.std), "normalisation": "pixel mean / std of the run's training part",
+                          "eval_resize": _FRAME_TEXT[config.frame]},
         "train_config": config.to_dict(),
         "method": method,
         "threshold": 0.5,
@@ -314,11 +346,13 @@ def model_card(config: TrainConfig, site_names: list[str], method: str, metrics:
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["site", "path", "frame", "label", "p_covid", "part"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, ["site", "path", "frame", "patient", "label", "p_covid", "part"],
+                            lineterminator="\n")
     writer.writeheader()
     for row in rows:
         frame = "" if row["frame"] is None else row["frame"]
-        writer.writerow({**row, "frame": frame, "p_covid": f"{row['p_covid']:.6f}"})
+        patient = "" if row.get("patient") is None else row["patient"]
+        writer.writerow({**row, "frame": frame, "patient": patient, "p_covid": repr(float(row["p_covid"]))})
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -362,11 +396,15 @@ def _train_sites(config: TrainConfig, sites: list[Site], out_dir: Path, resume: 
         return _train_run(config, sites, out_dir, resume, progress)
     if is_main:
         save_config(config, out_dir / "config.yaml")
+    # One site per run, with the multi-site rows' global batch (batch_per_site x sites, 32) and step count.
+    site_config = config.replace(batch_per_site=config.batch_per_site * len(sites),
+                                 steps_per_epoch=config.steps_per_epoch or multi_site_steps(sites, config))
     per_site = {}
     for site in sites:
         if progress and is_main:
-            print(f"[{config.method}] site {site.name}")
-        per_site[site.name] = _train_run(config, [site], out_dir / site.name, resume, progress)
+            print(f"[{config.method}] site {site.name}: batch {site_config.batch_per_site}, "
+                  f"{site_config.steps_per_epoch} steps per epoch")
+        per_site[site.name] = _train_run(site_config, [site], out_dir / site.name, resume, progress)
     merged = _merge_single(config, per_site)
     if is_main:
         write_json(out_dir / "metrics.json", merged)
@@ -395,6 +433,7 @@ def _merge_single(config: TrainConfig, per_site: dict[str, dict[str, Any]]) -> d
     return {
         **_run_header(config),
         "steps": sum(run["steps"] for run in per_site.values()),
+        "collapsed": any(run.get("collapsed", False) for run in per_site.values()),
         "val_mean_auc": _nanmean([s["val"]["auc"] for s in sites.values()]),
         "test_mean_auc": _nanmean([s["test"]["auc"] for s in sites.values()]),
         "sites": sites,
@@ -446,7 +485,8 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
     model = models.create_model(
         config.backbone,
         image_size=config.image_size,
-        **model_kwargs(method, config.backbone, num_sites=len(sites), width=config.width, block_act=config.block_act),
+        **model_kwargs(method, config.backbone, num_sites=len(sites), width=config.width, block_act=config.block_act,
+                       init=config.init),
     ).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -505,12 +545,12 @@ class _Loop:
 
     def diverged(self, epoch: int, what: str, values: dict[str, float]) -> None:
         s = self.state
-        parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        parts = "".join(f", {k}={v:.4g}" for k, v in values.items())
         kept = self.out_dir / CHECKPOINT
         where = f"last good checkpoint kept: {kept}" if kept.is_file() else "no checkpoint was written yet"
         raise TrainingDiverged(
             f"non-finite {what} at global step {s.global_step + 1} (epoch {epoch + 1}, step "
-            f"{s.step_in_epoch + 1} of {self.steps_per_epoch}): {parts}; {where}"
+            f"{s.step_in_epoch + 1} of {self.steps_per_epoch}){parts}; {where}"
         )
 
     # ----------------------------------------------------------------------------------------- loop
@@ -554,12 +594,21 @@ class _Loop:
         row: dict[str, Any] = {"epoch": epoch + 1, "step": s.global_step, "lr": self.lr(s.global_step - 1)}
         row |= {k: v / max(s.step_in_epoch, 1) for k, v in s.loss_sums.items()}
         if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
-            if c.bn_recalibrate:
-                recalibrate_bn(self.model, self.data.eval["train"], self.device, c)
-            val, _ = evaluate(self.model, self.data, "val", self.device, c)
+            self.check_finite(epoch)
+            if self.data.recalibration is not None:
+                recalibrate_bn(self.model, self.data.recalibration, self.device, c)
+            val, rows = evaluate(self.model, self.data, "val", self.device, c)
             metric = _selection_metric(val)
+            spread = prediction_spread(rows, self.site_names)
             row |= {f"val_auc_{name}": m["auc"] for name, m in val.items()}
             row |= {"val_auc_mean": _nanmean([m["auc"] for m in val.values()]), "val_selection": metric}
+            row |= {f"val_p_std_{name}": std for name, std in spread.items()}
+            # The first epoch may still sit at the prior; from the second on, a flat output is a collapse.
+            collapsed = collapsed_sites(spread, c.collapse_std) if epoch > 0 or c.epochs == 1 else []
+            row["collapsed"] = int(bool(collapsed))
+            if collapsed:
+                bar.print(f"warning: collapsed predictions at epoch {epoch + 1}: the std of P(COVID) over the "
+                          f"validation part of {', '.join(collapsed)} is below {c.collapse_std:g}")
             if metric > s.best_metric:
                 s.best_metric, s.best_epoch = metric, epoch + 1
                 if self.is_main:
@@ -572,14 +621,23 @@ class _Loop:
             write_log_csv(self.out_dir / "log.csv", s.history)
             self.tensorboard.scalars({f"val/{k}": v for k, v in row.items() if k.startswith("val_")}, s.global_step)
             self.save_checkpoint()
-        shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+        shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and "_p_std_" not in k)
+        shown += " COLLAPSED" if row.get("collapsed") else ""
         bar.print(f"epoch {epoch + 1}/{c.epochs} step {s.global_step} {shown}")
 
     # ----------------------------------------------------------------------------------------- files
 
+    def check_finite(self, epoch: int) -> None:
+        """Raise `TrainingDiverged` (before anything is saved) if a parameter or buffer is not finite."""
+        bad = non_finite_tensors(self.model)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            self.diverged(epoch, f"values in {len(bad)} parameter/buffer tensor(s) ({shown})", {})
+
     def save_checkpoint(self) -> None:
         if not self.is_main:
             return
+        self.check_finite(self.state.epoch)  # a checkpoint counts as good only when every tensor is finite
         save_checkpoint(self.out_dir / CHECKPOINT, {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
@@ -591,7 +649,7 @@ class _Loop:
 
     def save_best(self, val: dict[str, dict[str, float]], epoch: int) -> None:
         card = model_card(self.config, self.site_names, self.config.method,
-                          {"val": val, "epoch": epoch, "selection": "mean validation AUC over sites"})
+                          {"val": val, "epoch": epoch, "selection": "mean validation AUC over sites"}, self.data)
         models.save(self.model, self.out_dir / MODEL_STEM, card)
 
     def finish(self) -> dict[str, Any]:
@@ -602,11 +660,18 @@ class _Loop:
             best = best.to(memory_format=torch.channels_last)
         val, val_rows = evaluate(best, self.data, "val", self.device, self.config)
         test, test_rows = evaluate(best, self.data, "test", self.device, self.config)
+        spread = prediction_spread(val_rows, self.site_names)
+        collapsed = collapsed_sites(spread, self.config.collapse_std)
+        if collapsed and self.progress:
+            print(f"warning: the best model's predictions have collapsed on {', '.join(collapsed)} (std of "
+                  f"P(COVID) over validation below {self.config.collapse_std:g}); its metrics are not a result")
         s = self.state
         metrics = {
             **_run_header(self.config),
             "steps": s.global_step,
             "best_epoch": s.best_epoch,
+            "collapsed": bool(collapsed),
+            "normalisation": {"mean": list(self.data.mean), "std": list(self.data.std)},
             "val_mean_auc": _nanmean([m["auc"] for m in val.values()]),
             "test_mean_auc": _nanmean([m["auc"] for m in test.values()]),
             "sites": {
@@ -615,6 +680,8 @@ class _Loop:
                     "n_val": int(len(split.val)),
                     "n_test": int(len(split.test)),
                     "best_epoch": s.best_epoch,
+                    "val_p_std": spread[site.name],
+                    "collapsed": site.name in collapsed,
                     "val": val[site.name],
                     "test": test[site.name],
                 }

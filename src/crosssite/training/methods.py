@@ -55,9 +55,13 @@ METHODS: dict[str, Method] = {
 }
 
 
-def model_kwargs(method: Method, backbone: str, *, num_sites: int, width: float, block_act: str) -> dict[str, Any]:
-    """Keyword arguments of `crosssite.models.create_model` for ``method`` on ``backbone``."""
-    return {
+def model_kwargs(
+    method: Method, backbone: str, *, num_sites: int, width: float, block_act: str, init: str = "auto"
+) -> dict[str, Any]:
+    """Keyword arguments of `crosssite.models.create_model` for ``method`` on ``backbone`` (``init="auto"``: the
+    backbone's own initialisation)."""
+    kwargs: dict[str, Any] = {} if init == "auto" else {"init": init}
+    return kwargs | {
         "num_sites": num_sites,
         "num_classes": 2,
         "width": width,

@@ -1,0 +1,111 @@
+"""The validation-only runs behind the defaults docs/METHODS.md records (issue "Faithful Table I").
+
+    python scripts/choose_defaults.py run --out results/choices       # resumable: finished runs are skipped
+    python scripts/choose_defaults.py table --out results/choices     # Markdown tables of the validation AUCs
+
+Every run is a `crosssite train` on both real sites at the cpu preset (64 px, width 0.25, 6 epochs) with one
+setting changed; only the validation parts of folds 0 and 1 are read (``metrics.json`` -> ``sites.*.val``), never a
+test fold. Finished runs append one line (validation AUCs, wall time, commit) to ``OUT/choices.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from crosssite.data import load_sites
+from crosssite.experiment import PRESETS, git_commit, machine_info
+from crosssite.training import train
+from crosssite.training.config import TrainConfig, apply_overrides
+
+DATA = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+SITES = [f"A={DATA / 'sars_cov2_ct'}", f"B={DATA / 'covid_ct'}"]
+
+# (question, label, method, backbone, overrides): the settings compared, folds 0-1.
+CHOICES: list[tuple[str, str, str, str, dict]] = [
+    ("covidnet-lr", "lr 5e-4", "single", "covidnet", {"lr": 5e-4}),
+    ("covidnet-lr", "lr 1e-4", "single", "covidnet", {"lr": 1e-4}),
+    ("covidnet-lr", "lr 2e-3", "single", "covidnet", {"lr": 2e-3}),
+    ("frame+block_act", "resize, none", "sepnorm-contrastive", "covidnet_redesign", {"frame": "resize"}),
+    ("frame+block_act", "pad, none", "sepnorm-contrastive", "covidnet_redesign", {"frame": "pad"}),
+    ("frame+block_act", "resize, relu", "sepnorm-contrastive", "covidnet_redesign",
+     {"frame": "resize", "block_act": "relu"}),
+]
+SEEDS = {"covidnet-lr": (0,), "frame+block_act": (0, 1)}
+FOLDS = (0, 1)
+
+
+def _key(question: str, label: str, fold: int, seed: int) -> str:
+    return f"{question}|{label}|{fold}|{seed}"
+
+
+def _done(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {_key(r["question"], r["label"], r["fold"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def run(out: Path) -> None:
+    sites = load_sites(SITES)
+    results = out / "choices.jsonl"
+    done = _done(results)
+    plan = [(q, label, m, b, o, fold, seed) for seed in (0, 1) for fold in FOLDS
+            for q, label, m, b, o in CHOICES if seed in SEEDS[q]]
+    # seed-0 runs of every setting first, so that a partial sweep already answers each question on 2 folds
+    for q, label, method, backbone, overrides, fold, seed in plan:
+        if _key(q, label, fold, seed) in done:
+            continue
+        values = {**PRESETS["cpu"], **overrides, "method": method, "backbone": backbone, "fold": fold, "seed": seed}
+        config = apply_overrides(TrainConfig(), values)
+        run_dir = out / "runs" / q / label.replace(", ", "_").replace(" ", "") / f"fold{fold}_seed{seed}"
+        print(f"{q}: {label} fold {fold} seed {seed} -> {run_dir}", flush=True)
+        start = time.perf_counter()
+        metrics = train(config, sites, run_dir, resume=True, progress=False)
+        line = {
+            "question": q, "label": label, "method": method, "backbone": backbone, "overrides": overrides,
+            "fold": fold, "seed": seed, "wall_s": round(time.perf_counter() - start, 1),
+            "val_auc": {name: s["val"]["auc"] for name, s in metrics["sites"].items()},
+            "val_p_std": {name: s.get("val_p_std") for name, s in metrics["sites"].items()},
+            "collapsed": metrics.get("collapsed", False), "git_commit": git_commit(),
+            "cpu": machine_info()["processor"],
+        }
+        with open(results, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def table(out: Path) -> str:
+    rows = [json.loads(t) for t in (out / "choices.jsonl").read_text().splitlines() if t.strip()]
+    lines = []
+    for question in dict.fromkeys(r["question"] for r in rows):
+        mine = [r for r in rows if r["question"] == question]
+        lines += [f"**{question}**", "", "| setting | runs | val AUC A | val AUC B | mean | min std P(COVID) | min/run |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for label in dict.fromkeys(r["label"] for r in mine):
+            runs = [r for r in mine if r["label"] == label]
+            a = [100 * r["val_auc"]["A"] for r in runs]
+            b = [100 * r["val_auc"]["B"] for r in runs]
+            spread = min(min(v for v in r["val_p_std"].values() if v is not None) for r in runs)
+            minutes = statistics.mean(r["wall_s"] for r in runs) / 60
+            lines.append(f"| {label} | {len(runs)} | {statistics.mean(a):.2f} | {statistics.mean(b):.2f} | "
+                         f"{statistics.mean(a + b):.2f} | {spread:.3g} | {minutes:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("run", "table"))
+    parser.add_argument("--out", type=Path, default=Path("results/choices"))
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.out)
+    else:
+        print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
