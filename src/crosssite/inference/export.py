@@ -206,15 +206,19 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, ba
             return {"image": x.detach().cpu().float().numpy()}
 
     reader = Reader()
-    with tempfile.TemporaryDirectory() as tmp, _quiet_quantisation():
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph clean-up, as ORT advises
-        quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    meta["quantization"] = {"format": "QDQ", "weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
-                            "activations": "uint8, min/max calibrated", "calibration_slices": reader.slices}
-    _write_metadata(int8_path, meta)
-    return int8_path
+
+    def write(target: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp, _quiet_quantisation():
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph clean-up, as ORT advises
+            quantize_static(str(prepared), target, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        meta["quantization"] = {"format": "QDQ",
+                                "weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
+                                "activations": "uint8, min/max calibrated", "calibration_slices": reader.slices}
+        _write_metadata(Path(target), meta)
+
+    return atomic_write(int8_path, write, "int8 ONNX export")  # a failed export leaves no partial file
 
 
 @contextlib.contextmanager
