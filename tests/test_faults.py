@@ -454,3 +454,18 @@ def test_predict_every_pydicom_test_file(tmp_path: Path, model_file: Path) -> No
     assert len(refused) <= 8, refused
     not_ct = [r for r in rows if r["kind"] == "slice" and Path(r["path"]).name.startswith(("MR_", "rtdose"))]
     assert not_ct and all("not CT" in r["warning"] for r in not_ct)
+
+
+def test_experiment_results_never_end_in_half_a_line(tmp_path: Path) -> None:
+    """A results line that does not fit (file-size limit) is cut off again: results.jsonl keeps its whole lines."""
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"run": 1}\n' * 90)  # 990 bytes
+    code = ("import sys; from pathlib import Path; from crosssite.experiment import _append_line; "
+            "from crosssite.errors import OutputError\n"
+            "try:\n    _append_line(Path(sys.argv[1]), {'run': 2, 'pad': 'x' * 200})\n"
+            "except OutputError as e:\n    print(e); sys.exit(3)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(results)], capture_output=True, text=True,
+                         preexec_fn=file_size_limit(1100), timeout=120)
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert str(results) in run.stdout and "file too large" in run.stdout
+    assert results.read_text() == '{"run": 1}\n' * 90

@@ -1,10 +1,10 @@
 """Writing outputs: one place that turns an operating-system failure on an output into a named `OutputError`.
 
-Every command writes through `guard_output` (directly, or through the atomic writers of
-`crosssite.training.checkpoint`), and the command line's group (`crosssite.cli.app`) maps any such error left
-unguarded with `output_error`, so a full disk, a read-only file system, a missing permission or a file where a
-folder should be gives one line -- the path, what failed, what to do -- and exit status 1, never a traceback.
-Writers write to a temporary file and rename it into place, so a failed write leaves no partial file.
+Every command writes through `guard_output` (directly, or through the atomic writers below), and the command
+line's group (`crosssite.cli.app`) maps any such error left unguarded with `output_error`, so a full disk, a
+read-only file system, a missing permission or a file where a folder should be gives one line -- the path, what
+failed, what to do -- and exit status 1, never a traceback. The atomic writers write to a temporary file and
+rename it into place, so a failed write leaves no partial file.
 """
 
 from __future__ import annotations
@@ -53,9 +53,14 @@ def output_error(error: OSError, path: object | None = None, what: str = "output
         return None
     reason, hint = known
     where = error.filename if path is None else path
-    if path is not None and error.filename is not None and str(error.filename) != str(path):
+    if path is not None and error.filename is not None and not _is_or_temp_of(Path(error.filename), Path(path)):
         reason = f"{reason} ({error.filename})"
     return OutputError(where, what, reason, hint)
+
+
+def _is_or_temp_of(name: Path, path: Path) -> bool:
+    """Whether ``name`` is ``path`` or the temporary file `atomic_write` writes beside it."""
+    return name == path or (name.parent == path.parent and name.name.startswith(f".{path.name}."))
 
 
 @contextlib.contextmanager

@@ -76,7 +76,7 @@ def _report_problems(records: list[Any]) -> None:
     skipped = [r for r in records if r.kind == "skipped"]
     if skipped:
         typer.echo(f"skipped {len(skipped)} file(s) that are not images, e.g. {skipped[0].path}", err=True)
-    warned = {}
+    warned: dict[str, str] = {}
     for r in records:
         if r.kind == "error":
             typer.echo(f"error: {r.path}: {one_line(r.error)}", err=True)

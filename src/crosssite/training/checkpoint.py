@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from crosssite.errors import CheckpointError
-from crosssite.ioutil import atomic_write_bytes, atomic_write_text
+from crosssite.ioutil import _UMASK, atomic_write_bytes, atomic_write_text  # noqa: F401  (_UMASK: the mode test)
 
 __all__ = [
     "atomic_write_bytes",
