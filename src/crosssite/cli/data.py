@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from crosssite.cli.app import app, fail
+from crosssite.data.io import MIN_IMAGE_SIDE
 from crosssite.errors import CrossSiteError
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect sites: classes, patients, formats, bad files, duplicates.")
@@ -52,6 +53,9 @@ def _print_report(report: dict) -> None:
         console.print("identical slices across sites: " + " = ".join(f"{o['site']}:{o['path']}" for o in group),
                       markup=False)
     for s in report["sites"]:
+        if s["too_small"]:
+            console.print(f"too small to train on in {s['name']}: {len(s['too_small'])} image(s) below "
+                          f"{MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE} pixels, e.g. {s['too_small'][0]}", markup=False)
         if s.get("ignored"):
             console.print(f"ignored on purpose in {s['name']}: {len(s['ignored'])} hidden or system file(s) (names "
                           f"starting with '.', Thumbs.db, desktop.ini), e.g. {s['ignored'][0]}", markup=False)
@@ -76,7 +80,8 @@ def check(
 ) -> None:
     """Count classes and patients, list formats, modes, sizes, unreadable files and duplicate images.
 
-    Exits with status 1 when any file is unreadable (after the full report), unless ``--allow-unreadable``.
+    Exits with status 1 when any file is unreadable or below the minimum size training accepts (after the full
+    report), unless ``--allow-unreadable``.
     Hidden and system files (``.DS_Store``...) are ignored on purpose and listed as such.
     """
     from crosssite.data import load_sites
@@ -92,8 +97,9 @@ def check(
         typer.echo(json.dumps(report, indent=1))
     else:
         _print_report(report)
-    bad = {s["name"]: len(s["unreadable"]) for s in report["sites"] if s["unreadable"]}
+    bad = {s["name"]: len(s["unreadable"]) + len(s["too_small"]) for s in report["sites"]
+           if s["unreadable"] or s["too_small"]}
     if bad and not allow_unreadable:
         shown = ", ".join(f"{n} in {name}" for name, n in bad.items())
-        raise fail(f"{sum(bad.values())} unreadable file(s) ({shown}), listed above; fix or remove them, or pass "
-                   "--allow-unreadable (training skips them with --skip-bad)")
+        raise fail(f"{sum(bad.values())} unreadable or too small file(s) ({shown}), listed above; fix or remove "
+                   "them, or pass --allow-unreadable (training skips them with --skip-bad)")

@@ -4,7 +4,7 @@
 
     {"sites": [{"name", "layout", "root", "classes": {"COVID": n, "non-COVID": n}, "patients",
                 "patients_per_class", "formats", "modes", "width": [min, max], "height": [min, max],
-                "unreadable": [path, ...], "errors": [{"path", "frame", "reason"}],
+                "unreadable": [path, ...], "errors": [{"path", "frame", "reason"}], "too_small": [path, ...],
                 "duplicates": n, "duplicate_groups": [[path, ...], ...]}, ...],
      "cross_site_duplicates": [[{"site", "path"}, ...], ...]}
 
@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from crosssite.data.io import MIN_IMAGE_SIDE, ImageInfo, inspect_image, too_small
+from crosssite.data.io import MIN_IMAGE_SIDE, ImageInfo, inspect_image
 from crosssite.data.sites import Sample, Site
 from crosssite.errors import ImageReadError
 
@@ -33,12 +33,9 @@ def sample_name(sample: Sample) -> str:
 
 def _inspect(sample: Sample) -> ImageInfo | ImageReadError:
     try:
-        info = inspect_image(sample.path, sample.frame)
+        return inspect_image(sample.path, sample.frame)
     except ImageReadError as e:
         return e
-    if min(info.width, info.height) < MIN_IMAGE_SIDE:  # unreadable for training, so reported as such
-        return ImageReadError(sample.path, too_small(info.width, info.height))
-    return info
 
 
 def _site_report(site: Site, results: Sequence[ImageInfo | ImageReadError]) -> dict:
@@ -63,6 +60,8 @@ def _site_report(site: Site, results: Sequence[ImageInfo | ImageReadError]) -> d
         "width": [min(widths), max(widths)],
         "height": [min(heights), max(heights)],
         "unreadable": [sample_name(s) for s, _ in errors],
+        "too_small": [sample_name(s) for s, r in zip(site.samples, results)  # refused by training
+                      if isinstance(r, ImageInfo) and min(r.width, r.height) < MIN_IMAGE_SIDE],
         "errors": [{"path": str(s.path), "frame": s.frame, "reason": e.reason} for s, e in errors],
         "duplicates": sum(len(g) - 1 for g in duplicate_groups),
         "duplicate_groups": duplicate_groups,
