@@ -34,6 +34,7 @@ CHOICES: list[tuple[str, str, str, str, dict]] = [
     ("frame+block_act", "pad, none", "sepnorm-contrastive", "covidnet_redesign", {"frame": "pad"}),
     ("frame+block_act", "resize, relu", "sepnorm-contrastive", "covidnet_redesign",
      {"frame": "resize", "block_act": "relu"}),
+    ("frame+block_act", "pad, relu", "sepnorm-contrastive", "covidnet_redesign", {"frame": "pad", "block_act": "relu"}),
 ]
 SEEDS = {"covidnet-lr": (0,), "frame+block_act": (0, 1)}
 FOLDS = (0, 1)

@@ -198,7 +198,9 @@ def test_fedbn_beats_fedavg_on_strongly_shifted_sites_in_the_simulation(tmp_path
 
     sites = [_site("a", 0.0, n=80), _shifted_site(tmp_path / "shifted", n=80)]
     rounds = 6
-    config = TrainConfig(**(TINY | {"lr": 1e-3}))
+    # Fixed input normalisation: each client standardising its own site's intensities ("train", the default)
+    # removes most of this synthetic shift, and FedAvg then catches up (FedBN 0.76 / FedAvg 0.85 measured).
+    config = TrainConfig(**(TINY | {"lr": 1e-3, "input_norm": "fixed"}))
     result, late = {}, {}
     for strategy in ("fedbn", "fedavg"):
         result[strategy] = r = run_federated(config, sites, tmp_path / strategy, strategy=strategy, rounds=rounds,

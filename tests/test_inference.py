@@ -22,6 +22,9 @@ from crosssite.inference import MIN_ADAPT_IMAGES, InferenceError, Predictor, Pre
 from crosssite.models import create_model, load, save
 
 IMAGE_SIZE = 64
+# The test model is read with crosssite 0.1's central crop (still supported: a card may name any frame); the
+# whole-slice frames are tested through training in test_faithful_rows.py and test_data_loaders.py.
+FRAME = "crop"
 SITE_NAMES = ["A", "B"]
 
 
@@ -58,7 +61,7 @@ def save_tiny_model(path: Path, images: list[torch.Tensor], norm: str = "site", 
     card = {
         "site_names": SITE_NAMES,
         "class_names": list(CLASS_NAMES),
-        "preprocessing": {"image_size": IMAGE_SIZE, "mean": [0.63] * 3, "std": [0.29] * 3},
+        "preprocessing": {"image_size": IMAGE_SIZE, "frame": FRAME, "mean": [0.63] * 3, "std": [0.29] * 3},
     }
     if threshold is not None:
         card["threshold"] = threshold
@@ -84,7 +87,7 @@ def real(site_a_path: Path, site_b_path: Path) -> tuple[list, list[list[int]], l
 
 def site_images(files: list[Path]) -> list[torch.Tensor]:
     """Model inputs of the first and second half of ``files`` (one batch per site)."""
-    pre = Preprocess(IMAGE_SIZE)
+    pre = Preprocess(IMAGE_SIZE, frame=FRAME)
     x = torch.stack([pre(read_image(f)) for f in files])
     return list(x.chunk(2))
 
@@ -105,7 +108,7 @@ def slice_p(records: list) -> np.ndarray:
 def test_predictions_match_evaluation_pipeline(model_path: Path, real: tuple, site: str | None) -> None:
     sites, indices, files = real
     model, _ = load(model_path)
-    cache = build_cache(sites, indices, IMAGE_SIZE, progress=False)
+    cache = build_cache(sites, indices, IMAGE_SIZE, progress=False, frame=FRAME)
     loader = eval_loader(sites, indices, cache, IMAGE_SIZE, batch_size=3)
     expected = collect_probabilities(model, loader, site_override="mean" if site is None else 1).p_covid
 
@@ -169,11 +172,11 @@ def write_dicom_series(folder: Path, slices: list[np.ndarray]) -> list[Path]:
 
 def manual_p(model_path: Path, slices: list[np.ndarray]) -> np.ndarray:
     """P(COVID) of each slice straight from the data layer's transforms and the model (mean of sites)."""
-    from crosssite.data import eval_transform, resize_short_side, short_side_for
+    from crosssite.data import eval_transform, frame_slice, short_side_for
 
     model, _ = load(model_path)
-    tf = eval_transform(IMAGE_SIZE)
-    x = torch.stack([tf(resize_short_side(s, short_side_for(IMAGE_SIZE))) for s in slices])
+    tf = eval_transform(IMAGE_SIZE, frame=FRAME)
+    x = torch.stack([tf(frame_slice(s, short_side_for(IMAGE_SIZE), FRAME)) for s in slices])
     with torch.no_grad():
         return torch.softmax(model(x, None).logits, 1)[:, 1].double().numpy()
 
@@ -258,7 +261,7 @@ def test_onnx_export_matches_pytorch(model_path: Path, real: tuple, tmp_path: Pa
     records = onnx_predictor.predict(files)
     np.testing.assert_allclose(slice_p(records), torch_p, rtol=0, atol=1e-4)
     assert {r.norm for r in records} == {"B"}
-    assert onnx_predictor.preprocess.to_dict() == Preprocess(IMAGE_SIZE, [0.63] * 3, [0.29] * 3).to_dict()
+    assert onnx_predictor.preprocess.to_dict() == Preprocess(IMAGE_SIZE, [0.63] * 3, [0.29] * 3, FRAME).to_dict()
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     model, _ = load(model_path)

@@ -45,6 +45,15 @@ def _print_report(report: dict) -> None:
         console = Console(width=160)  # a pipe or a file: do not squeeze the table to 80 columns
     console.print(table)
     for s in report["sites"]:
+        for attribute in ("formats", "modes"):
+            per_class = "; ".join(f"{cls}: " + ", ".join(f"{k} {v}" for k, v in values.items())
+                                  for cls, values in s[f"{attribute}_per_class"].items())
+            console.print(f"{attribute} per class in {s['name']}: {per_class}", markup=False)
+        for cut in s["shortcuts"]:
+            console.print(
+                f"warning: in {s['name']}, {cut['attribute']} {cut['value']} occurs only in class {cut['class']} "
+                f"({cut['count']} slices, {100 * cut['fraction']:.1f}% of the site): a model can tell the classes "
+                "apart by the file instead of the lungs", markup=False)
         for e in s["errors"]:
             console.print(f"unreadable in {s['name']}: {e['path']}: {e['reason']}", markup=False)
         for group in s["duplicate_groups"]:

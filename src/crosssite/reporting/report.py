@@ -45,6 +45,7 @@ from crosssite.reporting.tables import (
     site_layout,
     site_order,
     table_one,
+    interval_table,
     ttest_table,
 )
 
@@ -461,6 +462,7 @@ def build_report(
         *_protocol_section(runs, sites),
         Heading("Table I"),
         table_one(runs, sites),
+        interval_table(runs, sites),
         Heading("Tables II and III"),
         ttest_table(runs, sites, "baselines"),
         ttest_table(runs, sites, "comparisons"),

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from crosssite.errors import CrossSiteError
-from crosssite.evaluation import paired_ttest
+from crosssite.evaluation import bootstrap_ci, paired_ttest
 
 __all__ = [
     "ReportError",
@@ -40,7 +40,13 @@ __all__ = [
     "table_one",
     "ttest_pvalues",
     "ttest_table",
+    "interval_table",
+    "COLLAPSE_STD",
 ]
+
+# A run whose results.jsonl line predates the engine's collapse flag is judged by the spread of its test
+# predictions with the engine's default threshold (TrainConfig.collapse_std).
+COLLAPSE_STD = 1e-3
 
 
 class ReportError(CrossSiteError):
@@ -94,6 +100,7 @@ class SiteResult:
     metrics: dict[str, float]  # fractions; NaN where undefined
     y_true: np.ndarray  # (N,) int
     p_covid: np.ndarray  # (N,) float
+    patients: tuple[str, ...] | None = None  # patient id per slice, where the site has them
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ class RunResult:
     finished_at: str = ""
     site_order: tuple[str, ...] = ()  # optional: the sites in the order they were given
     site_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # optional: layout, has_patients per site
+    collapsed: bool = False  # the engine flagged its validation predictions as collapsed (a near-constant output)
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -142,7 +150,17 @@ def _parse_site(name: str, raw: Any, where: str) -> SiteResult:
     p_covid = np.asarray(raw.get("p_covid", []), dtype=np.float64)
     if y_true.shape != p_covid.shape or y_true.ndim != 1:
         raise ReportError(f"{where}: site {name!r} has {y_true.size} labels but {p_covid.size} probabilities")
-    return SiteResult(metrics=metrics, y_true=y_true, p_covid=p_covid)
+    patients = raw.get("patients")
+    if patients is not None and len(patients) != y_true.size:
+        raise ReportError(f"{where}: site {name!r} has {len(patients)} patient ids for {y_true.size} labels")
+    return SiteResult(metrics=metrics, y_true=y_true, p_covid=p_covid,
+                      patients=None if patients is None else tuple(map(str, patients)))
+
+
+def _collapsed(raw: dict[str, Any], sites: dict[str, SiteResult]) -> bool:
+    if "collapsed" in raw:
+        return bool(raw["collapsed"])
+    return any(len(s.p_covid) > 1 and float(np.std(s.p_covid)) < COLLAPSE_STD for s in sites.values())
 
 
 def _parse_line(text: str, where: str) -> RunResult:
@@ -170,6 +188,7 @@ def _parse_line(text: str, where: str) -> RunResult:
         finished_at=str(raw.get("finished_at", "")),
         site_order=tuple(raw.get("site_order") or ()),
         site_info=dict(raw.get("site_info") or {}),
+        collapsed=_collapsed(raw, sites),
     )
 
 
@@ -230,8 +249,10 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
 
 
 def summarise(runs: Sequence[RunResult], row: PaperRow, site: str, metric: str) -> tuple[float, float, int]:
-    """(mean, std, n) in % of one metric of one row on one site over its runs; NaN where there is none."""
-    values = [100.0 * r.sites[site].metrics.get(metric, float("nan")) for r in runs_of(runs, row) if site in r.sites]
+    """(mean, std, n) in % of one metric of one row on one site over its runs that did not collapse; NaN where
+    there is none."""
+    values = [100.0 * r.sites[site].metrics.get(metric, float("nan"))
+              for r in runs_of(runs, row) if site in r.sites and not r.collapsed]
     return _mean_std(values)
 
 
@@ -290,15 +311,20 @@ def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     body = []
     for row in ROWS:
         mine = runs_of(runs, row)
-        cells = [row.label, str(len(mine))]
+        collapsed = sum(r.collapsed for r in mine)
+        label = row.label + (f" ⚠ collapsed in {collapsed} of {len(mine)} runs" if collapsed else "")
+        cells = [label, str(len(mine) - collapsed)]
         for site in sites:
-            cells += [_pct(*summarise(runs, row, site, m)[:2]) for m in TABLE_METRICS]
+            values = [_pct(*summarise(runs, row, site, m)[:2]) for m in TABLE_METRICS]
+            cells += ["collapsed" if mine and collapsed == len(mine) else v for v in values]
             cells.append(_paper_auc(row, site_layout(runs, site)))
         body.append(cells)
     caption = (
         f"Columns: {_sites_legend(sites)}. "
         "Mean ± sample standard deviation (ddof=1) over every finished fold x seed run of each row, in %; "
-        "'runs' counts them, '–' marks a row or site without runs. The paper's AUC (mean of 4 folds x 3 runs) "
+        "'runs' counts them, '–' marks a row or site without runs. A run whose predictions collapsed (P(COVID) "
+        "nearly constant over a validation part: its AUC is noise around the class prior, not a result) is left "
+        "out and the row is marked. The paper's AUC (mean of 4 folds x 3 runs) "
         f"stands beside ours; the paper's site A is {PAPER_SITES[0]} (SARS-CoV-2 CT-scan) and its site B is "
         f"{PAPER_SITES[1]} (COVID-CT)."
     )
@@ -362,3 +388,37 @@ def ttest_table(runs: Sequence[RunResult], sites: Sequence[str], which: str) -> 
         "metric, and only for the redesigned backbone."
     )
     return Table(f"Table {number}. p-values of ours against {against}", header, body, caption)
+
+
+def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int = 200, seed: int = 0) -> Table:
+    """Per row and site: the mean test AUC and the mean over runs of each run's 95% bootstrap interval, drawn
+    over patients where the runs carry patient ids (site B), else over slices (site A has none)."""
+    header = ["Method"] + [f"{site_letter(i)} AUC (95% CI)" for i in range(len(sites))]
+    units = {}
+    body = []
+    for row in ROWS:
+        mine = [r for r in runs_of(runs, row) if not r.collapsed]
+        cells = [row.label]
+        for site in sites:
+            results = [r.sites[site] for r in mine if site in r.sites and len(r.sites[site].y_true)]
+            if not results:
+                cells.append("–")
+                continue
+            lows, highs, aucs = [], [], []
+            for res in results:
+                low, high = bootstrap_ci(res.y_true, res.p_covid, n=n_boot, seed=seed, groups=res.patients)["auc"]
+                lows.append(low)
+                highs.append(high)
+                aucs.append(res.metrics.get("auc", float("nan")))
+                units.setdefault(site, set()).add("patients" if res.patients is not None else "slices")
+            cells.append(f"{100 * np.nanmean(aucs):.2f} ({100 * np.nanmean(lows):.2f}-{100 * np.nanmean(highs):.2f})")
+        body.append(cells)
+    resampled = "; ".join(f"site {site_letter(i)}: {' and '.join(sorted(units.get(s, {'-'})))}"
+                          for i, s in enumerate(sites))
+    caption = (
+        f"Columns: {_sites_legend(sites)}. Each run's test AUC with a stratified percentile bootstrap interval "
+        f"({n_boot} resamples), averaged over the row's runs (collapsed runs left out). Resampled units: {resampled}. "
+        "Where patient ids exist, whole patients are drawn (a cluster bootstrap): slices of one patient are not "
+        "independent, and drawing slices would give intervals that are too narrow."
+    )
+    return Table("Test AUC with 95% bootstrap intervals", header, body, caption)

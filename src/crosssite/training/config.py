@@ -25,6 +25,7 @@ __all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "
 _CHOICES: dict[str, tuple[str, ...]] = {
     "block_act": ("none", "relu"),
     "frame": FRAMES,
+    "input_norm": ("train", "fixed"),
     "init": ("auto", "default", "fan_in"),
     "schedule_per": ("step", "epoch"),
     "contrastive_form": ("ntxent", "eq4"),
@@ -50,6 +51,10 @@ class TrainConfig:
     # how a slice becomes a square (crosssite.data.transforms): "resize" / "pad" keep the whole slice in view,
     # "crop" keeps a central square of a short-side-resized slice (crosssite 0.1)
     frame: str = "resize"
+    # input normalisation: "train" = pixel mean / std of the run's training part (stored in the model card);
+    # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (crosssite 0.1). A federated client sees only its own
+    # site, so "train" standardises every site's intensities separately there
+    input_norm: str = "train"
     # optimisation (Adam, cosine to lr_min; step decay x0.1 every 30 of 100 epochs for `covidnet`)
     epochs: int = 100
     batch_per_site: int = 16
@@ -57,6 +62,9 @@ class TrainConfig:
     # `single` sets it for each of its per-site runs to the multi-site runs' count, with a batch of
     # batch_per_site x number of sites (32) from its one site, so every row of Table I makes as many steps.
     steps_per_epoch: int = 0
+    # false: training batches are seen through the evaluation view (no random crop or flip), e.g. to compare
+    # process counts step for step, since crops and flips are drawn per rank
+    augment: bool = True
     oversample: int = 4  # a site with < half the largest site's training items is repeated this often per epoch
     lr: float = 1e-4
     lr_min: float = 1e-6

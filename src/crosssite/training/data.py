@@ -20,6 +20,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from crosssite.data import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
     MultiSiteBatchSampler,
     Site,
     SliceCache,
@@ -164,10 +166,14 @@ def build_run_data(
                         progress=progress)
     train_indices = [s.train for s in splits]
     train_slots = np.array([cache.slot_of(site.samples[i]) for site, ix in zip(sites, train_indices) for i in ix])
-    mean, std = pixel_stats(cache, train_slots[cache.valid[train_slots]])
+    if config.input_norm == "train":
+        mean, std = pixel_stats(cache, train_slots[cache.valid[train_slots]])
+    else:
+        mean, std = DEFAULT_MEAN, DEFAULT_STD
     oversample = None if config.oversample == 1 else _oversample_factors(splits, config.oversample)
-    augment = train_transform(config.image_size, short_side=cache.short_side, frame=config.frame, mean=mean, std=std)
     view = eval_transform(config.image_size, frame=config.frame, mean=mean, std=std)
+    augment = (train_transform(config.image_size, short_side=cache.short_side, frame=config.frame, mean=mean, std=std)
+               if config.augment else view)
     train = train_loader(
         sites,
         train_indices,

@@ -318,6 +318,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+_NORM_TEXT = {"train": "pixel mean / std of the run's training part", "fixed": "fixed constants (crosssite 0.1)"}
 _FRAME_TEXT = {
     "resize": "whole slice resized to a square",
     "pad": "whole slice padded to a square (median border grey), then resized",
@@ -335,7 +336,7 @@ def model_card(
         "site_names": list(site_names),
         "class_names": list(CLASS_NAMES),
         "preprocessing": {"image_size": config.image_size, "frame": config.frame, "mean": list(data.mean),
-                          "std": list(data.std), "normalisation": "pixel mean / std of the run's training part",
+                          "std": list(data.std), "normalisation": _NORM_TEXT[config.input_norm],
                           "eval_resize": _FRAME_TEXT[config.frame]},
         "train_config": config.to_dict(),
         "method": method,
