@@ -8,7 +8,9 @@ import base64
 import io
 import json
 import logging
+import tempfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -275,6 +277,7 @@ def test_model_card_probes_viewer_and_openapi(client: TestClient, model_path: Pa
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert ready.json()["forward_passes"] >= 1 and ready.json()["capacity"] == Limits().max_pending
     page = client.get("/")
     assert "not a medical device" in page.text and "/static/viewer.js" in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
@@ -290,6 +293,23 @@ def test_not_ready_outside_lifespan(model_path: Path) -> None:
     service = Service.from_file(model_path)
     response = TestClient(create_app(service)).get("/readyz")  # no lifespan: the worker never started
     assert response.status_code == 503 and response.json()["status"] == "not ready"
+
+
+def server_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("crosssite-serve-*"))
+
+
+def test_timeout_answers_504_and_cleans_up(model_path: Path, files: list[Path]) -> None:
+    before = server_folders()
+    service = Service.from_file(model_path, limits=Limits(timeout_s=0.001), max_wait_s=0.05)
+    with TestClient(create_app(service)) as c:
+        response = post(c, upload(files[:2]))
+        assert response.status_code == 504 and "timeout of 0.001 s" in response.json()["detail"]
+        deadline = time.monotonic() + 20
+        while service.pending and time.monotonic() < deadline:  # the abandoned work finishes, then frees its slot
+            time.sleep(0.02)
+        assert service.pending == 0
+    assert server_folders() <= before  # its private folder is gone too
 
 
 def test_full_queue_answers_503(model_path: Path, files: list[Path]) -> None:

@@ -177,10 +177,13 @@ def create_app(service: Service, *, token: str | None = None, cors_origins: Sequ
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        """Readiness: the model is loaded and its worker runs (503 while starting or stopping)."""
+        """Readiness: the model is loaded and its worker runs (503 while starting or stopping); with the
+        requests admitted now, the capacity, and the micro-batcher's counters."""
         ready = service.ready
+        stats = service.batcher.stats
         body = {"status": "ready" if ready else "not ready", "pending": service.pending,
-                "capacity": limits.max_pending}
+                "capacity": limits.max_pending, "forward_passes": stats.batches, "slices_scored": stats.images,
+                "largest_batch": stats.largest, "merged_passes": stats.merged}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/", include_in_schema=False)
