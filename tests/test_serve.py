@@ -445,3 +445,13 @@ def test_cli_errors_are_one_line(model_path: Path, tmp_path: Path) -> None:
     assert both.exit_code == 1 and "not both" in both.output
     unknown = runner.invoke(cli, ["serve", str(model_path), "--site", "Z"])
     assert unknown.exit_code == 1 and "unknown site 'Z'" in unknown.output
+
+
+def test_cors_only_for_the_origins_given(model_path: Path) -> None:
+    service = Service.from_file(model_path)
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    with TestClient(create_app(service, cors_origins=["https://pacs.example"])) as c:
+        allowed = c.options("/v1/predict", headers={"Origin": "https://pacs.example", **preflight})
+        other = c.options("/v1/predict", headers={"Origin": "https://evil.example", **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://pacs.example"
+    assert "access-control-allow-origin" not in other.headers

@@ -10,6 +10,7 @@ on this hospital's slices, and scores every request with them. Needs the ``serve
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from pathlib import Path
 
@@ -79,5 +80,7 @@ def serve(
                        f"model; set {TOKEN_ENV} or --token", err=True)
     typer.echo(f"model {service.model_id} ({service.model_version}, {service.backend_name}, normalisation "
                f"{service.direct.norm}); viewer at http://{host}:{port}/", err=True)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # uvicorn's, plus the service's own log lines
+    log_config["loggers"]["crosssite.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     uvicorn.run(create_app(service, token=token, cors_origins=cors_origin), host=host, port=port,
-                log_level="info", server_header=False)
+                log_config=log_config, server_header=False)
