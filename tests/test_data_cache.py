@@ -98,7 +98,7 @@ def test_corrupt_file_stops_or_is_recorded(tmp_path: Path) -> None:
 def test_frames_cached_separately_and_pickling(tmp_path: Path) -> None:
     import nibabel as nib
 
-    volume = np.stack([np.full((6, 6), v, np.int16) for v in (-1000, -600, 0)], axis=-1)
+    volume = np.stack([np.full((8, 8), v, np.int16) for v in (-1000, -600, 0)], axis=-1)
     path = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
     samples = [Sample(path, 0, "v", frame=k) for k in range(3)]

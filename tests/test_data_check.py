@@ -39,7 +39,7 @@ def sites(tmp_path: Path, site_a_path: Path) -> tuple[Path, Path]:
 
 def test_json_report(sites: tuple[Path, Path]) -> None:
     manifest, folder = sites
-    result = run(f"A={manifest}", f"X={folder}", "S=synthetic:shift=0.5,n=4,size=48", "--json")
+    result = run(f"A={manifest}", f"X={folder}", "S=synthetic:shift=0.5,n=4,size=48", "--json", "--allow-unreadable")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     a, x, s = report["sites"]

@@ -18,7 +18,8 @@ from crosssite.data import (
     parse_site_spec,
     read_image,
 )
-from crosssite.data.synthetic import SLICES_PER_PATIENT, SyntheticParams, synthetic_site
+from crosssite.data.sites import synthetic_site
+from crosssite.data.synthetic import SLICES_PER_PATIENT, SyntheticParams
 from crosssite.errors import SiteError
 
 

@@ -12,7 +12,8 @@ import yaml
 
 from crosssite.errors import CheckpointError, ConfigError
 from crosssite.training import METHODS, TrainConfig, load_config
-from crosssite.training.checkpoint import _UMASK, atomic_write_text, load_checkpoint, save_checkpoint
+from crosssite.ioutil import _UMASK, atomic_write_text
+from crosssite.training.checkpoint import load_checkpoint, save_checkpoint
 from crosssite.training.config import save_config
 from crosssite.training.methods import model_kwargs
 from crosssite.training.schedule import lr_at, step_decay_period

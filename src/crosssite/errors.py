@@ -31,6 +31,19 @@ class CheckpointError(CrossSiteError):
     """A model or checkpoint file that is corrupt, truncated, or from an incompatible version."""
 
 
+class OutputError(CrossSiteError):
+    """An output that cannot be written: not a directory, permission, read-only file system, full disk, quota.
+
+    Raised by `crosssite.ioutil.guard_output` from the `OSError` of the failed write; the message names the path,
+    what was being written, the cause, and what to do.
+    """
+
+    def __init__(self, path: object | None, what: str, reason: str, hint: str) -> None:
+        self.path, self.what, self.reason, self.hint = path, what, reason, hint
+        where = "" if path is None else f"{path}: "
+        super().__init__(f"{where}cannot write {what}: {reason}; {hint}")
+
+
 class TrainingError(CrossSiteError):
     """A run that cannot start or continue (run directory in use, mismatching resume, ...)."""
 
@@ -38,3 +51,7 @@ class TrainingError(CrossSiteError):
 class TrainingDiverged(TrainingError):
     """The loss, the gradient norm, a parameter or a buffer became NaN or infinite; the last good (finite)
     checkpoint is kept."""
+
+
+class InferenceError(CrossSiteError):
+    """A prediction request that cannot be served: unknown site, too few images to adapt, no input..."""

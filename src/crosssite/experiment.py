@@ -22,6 +22,7 @@ from typing import Any
 
 from crosssite.data import Site
 from crosssite.errors import ConfigError
+from crosssite.ioutil import ensure_dir, guard_output
 from crosssite.training.methods import PAPER_TABLE_I
 from crosssite.training.rundir import read_predictions
 
@@ -84,16 +85,25 @@ def finished_keys(results: Path) -> set[RunKey]:
 
 
 def _append_line(results: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line under an exclusive lock, flushed to disk, so parallel runners never interleave."""
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results, "a", encoding="utf-8") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """Append one JSON line under an exclusive lock, flushed to disk, so parallel runners never interleave; a
+    failed write (full disk) is cut off again, so the file never ends in half a line, and is an `OutputError`."""
+    with guard_output(results, "the experiment's results"):
+        ensure_dir(results.parent)
+        line = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
+        with open(results, "ab", buffering=0) as fh:  # unbuffered: every byte written is known
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                end = os.lseek(fh.fileno(), 0, os.SEEK_END)
+                try:
+                    view = memoryview(line)
+                    while view:
+                        view = view[os.write(fh.fileno(), view):]
+                    os.fsync(fh.fileno())
+                except OSError:
+                    os.ftruncate(fh.fileno(), end)
+                    raise
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:

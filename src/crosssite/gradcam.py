@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image
 
+from crosssite.ioutil import atomic_write
+
 __all__ = ["GradCamOutput", "grad_cam", "overlay", "save_png"]
 
 
@@ -114,8 +116,6 @@ def overlay(image_grey: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: 
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
-    """Write an (H, W, 3) uint8 image as PNG, creating the folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(path)
-    return path
+    """Write an (H, W, 3) uint8 image as PNG (atomically), creating the folder; returns the path."""
+    image = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), "Grad-CAM overlay")

@@ -1,19 +1,21 @@
 """``crosssite data ...``: commands that inspect sites.
 
-    crosssite data check SITE... [--json]
+    crosssite data check SITE... [--json] [--allow-unreadable]
 
 SITE is ``NAME=PATH[:LAYOUT]`` (``NAME=synthetic[:shift=0.5,n=200,seed=0,size=256]`` for a built-in
 synthetic site). Bad input (missing path, unknown layout, empty site...) gives a one-line message on stderr
-and exit status 1.
+and exit status 1; so does a check that found unreadable files (unless ``--allow-unreadable``).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
 from crosssite.cli.app import app, fail
+from crosssite.data.io import MIN_IMAGE_SIDE
 from crosssite.errors import CrossSiteError
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect sites: classes, patients, formats, bad files, duplicates.")
@@ -59,22 +61,54 @@ def _print_report(report: dict) -> None:
     for group in report["cross_site_duplicates"]:
         console.print("identical slices across sites: " + " = ".join(f"{o['site']}:{o['path']}" for o in group),
                       markup=False)
+    for s in report["sites"]:
+        if s["too_small"]:
+            console.print(f"too small to train on in {s['name']}: {len(s['too_small'])} image(s) below "
+                          f"{MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE} pixels, e.g. {s['too_small'][0]}", markup=False)
+        if s.get("ignored"):
+            console.print(f"ignored on purpose in {s['name']}: {len(s['ignored'])} hidden or system file(s) (names "
+                          f"starting with '.', Thumbs.db, desktop.ini), e.g. {s['ignored'][0]}", markup=False)
+
+
+def _add_ignored(report: dict, sites: list) -> None:
+    """Each site's hidden and system files (skipped on purpose) as ``ignored`` in its report."""
+    from crosssite.data.sites import ignored_files
+
+    for entry, site in zip(report["sites"], sites):
+        walked = site.layout in ("folder", "sars_cov2_ct", "covid_ct") and Path(site.root).is_dir()
+        entry["ignored"] = [str(p) for p in ignored_files(site.root)] if walked else []
 
 
 @data_app.command("check")
 def check(
     sites: list[str] = typer.Argument(..., metavar="SITE...", help="NAME=PATH[:LAYOUT], one or more."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    allow_unreadable: bool = typer.Option(
+        False, "--allow-unreadable", help="Exit 0 even when files are unreadable (they are still listed)."
+    ),
 ) -> None:
-    """Count classes and patients, list formats, modes, sizes, unreadable files and duplicate images."""
+    """Count classes and patients, list formats, modes, sizes, unreadable files and duplicate images.
+
+    Exits with status 1 when any file is unreadable or below the minimum size training accepts (after the full
+    report), unless ``--allow-unreadable``.
+    Hidden and system files (``.DS_Store``...) are ignored on purpose and listed as such.
+    """
     from crosssite.data import load_sites
     from crosssite.data.check import check_sites
 
     try:
-        report = check_sites(load_sites(sites))
+        loaded = load_sites(sites)
+        report = check_sites(loaded)
     except CrossSiteError as e:
         raise fail(e) from None
+    _add_ignored(report, loaded)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:
         _print_report(report)
+    bad = {s["name"]: len(s["unreadable"]) + len(s["too_small"]) for s in report["sites"]
+           if s["unreadable"] or s["too_small"]}
+    if bad and not allow_unreadable:
+        shown = ", ".join(f"{n} in {name}" for name, n in bad.items())
+        raise fail(f"{sum(bad.values())} unreadable or too small file(s) ({shown}), listed above; fix or remove "
+                   "them, or pass --allow-unreadable (training skips them with --skip-bad)")

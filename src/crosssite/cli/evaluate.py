@@ -22,6 +22,7 @@ import typer
 
 from crosssite.cli.app import app, fail
 from crosssite.errors import CheckpointError, CrossSiteError
+from crosssite.ioutil import ensure_dir
 
 
 
@@ -120,11 +121,12 @@ def _print(results: list[dict[str, Any]]) -> None:
 
 
 def _save(out: Path, report: dict[str, Any], results: list[Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    from crosssite.ioutil import atomic_write_text
+
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=1) + "\n", "evaluation metrics")
     for r, row in zip(results, report["results"]):
         stem = f"confusion_{row['model']}_{r.site}_{r.strategy}".replace(":", "-").replace("/", "-")
-        (out / f"{stem}.csv").write_text(r.confusion.to_csv())
+        atomic_write_text(out / f"{stem}.csv", r.confusion.to_csv(), "confusion matrix")
 
 
 @app.command()
@@ -151,6 +153,8 @@ def evaluate(
         device = str(resolve_device(device))
         if not site and not external:
             raise CrossSiteError("give at least one --site or --external")
+        if out is not None:
+            ensure_dir(out, "the --out folder")  # before any work: a bad output path fails at once
         models = _load_models(source, device)
         known_sites = [load_site(s) for s in site or []]
         external_sites = [load_site(s) for s in external or []]

@@ -1,14 +1,16 @@
 """``crosssite predict`` (a trained model on new files) and ``crosssite export`` (ONNX).
 
     crosssite predict MODEL INPUT... [--site NAME | --adapt [--save-adapted NEW_MODEL --adapt-name NAME]]
-                      [--cam DIR] [--out FILE.csv|FILE.json] [--batch-size N] [--top-k K]
+                      [--cam DIR] [--out FILE.csv|FILE.json] [--batch-size N] [--top-k K] [--strict]
     crosssite export MODEL --onnx FILE [--site NAME] [--int8 --calibrate PATH... [--calibration-slices N]]
 
 MODEL is a crosssite model (stem, ``.safetensors``, ``.json`` or run folder) or, for ``predict``, an
 ``.onnx`` export. INPUT is an image, DICOM or NIfTI file, or a folder searched recursively (a folder of
 DICOM files is one series). Unreadable inputs are reported by path and the rest still run; the exit status
-is 1 when any input failed (after the good rows are written). Bad requests give a one-line message and
-exit status 1.
+is 1 when any input failed (after the good rows are written). A file that may not be a chest-CT slice (a DICOM
+whose Modality is not CT, a localizer or non-axial slice, an image below the minimum size) is predicted with a
+``warning`` in its row and one line on stderr, or refused with ``--strict``. Bad requests and unwritable outputs
+give a one-line message and exit status 1.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 
 import typer
 
-from crosssite.cli.app import app, fail
+from crosssite.cli.app import app, fail, one_line
 from crosssite.errors import CrossSiteError
+from crosssite.ioutil import ensure_dir
 
 MAX_TABLE_ROWS = 40
 """Longer outputs are summarised on the terminal (every row goes to ``--out``)."""
@@ -73,9 +76,15 @@ def _report_problems(records: list[Any]) -> None:
     skipped = [r for r in records if r.kind == "skipped"]
     if skipped:
         typer.echo(f"skipped {len(skipped)} file(s) that are not images, e.g. {skipped[0].path}", err=True)
+    warned: dict[str, str] = {}
     for r in records:
         if r.kind == "error":
-            typer.echo(f"error: {r.path}: {r.error}", err=True)
+            typer.echo(f"error: {r.path}: {one_line(r.error)}", err=True)
+        elif r.warning and r.path not in warned:
+            warned[r.path] = r.warning
+            typer.echo(f"warning: {r.path}: {one_line(r.warning)}", err=True)
+    if warned:
+        typer.echo(f"{len(warned)} file(s) predicted with a warning (--strict refuses them)", err=True)
 
 
 @app.command()
@@ -90,6 +99,8 @@ def predict(
     out: Path | None = typer.Option(None, "--out", help="Write every row to FILE.csv or FILE.json."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per forward pass."),
     top_k: int = typer.Option(5, "--top-k", min=0, help="Slices averaged into a volume's score (0: all)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse inputs that would be predicted with a warning "
+                                "(DICOM not CT, localizer or non-axial slice, image below the minimum size)."),
 ) -> None:
     """Predict P(COVID) for slices, DICOM series and NIfTI volumes, with per-volume scores."""
     from crosssite.inference import Predictor, failed, write_records
@@ -101,7 +112,11 @@ def predict(
             raise CrossSiteError("--save-adapted needs --adapt")
         if out is not None and out.suffix.lower() not in (".csv", ".json"):
             raise CrossSiteError(f"{out}: --out must end in .csv or .json")
-        predictor = Predictor.from_file(model, site=site, adapt=adapt, batch_size=batch_size, top_k=top_k or None)
+        for folder, what in ((None if out is None else out.parent, "--out"), (cam, "--cam")):
+            if folder is not None:
+                ensure_dir(folder, f"the {what} folder")  # before any work: a bad output path fails at once
+        predictor = Predictor.from_file(model, site=site, adapt=adapt, batch_size=batch_size, top_k=top_k or None,
+                                        strict=strict)
         records = predictor.predict(inputs, cam_dir=cam)
         if adapt:
             typer.echo(f"AdaBN: normalisation re-estimated on {predictor.adapted[1]} images", err=True)

@@ -101,6 +101,9 @@ def _run(
     saved = out / "config.yaml"
     if config_file is None and resume and saved.is_file():
         config_file = saved
+    elif config_file is None and resume and (out / "sites.json").is_file():
+        raise CrossSiteError(f"{saved}: not found, so the run in {out} never started and its configuration is "
+                             "unknown; start it again without --resume (or give --config)")
     options = {k: v for k, v in (("method", method), ("backbone", backbone)) if v is not None}
     config = apply_overrides(load_config(config_file), options | parse_overrides(overrides))
     sites = load_sites(specs) if specs else (read_sites(out) if resume else None)

@@ -38,9 +38,10 @@ from crosssite.data.sites import (
     load_site,
     load_sites,
     parse_site_spec,
+    synthetic_site,
 )
 from crosssite.data.splits import Split, make_folds, official_split, split_fold
-from crosssite.data.synthetic import SyntheticParams, synthetic_site
+from crosssite.data.synthetic import SyntheticParams
 from crosssite.data.transforms import (
     DEFAULT_FRAME,
     DEFAULT_MEAN,

@@ -27,19 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from crosssite.data.io import LUNG_WINDOW, READER_VERSION, read_image
+from crosssite.data.io import LUNG_WINDOW, READER_VERSION, check_image_size, read_image
 from crosssite.data.sites import Sample
 from crosssite.data.transforms import frame_slice
 from crosssite.errors import ImageReadError
+from crosssite.ioutil import cache_root, guard_output
 
 __all__ = ["cache_root", "file_sha1", "SliceCache"]
 
 _CHUNK = 64  # slices decoded per batch of thread-pool work
-
-
-def cache_root() -> Path:
-    """``$CROSSSITE_CACHE``, or ``~/.cache/crosssite``."""
-    return Path(os.environ.get("CROSSSITE_CACHE", "~/.cache/crosssite")).expanduser()
+CACHE_WHAT = "the decode cache (or set CROSSSITE_CACHE to a folder with space)"
 
 
 def file_sha1(path: Path) -> str:
@@ -126,12 +123,14 @@ class SliceCache:
         self.frame = frame
         self.window = window
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "slices"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.threads = threads or min(4, os.cpu_count() or 1)
         self.skipped: list[tuple[Sample, str]] = []
         self._maps: dict[str, np.memmap] = {}
         self._index = {s: i for i, s in enumerate(self.samples)}
-        self._build(skip_bad, progress)
+        # Inputs that fail are ImageReadErrors; an OSError here is the cache's own folder (full, read-only...).
+        with guard_output(self.cache_dir, CACHE_WHAT):
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._build(skip_bad, progress)
 
     # ------------------------------------------------------------------------------------------ build
 
@@ -182,7 +181,8 @@ class SliceCache:
         self._shapes = np.array([(h, w) for _, _, h, w in loc], dtype=np.int64).reshape(-1, 2)
 
     def _decode(self, sample: Sample) -> np.ndarray:
-        return frame_slice(read_image(sample.path, sample.frame, self.window), self.short_side, self.frame)
+        image = check_image_size(sample.path, read_image(sample.path, sample.frame, self.window))
+        return frame_slice(image, self.short_side, self.frame)
 
     def _write_pack(
         self, missing: dict[str, Sample], skip_bad: bool, progress: bool

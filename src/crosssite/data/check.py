@@ -6,7 +6,7 @@
                 "patients_per_class", "formats", "modes", "formats_per_class", "modes_per_class",
                 "shortcuts": [{"attribute", "value", "class", "count", "fraction"}, ...],
                 "width": [min, max], "height": [min, max],
-                "unreadable": [path, ...], "errors": [{"path", "frame", "reason"}],
+                "unreadable": [path, ...], "errors": [{"path", "frame", "reason"}], "too_small": [path, ...],
                 "duplicates": n, "duplicate_groups": [[path, ...], ...]}, ...],
      "cross_site_duplicates": [[{"site", "path"}, ...], ...]}
 
@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from crosssite.data.io import ImageInfo, inspect_image
+from crosssite.data.io import MIN_IMAGE_SIDE, ImageInfo, inspect_image
 from crosssite.data.sites import Sample, Site
 from crosssite.errors import ImageReadError
 
@@ -97,6 +97,8 @@ def _site_report(site: Site, results: Sequence[ImageInfo | ImageReadError]) -> d
         "width": [min(widths), max(widths)],
         "height": [min(heights), max(heights)],
         "unreadable": [sample_name(s) for s, _ in errors],
+        "too_small": [sample_name(s) for s, r in zip(site.samples, results)  # refused by training
+                      if isinstance(r, ImageInfo) and min(r.width, r.height) < MIN_IMAGE_SIDE],
         "errors": [{"path": str(s.path), "frame": s.frame, "reason": e.reason} for s, e in errors],
         "duplicates": sum(len(g) - 1 for g in duplicate_groups),
         "duplicate_groups": duplicate_groups,

@@ -2,10 +2,14 @@
 
 * PNG / JPEG / BMP / TIFF (Pillow), any mode: ``L``, ``LA``, ``RGB``, ``RGBA``, ``P``, ``1``, ``CMYK``, 16-bit
   (``I;16``) and 32-bit (``I``, ``F``). Colour is turned to grey with ITU-R 601 luma weights; alpha is dropped.
-* DICOM (pydicom): stored values go through the modality LUT (rescale slope / intercept) to Hounsfield
-  units and a window (default lung window, level -600, width 1500) maps them to [0, 1]; ``MONOCHROME1`` is
-  inverted; a multi-frame file holds one slice per frame. Images without a modality LUT that are not CT
-  (e.g. secondary captures) are scaled by their bit depth.
+* DICOM (pydicom, with the pylibjpeg / pyjpegls / GDCM decoder plugins for every standard compression):
+  stored values go through the modality LUT (rescale slope / intercept) to Hounsfield units and a window
+  (default lung window, level -600, width 1500) maps them to [0, 1]; ``MONOCHROME1`` is inverted; a multi-frame
+  file holds one slice per frame; colour (RGB, YBR as decoded to RGB, palette) becomes luma. A CT image without
+  RescaleSlope / RescaleIntercept (Type 1 in the CT Image module, so non-conformant) is read with the identity
+  LUT (slope 1, intercept 0) only when its values look like HU (some below `MIN_AIR_HU`), and is refused
+  otherwise; `input_warnings` says so, and names a Modality other than CT or a non-axial slice. Images without a
+  modality LUT that are not CT (e.g. secondary captures) are stretched over their own range.
 * NIfTI (``.nii``, ``.nii.gz``, nibabel): reoriented to the closest canonical (RAS+) orientation; slice
   ``k`` is the ``k``-th axial slice from inferior to superior, shown in radiological convention (rows run
   anterior to posterior, columns from the patient's right to left); values are taken as Hounsfield units
@@ -40,13 +44,24 @@ __all__ = [
     "apply_window",
     "ImageInfo",
     "inspect_image",
+    "MIN_IMAGE_SIDE",
+    "check_image_size",
+    "too_small",
+    "input_warnings",
 ]
 
-READER_VERSION = 1
+READER_VERSION = 2
 """Bumped whenever decoding changes, so decode caches built by an older reader are not reused."""
 
 LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 """Default (level, width) window in Hounsfield units."""
+
+MIN_AIR_HU = -500.0
+"""A chest CT slice in Hounsfield units holds air (about -1000 outside the body, -850 in the lungs) below this."""
+
+MIN_IMAGE_SIDE = 8
+"""Fewest pixels along either side of an image that is trained on, evaluated, or predicted without a warning:
+a smaller one is a thumbnail or a broken export, not a CT slice (the network sees it upscaled to a blur)."""
 
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
@@ -147,11 +162,12 @@ def _read_pil(path: Path, frame: int | None) -> np.ndarray:
 
 
 def _dicom_to_grey(ds, pixels: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, convert_color_space
+    from pydicom.pixels import apply_modality_lut
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric.startswith("YBR"):
-        pixels = convert_color_space(pixels, photometric, "RGB")
+        # pydicom's pixel_array returns YBR_FULL / YBR_FULL_422 converted to RGB, and the JPEG 2000 decoders undo
+        # YBR_RCT / YBR_ICT themselves: the pixels are RGB already (converting again would shift every colour).
         photometric = "RGB"
     if photometric in ("RGB", "PALETTE COLOR"):
         if photometric == "PALETTE COLOR":
@@ -160,12 +176,27 @@ def _dicom_to_grey(ds, pixels: np.ndarray, window: tuple[float, float] | None) -
             pixels = apply_color_lut(pixels, ds)
         scale = float(2 ** int(ds.get("BitsStored", 8)) - 1)
         return np.clip((pixels[..., :3].astype(np.float32) @ _LUMA) / scale, 0.0, 1.0)
-    is_ct = str(ds.get("Modality", "")).upper() == "CT" or "RescaleSlope" in ds or "RescaleIntercept" in ds
+    has_lut = "RescaleSlope" in ds or "RescaleIntercept" in ds
+    is_ct = str(ds.get("Modality", "")).upper() == "CT" or has_lut
     if is_ct:
+        if not has_lut:
+            _check_hounsfield(pixels)
         grey = apply_window(apply_modality_lut(pixels, ds), window)
     else:
         grey = apply_window(pixels.astype(np.float32), None)
     return 1.0 - grey if photometric == "MONOCHROME1" else grey
+
+
+def _check_hounsfield(stored: np.ndarray) -> None:
+    """A CT image without RescaleSlope / RescaleIntercept: its stored values are read as HU (slope 1, intercept 0,
+    the identity modality LUT the standard gives when the module is absent) only when they look like HU."""
+    low, high = float(stored.min()), float(stored.max())
+    if low >= MIN_AIR_HU:
+        raise ValueError(
+            f"CT image without RescaleSlope/RescaleIntercept (Type 1 in the DICOM CT Image module) whose stored "
+            f"values {low:g}..{high:g} hold no air (nothing below {MIN_AIR_HU:g} HU), so they are not Hounsfield "
+            "units (likely raw detector values needing an intercept such as -1024); add the scanner's rescale tags"
+        )
 
 
 def _dicom_num_frames(ds) -> int:
@@ -301,6 +332,76 @@ def read_image(
     if not np.isfinite(image).all():
         raise ImageReadError(path, "decoded pixels are not finite")
     return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def check_image_size(path: Path | str, image: np.ndarray) -> np.ndarray:
+    """``image`` itself, or `ImageReadError` naming ``path`` when a side is below `MIN_IMAGE_SIDE` pixels."""
+    if min(image.shape) < MIN_IMAGE_SIDE:
+        height, width = image.shape
+        raise ImageReadError(path, too_small(width, height))
+    return image
+
+
+def too_small(width: int, height: int) -> str:
+    """The reason given for an image below `MIN_IMAGE_SIDE`."""
+    minimum = f"{MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}"
+    return f"image of {width} x {height} pixels is below the minimum of {minimum} for a CT slice"
+
+
+def _dicom_header_warnings(ds) -> list[str]:
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality != "CT":
+        kind = f"Modality {modality}" if modality else "no Modality"
+        return [f"{kind}, not CT: scored as if it were a chest CT slice"]
+    found = []
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if len(image_type) >= 3 and image_type[2] == "LOCALIZER":
+        found.append("a localizer (scout) image, not an axial slice")
+    orientation = ds.get("ImageOrientationPatient")
+    if orientation is not None and len(orientation) == 6:
+        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+        if np.linalg.norm(normal) > 0 and abs(normal[2]) / np.linalg.norm(normal) < 0.9:
+            found.append("slice orientation is not axial (plane normal {:.2f} {:.2f} {:.2f})".format(*normal))
+    if "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
+        found.append("no RescaleSlope/RescaleIntercept: stored values taken as Hounsfield units (slope 1, "
+                     "intercept 0)")
+    return found
+
+
+def _image_size(path: Path, kind: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding the pixels."""
+    if kind == "pil":
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.size
+    if kind == "dicom":
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+    shape = _nifti_volume(path)[1]
+    return shape[0], shape[1]
+
+
+def input_warnings(path: Path | str) -> list[str]:
+    """Why a readable file may not be what a chest-CT classifier expects (empty when nothing is odd): a DICOM
+    whose Modality is not CT, a localizer or non-axial slice, a CT without rescale tags, a side below
+    `MIN_IMAGE_SIDE`. Read from the header only; a file that cannot be read gives no warning (its read fails)."""
+    path = Path(path)
+    kind = image_kind(path)
+    found = []
+    try:
+        if kind == "dicom":
+            import pydicom
+
+            found += _dicom_header_warnings(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+        size = _image_size(path, kind) if kind is not None else None
+    except Exception:  # the read itself reports it
+        return found
+    if size is not None and 0 < min(size) < MIN_IMAGE_SIDE:
+        found.append(too_small(*size))
+    return found
 
 
 def num_frames(path: Path | str) -> int | None:

@@ -113,7 +113,7 @@ def train_loader(
     image_size: int = 224,
     *,
     batch_per_site: int = 16,
-    oversample: str | Mapping[int, int] | Sequence[int] | None = "paper",
+    oversample: str | int | Mapping[int, int] | Sequence[int] | None = "paper",
     seed: int = 0,
     workers: int = 0,
     rank: int = 0,

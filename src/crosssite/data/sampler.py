@@ -10,6 +10,7 @@ Oversampling factors:
 
 * ``"paper"``: the release repeats the smaller site's list four times. In general, every site with fewer
   than half the items of the largest site is repeated 4 times, every other site once.
+* an integer ``k``: the same rule with ``k`` instead of 4 (``1``: no site is repeated).
 * a mapping ``{site: factor}`` or a sequence of one factor per site (positive integers); missing sites get 1.
 * ``None``: every factor 1.
 
@@ -30,16 +31,22 @@ __all__ = ["MultiSiteBatchSampler", "oversample_factors"]
 PAPER_FACTOR = 4
 
 
-def oversample_factors(sizes: Sequence[int], oversample: str | Mapping[int, int] | Sequence[int] | None) -> list[int]:
+Oversample = str | int | Mapping[int, int] | Sequence[int] | None
+
+
+def oversample_factors(sizes: Sequence[int], oversample: Oversample) -> list[int]:
     """Repetition factor of each site's list (see the module docstring)."""
     n = len(sizes)
     if oversample is None:
         return [1] * n
-    if isinstance(oversample, str):
-        if oversample != "paper":
-            raise ValueError(f"oversample must be 'paper', a mapping, a sequence or None, got {oversample!r}")
+    if isinstance(oversample, str) and oversample != "paper":
+        raise ValueError(f"oversample must be 'paper', a factor, a mapping, a sequence or None, got {oversample!r}")
+    if isinstance(oversample, (str, int)):
+        factor = PAPER_FACTOR if oversample == "paper" else int(oversample)
+        if factor < 1:
+            raise ValueError(f"oversample factor must be >= 1, got {factor}")
         largest = max(sizes)
-        return [PAPER_FACTOR if 2 * s < largest else 1 for s in sizes]
+        return [factor if 2 * s < largest else 1 for s in sizes]
     if isinstance(oversample, Mapping):
         unknown = sorted(set(oversample) - set(range(n)))
         if unknown:
@@ -60,7 +67,7 @@ class MultiSiteBatchSampler(Sampler[list[int]]):
     Args:
         site_of_item: integer site of each dataset item (sites are ``0 .. S-1``, each with >= 1 item).
         batch_per_site: items per site in one global step (16 in the paper).
-        oversample: ``"paper"``, per-site factors, or None (see the module docstring).
+        oversample: ``"paper"``, a factor for its rule, per-site factors, or None (see the module docstring).
         seed: base seed; the order of epoch ``e`` depends only on ``(seed, e)``.
         rank, world_size: this process's share of every global batch.
         start_step: steps of the first epoch iterated to skip (resume inside an epoch); later epochs
@@ -75,7 +82,7 @@ class MultiSiteBatchSampler(Sampler[list[int]]):
         self,
         site_of_item: Sequence[int] | np.ndarray | torch.Tensor,
         batch_per_site: int = 16,
-        oversample: str | Mapping[int, int] | Sequence[int] | None = "paper",
+        oversample: Oversample = "paper",
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,

@@ -21,14 +21,17 @@ import csv
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from crosssite.data.synthetic import SyntheticParams, materialise, parse_synthetic_spec
 from crosssite.errors import ImageReadError, SiteError
 
 __all__ = [
+    "synthetic_site",
+    "load_synthetic_site",
     "CLASS_NAMES",
     "CLASS_ALIASES",
     "LAYOUTS",
@@ -162,8 +165,6 @@ def load_site(spec: str | tuple[str, Path | str, str | None] | Site) -> Site:
     if layout is not None and layout not in LAYOUTS:
         raise SiteError(f"site {name!r}: unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if layout == "synthetic" or (layout is None and _is_synthetic_spec(path)):
-        from crosssite.data.synthetic import load_synthetic_site
-
         return load_synthetic_site(name, str(path))
     path = Path(path).expanduser()
     if not path.exists():
@@ -218,6 +219,20 @@ def detect_layout(path: Path) -> str:
 # --------------------------------------------------------------------------------------------- layouts
 
 
+def _ignored(name: str) -> bool:
+    """Hidden and system entries (``.DS_Store``, ``._x.png``, ``.git/``, ``Thumbs.db``) are skipped on purpose."""
+    return name.startswith(".") or name.lower() in _IGNORED_FILES
+
+
+def ignored_files(folder: Path | str) -> list[Path]:
+    """The hidden and system files and folders below ``folder`` that site loading skips on purpose."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        found += [Path(root) / n for n in sorted([*dirs, *names]) if _ignored(n)]
+        dirs[:] = [d for d in dirs if not _ignored(d)]
+    return found
+
+
 def _image_files(folder: Path) -> list[Path]:
     """Image files below ``folder`` (recursively, sorted); an unsupported file is an error naming it."""
     from crosssite.data.io import is_supported_file
@@ -226,7 +241,7 @@ def _image_files(folder: Path) -> list[Path]:
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
-            if name.startswith(".") or name.lower() in _IGNORED_FILES:
+            if _ignored(name):
                 continue
             path = Path(root) / name
             if not is_supported_file(path):
@@ -387,3 +402,17 @@ def load_manifest(name: str, manifest: Path) -> Site:
         else:
             samples.extend(_expand(path, label, patient))
     return _site(name, "csv", manifest, samples)
+
+
+def synthetic_site(name: str, params: SyntheticParams | None = None, root: Path | None = None):
+    """A `Site` of synthetic slices (layout ``synthetic``), materialised under the cache directory."""
+    params = params or SyntheticParams()
+    folder = materialise(params, root)
+    loaded = load_manifest(name, folder / "manifest.csv")
+    return Site(name=name, layout="synthetic", root=folder, samples=loaded.samples, has_patients=True,
+                params=asdict(params))
+
+
+def load_synthetic_site(name: str, spec: str):
+    """Load the synthetic site ``NAME=synthetic[:key=value,...]``."""
+    return synthetic_site(name, parse_synthetic_spec(spec))

@@ -33,9 +33,9 @@ from scipy import ndimage
 from scipy.special import expit
 
 from crosssite.errors import SiteError
+from crosssite.ioutil import cache_root
 
-__all__ = ["SyntheticParams", "SLICES_PER_PATIENT", "parse_synthetic_spec", "render_slice", "materialise",
-           "load_synthetic_site", "synthetic_site"]
+__all__ = ["SyntheticParams", "SLICES_PER_PATIENT", "parse_synthetic_spec", "render_slice", "materialise"]
 
 SLICES_PER_PATIENT = 4
 _GENERATOR_VERSION = 2
@@ -245,8 +245,6 @@ def _generate(params: SyntheticParams, folder: Path) -> None:
 
 def materialise(params: SyntheticParams, root: Path | None = None) -> Path:
     """Folder holding the site's PNG files and manifest, generated on first use (atomically)."""
-    from crosssite.data.cache import cache_root
-
     base = (root or cache_root()) / "synthetic"
     folder = base / params.digest()
     if (folder / "manifest.csv").is_file():
@@ -263,19 +261,3 @@ def materialise(params: SyntheticParams, root: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def synthetic_site(name: str, params: SyntheticParams | None = None, root: Path | None = None):
-    """A `Site` of synthetic slices (layout ``synthetic``), materialised under the cache directory."""
-    from crosssite.data.sites import Site, load_manifest
-
-    params = params or SyntheticParams()
-    folder = materialise(params, root)
-    loaded = load_manifest(name, folder / "manifest.csv")
-    return Site(name=name, layout="synthetic", root=folder, samples=loaded.samples, has_patients=True,
-                params=asdict(params))
-
-
-def load_synthetic_site(name: str, spec: str):
-    """Load the synthetic site ``NAME=synthetic[:key=value,...]``."""
-    return synthetic_site(name, parse_synthetic_spec(spec))

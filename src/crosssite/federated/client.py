@@ -36,7 +36,7 @@ from crosssite import models
 from crosssite.data import Site
 from crosssite.errors import ConfigError
 from crosssite.federated.common import federated_methods, STRATEGIES, FederatedError, shared_keys
-from crosssite.training.checkpoint import atomic_write_bytes
+from crosssite.ioutil import atomic_write_bytes
 from crosssite.training.config import TrainConfig, save_config
 from crosssite.training.data import RunData, build_run_data
 from crosssite.training.engine import TrainingDiverged

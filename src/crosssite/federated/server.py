@@ -31,7 +31,7 @@ from flwr.server.strategy import FedAvg, FedProx, Strategy
 
 from crosssite.errors import ConfigError
 from crosssite.federated.common import STRATEGIES, FederatedError
-from crosssite.training.checkpoint import atomic_write_text
+from crosssite.ioutil import atomic_write_text
 
 __all__ = ["RoundLogger", "make_strategy", "run_server", "weighted_means"]
 

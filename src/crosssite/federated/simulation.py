@@ -27,7 +27,9 @@ from crosssite.federated.client import SiteClient
 from crosssite.federated.common import FederatedError
 from crosssite.federated.server import RoundLogger, make_strategy
 from crosssite.training.config import TrainConfig, save_config
+from crosssite.ioutil import ensure_dir
 from crosssite.training.rundir import json_safe, site_spec, write_json
+from crosssite.training.rundir import federated_started, undo_failed_start
 
 __all__ = ["run_federated", "summarise"]
 
@@ -49,22 +51,29 @@ def run_federated(
     and the per-round log. A folder that already holds a federated run is an error (Flower's engine cannot
     continue a run; start a new folder).
     """
-    from flwr.client import ClientApp
-    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-    from flwr.simulation import run_simulation
-
     sites = load_sites(sites)
     out = Path(out_dir)
     if (out / "federated.json").is_file():
         raise FederatedError(f"{out}: already holds a federated run; use a new folder")
+    if len({s.name for s in sites}) != len(sites):
+        raise ConfigError(f"site names must be unique, got {[s.name for s in sites]}")
+    with undo_failed_start(out, federated_started):
+        return _simulate(config, sites, out, strategy, rounds, local_epochs, mu, progress)
+
+
+def _simulate(config: TrainConfig, sites: list[Site], out: Path, strategy: str, rounds: int, local_epochs: int,
+              mu: float, progress: bool) -> dict[str, Any]:
+    """Check and load every site here, then run the rounds in Flower's engine and summarise them."""
+    from flwr.client import ClientApp
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.simulation import run_simulation
+
     names = [s.name for s in sites]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"site names must be unique, got {names}")
-    for site in sites:  # fail on a bad method or strategy here, not inside a worker
-        SiteClient(config, site, out, strategy)
+    for site in sites:  # fail on a bad method, strategy or image here, as central training does, not in a worker
+        _ = SiteClient(config, site, out, strategy).data
     logger = make_strategy(strategy, rounds=rounds, local_epochs=local_epochs, min_clients=len(sites), mu=mu,
                            out_dir=out, expected_sites=names, echo=print if progress else None)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     settings = {"strategy": strategy, "rounds": rounds, "local_epochs": local_epochs, "mu": mu,
                 "engine": "flower simulation", "sites": [site_spec(s) for s in sites]}
     write_json(out / "federated.json", settings)

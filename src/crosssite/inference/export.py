@@ -42,8 +42,18 @@ import torch
 from torch import nn
 
 import crosssite
-from crosssite.errors import CheckpointError, ImageReadError
+from crosssite.errors import ImageReadError
+from crosssite.ioutil import atomic_write
 from crosssite.inference.inputs import collect_inputs
+from crosssite.inference.onnx_runtime import (
+    EXPORT_FORMAT,
+    METADATA_KEY,
+    OnnxBackend,
+    missing_onnx_packages,
+    open_session,
+    read_metadata,
+    require_onnx,
+)
 from crosssite.inference.predictor import MEAN_OF_SITES, SHARED, InferenceError, Preprocess, has_site_modules
 from crosssite.inference.predictor import load_slice, resolve_site, site_names_of
 
@@ -51,9 +61,7 @@ __all__ = ["METADATA_KEY", "OPSET", "MIN_CALIBRATION_SLICES", "BinnedAvgPool2d",
            "missing_onnx_packages", "require_onnx", "export_onnx", "export_int8", "quantize_int8", "calibration_slices", "max_difference",
            "read_metadata", "OnnxBackend"]
 
-METADATA_KEY = "crosssite"
 OPSET = 17
-EXPORT_FORMAT = 1
 MIN_CALIBRATION_SLICES = 16
 
 
@@ -108,21 +116,6 @@ class _FixedSite(nn.Module):
         return torch.softmax(self.model(image, site).logits, dim=1)  # (B, num_classes)
 
 
-def missing_onnx_packages() -> list[str]:
-    """Which of the optional packages ONNX export and ONNX models need (onnx, onnxruntime) are not installed."""
-    import importlib.util
-
-    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
-
-
-def require_onnx() -> None:
-    """Raise a one-line error naming the install command when the optional ONNX packages are missing."""
-    missing = missing_onnx_packages()
-    if missing:
-        raise InferenceError(f"ONNX export and ONNX models need {' and '.join(missing)}: "
-                             "pip install 'crosssite[onnx]'")
-
-
 def export_onnx(
     model_path: str | os.PathLike,
     onnx_path: str | os.PathLike,
@@ -141,17 +134,6 @@ def export_onnx(
     norm = SHARED if not has_site_modules(model) else (site if site is not None else MEAN_OF_SITES)
     wrapper = _FixedSite(exportable(model), index).eval()
     example = torch.zeros(2, 3, pre.image_size, pre.image_size)
-    onnx_path = Path(onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(
-            wrapper, (example,), str(onnx_path), dynamo=False, opset_version=opset,
-            input_names=["image"], output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-        )
     meta = {
         "export_format": EXPORT_FORMAT,
         "package_version": crosssite.__version__,
@@ -163,8 +145,20 @@ def export_onnx(
         "site_names": site_names_of(card),
         "source_model": str(model_path),
     }
-    _write_metadata(onnx_path, meta)
-    return onnx_path
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(
+                wrapper, (example,), tmp, dynamo=False, opset_version=opset,
+                input_names=["image"], output_names=["probabilities"],
+                dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            )
+        _write_metadata(Path(tmp), meta)
+
+    return atomic_write(onnx_path, write, "ONNX export")  # a failed export leaves no partial file
 
 
 def _write_metadata(onnx_path: Path, meta: dict[str, Any]) -> None:
@@ -189,7 +183,7 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, ba
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
-    meta = read_metadata(_session(fp32_path), fp32_path)
+    meta = read_metadata(open_session(fp32_path), fp32_path)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -204,15 +198,19 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, ba
             return {"image": x.detach().cpu().float().numpy()}
 
     reader = Reader()
-    with tempfile.TemporaryDirectory() as tmp, _quiet_quantisation():
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph clean-up, as ORT advises
-        quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    meta["quantization"] = {"format": "QDQ", "weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
-                            "activations": "uint8, min/max calibrated", "calibration_slices": reader.slices}
-    _write_metadata(int8_path, meta)
-    return int8_path
+
+    def write(target: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp, _quiet_quantisation():
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph clean-up, as ORT advises
+            quantize_static(str(prepared), target, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        meta["quantization"] = {"format": "QDQ",
+                                "weights": "int8 per channel" + (" (7-bit range)" if reduce_range else ""),
+                                "activations": "uint8, min/max calibrated", "calibration_slices": reader.slices}
+        _write_metadata(Path(target), meta)
+
+    return atomic_write(int8_path, write, "int8 ONNX export")  # a failed export leaves no partial file
 
 
 @contextlib.contextmanager
@@ -287,52 +285,6 @@ def export_int8(
     got = np.concatenate([backend.probabilities(b) for b in batches])
     diff = np.abs(got - expected)
     return Int8Export(path, len(images), errors, float(diff.max()), float(diff.mean()))
-
-
-def _session(path: Path) -> Any:
-    require_onnx()
-    import onnxruntime as ort
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: ONNX file not found")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for invalid or truncated files
-        raise CheckpointError(f"{path}: not a readable ONNX model ({' '.join(str(exc).split())})") from exc
-
-
-def read_metadata(session: Any, path: Path) -> dict[str, Any]:
-    """The crosssite metadata of an exported model, as a card `Predictor` understands."""
-    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if text is None:
-        raise CheckpointError(f"{path}: not a crosssite ONNX export (no {METADATA_KEY!r} metadata)")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: unreadable crosssite metadata ({exc})") from exc
-    if meta.get("export_format") != EXPORT_FORMAT:
-        raise CheckpointError(
-            f"{path}: crosssite ONNX export format {meta.get('export_format')!r} is not supported "
-            f"(this is crosssite {crosssite.__version__}, format {EXPORT_FORMAT})"
-        )
-    return meta
-
-
-class OnnxBackend:
-    """Runs an exported model with ONNX Runtime on the CPU; ``card`` holds its metadata."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.session = _session(self.path)
-        self.card = read_metadata(self.session, self.path)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        x = images.detach().cpu().float().numpy()  # (B, 3, S, S)
-        probs = self.session.run(None, {self.input_name: x})[0]  # (B, num_classes)
-        return probs[:, 1].astype(np.float64)
 
 
 def max_difference(model_path: str | os.PathLike, onnx_path: str | os.PathLike, site: str | None = None,

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from crosssite.data import CLASS_NAMES, DEFAULT_FRAME, DEFAULT_MEAN, DEFAULT_STD, eval_transform, read_image
-from crosssite.errors import CheckpointError, CrossSiteError, ImageReadError
+from crosssite.data.io import input_warnings
+from crosssite.errors import CheckpointError, ImageReadError, InferenceError
 from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
 from crosssite.inference.records import DEFAULT_TOP_K, Record, volume_score
 
@@ -56,10 +57,6 @@ MIN_ADAPT_IMAGES = 8
 MEAN_OF_SITES = "mean-of-sites"
 SHARED = "shared"
 EMPTY_FOLDER = "folder holds no supported image files (searched recursively)"
-
-
-class InferenceError(CrossSiteError):
-    """A prediction request that cannot be served: unknown site, too few images to adapt, no input..."""
 
 
 # ----------------------------------------------------------------------------------------- the model card
@@ -214,6 +211,8 @@ class Predictor:
         threshold: P(COVID) at which a slice is labelled COVID; default the card's ``threshold`` or 0.5.
         device: where the PyTorch model runs.
         workers: threads decoding files (default min(4, CPUs)).
+        strict: refuse (as ``"error"`` rows) the slices of files that would otherwise be scored with a
+            ``warning`` (a DICOM whose Modality is not CT, a localizer or non-axial slice, a tiny image).
     """
 
     def __init__(
@@ -229,6 +228,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         workers: int | None = None,
         source: object = "model",
+        strict: bool = False,
     ) -> None:
         if site is not None and adapt:
             raise InferenceError("choose either a known site or AdaBN adaptation, not both")
@@ -248,6 +248,8 @@ class Predictor:
         self.device = torch.device(device)
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.adapt = adapt
+        self.strict = strict
+        self._warnings: dict[Path, list[str]] = {}  # per input file, for the current `predict` call
         self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model.to(self.device).eval()
@@ -278,7 +280,7 @@ class Predictor:
         (``.onnx``, run with ONNX Runtime); keyword arguments as for `Predictor`."""
         path = Path(path)
         if path.suffix.lower() == ".onnx":
-            from crosssite.inference.export import OnnxBackend
+            from crosssite.inference.onnx_runtime import OnnxBackend
 
             backend = OnnxBackend(path)
             return cls(backend, backend.card, site, adapt, source=path, **kwargs)
@@ -361,7 +363,20 @@ class Predictor:
             kind="slice", path=str(item.ref.path), frame=item.ref.frame,
             volume=None if item.volume is None else str(item.volume), slice=item.index,
             p_covid=p, label=self._label(p), norm=self.norm, cam=None if cam is None else str(cam),
+            warning="; ".join(self._warnings_of(item)) or None,
         )
+
+    def _warnings_of(self, item: SliceItem) -> list[str]:
+        """`input_warnings` of the item's file, read once per file and `predict` call."""
+        path = item.ref.path
+        if path not in self._warnings:
+            self._warnings[path] = input_warnings(path)
+        return self._warnings[path]
+
+    def _refused(self, inputs: list, items: Sequence[SliceItem]) -> list:
+        """With ``strict``, the inputs whose file has a warning become `ImageReadError`s naming it."""
+        return [ImageReadError(item.ref.path, "refused (strict): " + "; ".join(self._warnings_of(item)))
+                if isinstance(x, torch.Tensor) and self._warnings_of(item) else x for x, item in zip(inputs, items)]
 
     def _save_cams(self, cam_dir: Path, start: int, items: Sequence[SliceItem], images: torch.Tensor,
                    maps: np.ndarray) -> list[Path]:
@@ -376,6 +391,8 @@ class Predictor:
 
     def _predict_batch(self, items: Sequence[SliceItem], inputs: list, start: int,
                        cam_dir: Path | None) -> list[Record]:
+        if self.strict:
+            inputs = self._refused(inputs, items)
         good = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
         records: dict[int, Record] = {
             i: Record(kind="error", path=str(x.path), frame=items[i].ref.frame, error=x.reason)
@@ -428,6 +445,7 @@ class Predictor:
         ``progress`` (None: when stderr is a terminal and there is more than one batch) shows a progress bar.
         """
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        self._warnings = {}
         plan = collect_inputs(paths)
         if not plan.items and not plan.errors:
             shown = ", ".join(str(p) for p in paths) or "(no input given)"

@@ -2,7 +2,8 @@
 
 Every row is a `Record` of one ``kind``:
 
-* ``"slice"``: one 2D slice and its P(COVID);
+* ``"slice"``: one 2D slice and its P(COVID), with a ``warning`` when its file may not be a chest-CT slice
+  (a DICOM whose Modality is not CT, a localizer or non-axial slice, a tiny image);
 * ``"volume"``: a DICOM series or NIfTI volume, scored by the mean of its ``top_k`` highest slice
   probabilities (all of them when it has fewer), so a scan with a few clearly affected slices scores high
   even when most of its slices show healthy lung;
@@ -13,6 +14,7 @@ Every row is a `Record` of one ``kind``:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from crosssite.errors import CrossSiteError
+from crosssite.ioutil import atomic_write_text
 
 __all__ = ["Record", "KINDS", "DEFAULT_TOP_K", "volume_score", "failed", "write_records"]
 
@@ -45,6 +48,7 @@ class Record:
     top_k: int | None = None  # volume: slices averaged
     cam: str | None = None  # slice: Grad-CAM overlay PNG, when requested
     error: str | None = None  # error / skipped: the reason
+    warning: str | None = None  # slice: why the input may not be a chest-CT slice (`crosssite.data.input_warnings`)
 
 
 def volume_score(p_covid: Sequence[float] | np.ndarray, top_k: int | None = DEFAULT_TOP_K) -> tuple[float, int]:
@@ -71,19 +75,19 @@ def _header(records: Sequence[Record], meta: dict[str, Any]) -> dict[str, Any]:
 
 def write_records(path: Path | str, records: Sequence[Record], meta: dict[str, Any] | None = None) -> Path:
     """Write the rows as CSV (one line per row, empty cells for None) or JSON (``meta`` plus ``rows``),
-    chosen by the suffix of ``path``."""
+    chosen by the suffix of ``path``, atomically (a failed write leaves no partial file)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise CrossSiteError(f"{path}: output must end in .csv or .json")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".json":
         doc = {**_header(records, meta or {}), "rows": [asdict(r) for r in records]}
-        path.write_text(json.dumps(doc, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(doc, indent=1) + "\n", "predictions")
         return path
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([fl.name for fl in fields(Record)])
-        for r in records:
-            writer.writerow(["" if v is None else v for v in asdict(r).values()])
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow([fl.name for fl in fields(Record)])
+    for r in records:
+        writer.writerow(["" if v is None else v for v in asdict(r).values()])
+    atomic_write_text(path, buffer.getvalue(), "predictions")
     return path

@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 import crosssite
 from crosssite.errors import CheckpointError, CrossSiteError
+from crosssite.ioutil import atomic_write_bytes, atomic_write_text
 from crosssite.models.registry import create_model
 
-__all__ = ["FORMAT_VERSION", "save", "load", "model_paths"]
+__all__ = ["FORMAT_VERSION", "save", "load", "model_paths", "state_mismatch"]
 
 FORMAT_VERSION = 1
 _DEFAULT_STEM = "model"
@@ -49,19 +50,6 @@ def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then move it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(model: nn.Module, path: str | os.PathLike, card: dict[str, Any] | None = None) -> tuple[Path, Path]:
@@ -83,9 +71,32 @@ def save(model: nn.Module, path: str | os.PathLike, card: dict[str, Any] | None 
     text = json.dumps(card, indent=2, sort_keys=True, default=str)  # fails before anything is written
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights_path, card_path = model_paths(path)
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)}))
-    _atomic_write(card_path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    data = safetensors_bytes(tensors, metadata={"format_version": str(FORMAT_VERSION)})
+    atomic_write_bytes(weights_path, data, "model weights")  # through Python's I/O: a full disk is an OutputError
+    atomic_write_text(card_path, text + "\n", "model card")
     return weights_path, card_path
+
+
+def _examples(keys: list[str], shown: int = 3) -> str:
+    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """A short summary of how the state dict ``found`` differs from ``expected``: counts of missing and unexpected
+    keys and of tensors of another shape, each with at most three examples (not every key, as torch lists them)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_examples(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_examples(unexpected)}")
+    if reshaped:
+        shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}" for k in reshaped]
+        parts.append(f"{len(reshaped)} tensor(s) of another shape (file vs model): {_examples(shapes)}")
+    return "; ".join(parts) or "the tensors differ"
 
 
 def _read_card(card_path: Path) -> dict[str, Any]:
@@ -129,5 +140,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{weights_path}: weights do not fit {card['architecture']} ({exc})") from exc
+        raise CheckpointError(
+            f"{weights_path}: weights do not fit {card['architecture']} ({state_mismatch(model.state_dict(), state)})"
+        ) from exc
     return model.to(map_location).eval(), card

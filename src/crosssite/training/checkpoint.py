@@ -1,16 +1,15 @@
 """Atomic files and the full training state (`checkpoints/last.pt`).
 
 Every file of a run directory is written to a temporary file beside its destination, flushed to disk, and moved
-over the destination with `os.replace`, so a run killed at any instant leaves either the old or the new file,
-never a truncated one.
+over the destination with `os.replace` (`crosssite.ioutil.atomic_write_bytes`), so a run killed at any instant, or a
+write that fails on a full disk, leaves either the old or the new file, never a truncated one; the failure is an
+`OutputError` naming the file.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 
 from crosssite.errors import CheckpointError
+from crosssite.ioutil import atomic_write_bytes
 
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
+    "non_finite_tensors",
     "save_checkpoint",
     "load_checkpoint",
     "rng_state",
@@ -31,31 +30,6 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def rng_state() -> dict[str, Any]:
     """Every random generator the loop draws from (Python, NumPy, torch CPU and CUDA)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -76,7 +50,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Save a training state (model, optimizer, counters, RNG states, best metric) atomically."""
     buffer = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **state}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), "training checkpoint")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

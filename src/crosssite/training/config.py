@@ -17,7 +17,7 @@ import yaml
 from crosssite.data import FRAMES
 from crosssite.errors import ConfigError, TrainingError
 from crosssite.models import is_model, list_models
-from crosssite.training.checkpoint import atomic_write_text
+from crosssite.ioutil import atomic_write_text
 from crosssite.training.methods import METHODS
 
 __all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "save_config", "resumed_config",

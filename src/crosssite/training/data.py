@@ -106,8 +106,7 @@ def multi_site_steps(sites: list[Site], config: TrainConfig) -> int:
     """Optimiser steps per epoch of a multi-site run on ``sites`` (what `single` matches on each site)."""
     splits = make_splits([limit_site(site, config.limit_per_site, config.split_seed) for site in sites], config)
     site_of_item = np.concatenate([np.full(len(split.train), s) for s, split in enumerate(splits)])
-    oversample = None if config.oversample == 1 else _oversample_factors(splits, config.oversample)
-    return len(MultiSiteBatchSampler(site_of_item, config.batch_per_site, oversample, num_sites=len(sites)))
+    return len(MultiSiteBatchSampler(site_of_item, config.batch_per_site, config.oversample, num_sites=len(sites)))
 
 
 def _check_parts(sites: list[Site], splits: list[Split]) -> None:
@@ -140,7 +139,6 @@ def build_run_data(
         mean, std = pixel_stats(cache, train_slots[cache.valid[train_slots]])
     else:
         mean, std = DEFAULT_MEAN, DEFAULT_STD
-    oversample = None if config.oversample == 1 else _oversample_factors(splits, config.oversample)
     view = eval_transform(config.image_size, frame=config.frame, mean=mean, std=std)
     augment = (train_transform(config.image_size, short_side=cache.short_side, frame=config.frame, mean=mean, std=std)
                if config.augment else view)
@@ -150,7 +148,7 @@ def build_run_data(
         cache,
         config.image_size,
         batch_per_site=config.batch_per_site,
-        oversample=oversample,
+        oversample=config.oversample,
         seed=config.seed,
         workers=config.workers,
         rank=rank,
@@ -176,17 +174,9 @@ def build_run_data(
     # BN recalibration sees the training part through the evaluation view, but in the training sampler's
     # proportions (per-site batches, oversampling), so shared BN statistics mix the sites as training does.
     recalibration = train_loader(
-        sites, train_indices, cache, config.image_size, batch_per_site=config.batch_per_site, oversample=oversample,
+        sites, train_indices, cache, config.image_size, batch_per_site=config.batch_per_site, oversample=config.oversample,
         seed=config.seed, workers=config.workers, rank=rank, world_size=world_size,
         steps_per_epoch=config.steps_per_epoch or None, transform=view, pin_memory=pin_memory,
     ) if config.bn_recalibrate else None
     return RunData(sites=sites, splits=splits, cache=cache, train=train, eval=evaluation,
                    recalibration=recalibration, mean=mean, std=std)
-
-
-def _oversample_factors(splits: list[Split], factor: int) -> list[int]:
-    """The paper's rule with a configurable factor: a site with fewer than half the training items of the
-    largest is repeated ``factor`` times per epoch, every other site once."""
-    sizes = [len(s.train) for s in splits]
-    largest = max(sizes)
-    return [factor if 2 * n < largest else 1 for n in sizes]

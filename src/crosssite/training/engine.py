@@ -53,6 +53,7 @@ from crosssite.training.rundir import (
     write_json,
     write_predictions,
     write_run_files,
+    undo_failed_start,
     write_sites,
 )
 from crosssite.training.step import epoch_steps, learning_rate, resolve_device, train_step
@@ -110,7 +111,7 @@ def train(
         progress: show a progress bar (only on a terminal) and print one line per epoch.
     """
     sites = load_sites(sites)
-    with distributed.process_group(resolve_device(config.device)):
+    with distributed.process_group(resolve_device(config.device)), undo_failed_start(out_dir):
         return _train_sites(config, sites, Path(out_dir), resume, progress)
 
 

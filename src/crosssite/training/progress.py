@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crosssite.training.checkpoint import atomic_write_text
+from crosssite.ioutil import atomic_write_text
 
 __all__ = ["ProgressBar", "write_log_csv", "TensorBoard"]
 

@@ -12,20 +12,31 @@ experiment and report all go through here).
     skipped.json          unreadable files left out (only with `skip_bad`)
 
 A `single` run holds one such directory per site (``RUN/<site>/``); `read_predictions` reads them all.
+
+A run that fails before it has started leaves nothing behind (`undo_failed_start`): every file and folder the
+failed start created is removed again, so the next command sees the folder as it was -- not "already holds a
+run", and no ``--resume`` of a run whose ``config.yaml`` was never written. A central run has started once one
+of its folders holds ``split.json`` and ``config.yaml`` (written together after the data loaded, right before the
+first step: `run_started`); from then on its files are kept, since ``--resume`` continues from them. A federated
+run cannot be resumed, so its files are kept only once a client saved its state (`federated_started`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from crosssite.data import CLASS_NAMES, Site, Split, load_sites
 from crosssite.errors import ConfigError, CrossSiteError
-from crosssite.training.checkpoint import atomic_write_text
+from crosssite.ioutil import atomic_write_text
 
 if TYPE_CHECKING:
     from crosssite.training.config import TrainConfig
@@ -35,7 +46,7 @@ __all__ = [
     "CONFIG", "SITES", "SPLIT", "LOG", "CHECKPOINT", "MODEL_STEM", "METRICS", "PREDICTIONS", "SKIPPED",
     "RunDirError", "Prediction", "json_safe", "write_json", "read_json", "site_spec", "write_sites", "read_sites",
     "save_splits", "load_splits", "split_files", "write_run_files", "model_card", "write_predictions",
-    "read_predictions",
+    "read_predictions", "run_started", "federated_started", "undo_failed_start",
 ]
 
 CONFIG = "config.yaml"
@@ -207,3 +218,40 @@ def model_card(
         "threshold": 0.5,
         "metrics": json_safe(metrics),
     }
+
+
+def _entries(root: Path) -> set[Path]:
+    return set(root.rglob("*")) if root.is_dir() else set()
+
+
+def run_started(out_dir: Path) -> bool:
+    """Whether ``out_dir`` (or a per-site folder in it) holds a run whose training loop began."""
+    folders = [out_dir, *(p for p in out_dir.iterdir() if p.is_dir())] if out_dir.is_dir() else []
+    return any((f / SPLIT).is_file() and (f / CONFIG).is_file() for f in folders)
+
+
+def federated_started(out_dir: Path) -> bool:
+    """Whether a client of the federated run in ``out_dir`` saved its state after a round."""
+    return out_dir.is_dir() and any(p.is_file() for p in out_dir.glob("*/state.pt"))
+
+
+@contextlib.contextmanager
+def undo_failed_start(out_dir: os.PathLike | str, started: Callable[[Path], bool] = run_started) -> Iterator[None]:
+    """Remove what the block created in ``out_dir`` if it raises while ``started(out_dir)`` is false.
+
+    Only the main process (``RANK`` 0 or unset) removes anything; files that existed before are never touched.
+    """
+    out_dir = Path(out_dir)
+    existed = out_dir.exists()
+    before = _entries(out_dir)
+    try:
+        yield
+    except BaseException:
+        if int(os.environ.get("RANK", 0)) == 0 and not started(out_dir):
+            if not existed:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            else:
+                for path in sorted(_entries(out_dir) - before, key=lambda p: len(p.parts), reverse=True):
+                    with contextlib.suppress(OSError):
+                        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        raise

@@ -1,0 +1,300 @@
+"""`Service`: one loaded model behind the HTTP API -- uploads in, P(COVID) per slice and per scan out.
+
+    service = Service.from_file("runs/x/model", site=None, adapt=["local_scans/"])
+    service.start()                                   # the micro-batching worker; `stop()` ends it
+    answer = service.predict([Upload("scan.zip", f)], cam=True)
+
+The model is a crosssite model file (PyTorch; Grad-CAM available) or an ONNX export (fp32 or int8; the
+normalisation was fixed at export). Normalisation of the PyTorch model: a known site (``site``), the mean of
+the known sites (default), or AdaBN estimated once at start-up on the hospital's own slices (``adapt``), so
+every request is scored with the same, fixed normalisation.
+
+Each request is scored by `Predictor` on files written to a private folder (`crosssite.serve.uploads`), its
+forward passes merged with those of concurrent requests (`crosssite.serve.batching`); Grad-CAM requests run
+the PyTorch model directly (they need a gradient). The answer names files only by the names the client gave,
+holds no pixel data unless overlays or slice images were asked for, and no DICOM attributes at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from crosssite.data import read_image
+from crosssite.errors import CrossSiteError
+from crosssite.inference import InferenceError, Predictor, Record
+from crosssite.inference.predictor import TorchBackend
+from crosssite.serve.batching import BatchedBackend, MicroBatcher
+from crosssite.serve.uploads import UploadError, display_name, extract_zip, is_zip, request_folder, save_upload
+
+__all__ = ["Limits", "Upload", "Service", "ServiceError", "NOTICE"]
+
+log = logging.getLogger("crosssite.serve")
+
+NOTICE = "Research tool, not a medical device: not for diagnosis or treatment decisions."
+MiB = 2**20
+
+
+class ServiceError(CrossSiteError):
+    """A request the service refuses as a whole (e.g. Grad-CAM asked of an ONNX export)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send and how long it may take; every figure is configurable (`crosssite serve`)."""
+
+    max_upload_bytes: int = 512 * MiB  # request body
+    max_files: int = 64  # uploaded files per request
+    max_unzipped_bytes: int = 2048 * MiB  # all members of one zip archive, decompressed
+    max_zip_entries: int = 4096  # members of one zip archive
+    timeout_s: float = 120.0  # receiving the upload and scoring it
+    max_pending: int = 32  # requests admitted at once (waiting or being scored); more get 503
+    retry_after_s: int = 2  # the Retry-After of a 503
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_files", "max_unzipped_bytes", "max_zip_entries", "max_pending"):
+            if getattr(self, name) < 1:
+                raise ServiceError(f"limit {name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_s <= 0:
+            raise ServiceError(f"request timeout must be > 0 s, got {self.timeout_s}")
+
+
+class Upload(NamedTuple):
+    """One uploaded file: the client's file name and the open file (read from its current position)."""
+
+    filename: str | None
+    file: BinaryIO
+
+
+@dataclass
+class _FileResult:
+    """What one upload produced; ``archive`` uploads name their members ``<upload>/<member path>``."""
+
+    name: str
+    archive: bool = False
+    slices: list[dict[str, Any]] = field(default_factory=list)
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.name, "slices": self.slices, "volumes": self.volumes, "errors": self.errors,
+                "skipped": self.skipped}
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _png_base64(rgb_or_grey: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb_or_grey).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class Service:
+    """A model served to HTTP requests; see the module docstring.
+
+    Args:
+        predictor: the model's `Predictor`, its normalisation already chosen (site, mean, or AdaBN).
+        model_file: the weights or ONNX file, hashed for the model's version.
+        limits: request limits.
+        max_batch: most slices in one forward pass.
+        max_wait_s: how long the first waiting slice waits for others to join its forward pass.
+    """
+
+    def __init__(self, predictor: Predictor, model_file: Path, limits: Limits = Limits(), *,
+                 max_batch: int = 32, max_wait_s: float = 0.01) -> None:
+        self.direct = predictor
+        self.limits = limits
+        self.batcher = MicroBatcher(predictor.backend.probabilities, max_batch=max_batch, max_wait_s=max_wait_s)
+        self.batched = copy.copy(predictor)
+        self.batched.backend = BatchedBackend(self.batcher)
+        self.grad_cam = isinstance(predictor.backend, TorchBackend)
+        card = predictor.card
+        self.model_id = str(card.get("model_id") or model_file.name.removesuffix(model_file.suffix))
+        self.model_version = f"sha256:{_file_digest(model_file)[:16]}"
+        self.backend_name = "pytorch" if self.grad_cam else "onnxruntime"
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._ready = False
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, site: str | None = None, adapt: Sequence[str | os.PathLike] = (),
+                  limits: Limits = Limits(), *, top_k: int | None = 5, max_batch: int = 32,
+                  max_wait_s: float = 0.01) -> Service:
+        """Load a crosssite model or ONNX export; with ``adapt`` paths, AdaBN on their slices, once."""
+        from crosssite.models import model_paths
+
+        path = Path(path)
+        if adapt and site is not None:
+            raise ServiceError("choose either a known site or AdaBN adaptation (--adapt), not both")
+        predictor = Predictor.from_file(path, site=site, batch_size=max_batch, top_k=top_k)
+        if adapt:
+            predictor.adapt_to(list(adapt))
+        model_file = path if path.suffix.lower() == ".onnx" else model_paths(path)[0]
+        return cls(predictor, model_file, limits, max_batch=max_batch, max_wait_s=max_wait_s)
+
+    # ------------------------------------------------------------------------------------------ life
+
+    def start(self) -> None:
+        """Start the micro-batching worker and run one forward pass, so the first request is not slow."""
+        self.batcher.start()
+        size = self.direct.preprocess.image_size
+        self.batcher.submit(torch.zeros(1, 3, size, size))
+        self._ready = True
+
+    def stop(self) -> None:
+        self._ready = False
+        self.batcher.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.batcher.running
+
+    def try_admit(self) -> bool:
+        """Take one of the ``max_pending`` request slots; False when all are taken (answer 503)."""
+        with self._lock:
+            if self._pending >= self.limits.max_pending:
+                return False
+            self._pending += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # ------------------------------------------------------------------------------------------ model
+
+    def model_info(self) -> dict[str, Any]:
+        """The model card as the API shows it: what the model is, how inputs are prepared, how it scored."""
+        card = self.direct.card
+        keys = ("architecture", "model_args", "method", "site_names", "class_names", "preprocessing",
+                "metrics", "adapted_sites", "quantization", "package_version")
+        return {
+            "id": self.model_id, "version": self.model_version, "backend": self.backend_name,
+            "grad_cam": self.grad_cam, "normalisation": self.direct.norm, "threshold": self.direct.threshold,
+            "top_k": self.direct.top_k, **{k: card.get(k) for k in keys}, "notice": NOTICE,
+        }
+
+    # ------------------------------------------------------------------------------------- predicting
+
+    def check(self, cam: bool) -> None:
+        """Refuse, before anything is uploaded, what this model cannot do."""
+        if cam and not self.grad_cam:
+            raise ServiceError("Grad-CAM overlays (cam=true) need the PyTorch model file; this server runs an ONNX "
+                               "export")
+
+    def predict(self, uploads: Sequence[Upload], *, cam: bool = False, images: bool = False) -> dict[str, Any]:
+        """Score every upload; a file that cannot be used is reported by name and the others still run."""
+        self.check(cam)
+        started = time.perf_counter()
+        with request_folder() as tmp:
+            results, inputs = self._store(uploads, tmp)
+            records: list[Record] = []
+            if inputs:
+                predictor = self.direct if cam else self.batched
+                try:
+                    records = predictor.predict(inputs, cam_dir=tmp / "cam" if cam else None, progress=False)
+                except InferenceError:  # only archives without a single image file: no rows at all
+                    for r in results:
+                        if r.archive and not r.errors:
+                            r.errors.append({"name": r.name, "error": "archive holds no supported image files"})
+            for record in records:
+                self._add(record, tmp, results, images)
+        answer = self._answer(results)
+        counts = answer["counts"]
+        log.info("scored %d file(s): %d slice(s), %d volume(s), %d error(s) in %.0f ms", counts["files"],
+                 counts["slices"], counts["volumes"], counts["errors"], 1e3 * (time.perf_counter() - started))
+        return answer
+
+    def _store(self, uploads: Sequence[Upload], tmp: Path) -> tuple[list[_FileResult], list[Path]]:
+        results, inputs = [], []
+        for i, upload in enumerate(uploads):
+            result = _FileResult(display_name(upload.filename, i))
+            results.append(result)
+            folder = tmp / f"{i:04d}"
+            head = upload.file.read(4)
+            upload.file.seek(0)
+            result.archive = is_zip(result.name, head)
+            try:
+                if result.archive:
+                    inputs.append(extract_zip(upload.file, folder, max_bytes=self.limits.max_unzipped_bytes,
+                                              max_entries=self.limits.max_zip_entries))
+                else:
+                    inputs.append(save_upload(upload.file, folder, result.name))
+            except UploadError as e:
+                result.errors.append({"name": result.name, "error": str(e)})
+        return results, inputs
+
+    def _where(self, path: str, tmp: Path, results: list[_FileResult]) -> tuple[_FileResult, str]:
+        """The upload a stored path belongs to, and the name the client knows it by."""
+        parts = Path(path).relative_to(tmp).parts
+        result = results[int(parts[0])]
+        if not result.archive or len(parts) == 1:
+            return result, result.name
+        return result, "/".join((result.name, *parts[1:]))
+
+    def _add(self, r: Record, tmp: Path, results: list[_FileResult], images: bool) -> None:
+        result, name = self._where(r.path, tmp, results)
+        if r.kind == "slice":
+            entry: dict[str, Any] = {"name": name, "frame": r.frame, "slice": r.slice, "p_covid": r.p_covid,
+                                     "label": r.label}
+            entry["volume"] = None if r.volume is None else self._where(r.volume, tmp, results)[1]
+            if r.cam is not None:
+                entry["cam_png"] = base64.b64encode(Path(r.cam).read_bytes()).decode("ascii")
+            if images or r.cam is not None:
+                entry["image_png"] = self._model_view(Path(r.path), r.frame)
+            result.slices.append(entry)
+        elif r.kind == "volume":
+            result.volumes.append({"name": name, "p_covid": r.p_covid, "label": r.label, "n_slices": r.n_slices,
+                                   "top_k": r.top_k})
+        elif r.kind == "error":
+            reason = (r.error or "cannot be read").replace(r.path, name).replace(str(tmp), "")
+            result.errors.append({"name": name, "error": reason})
+        else:
+            result.skipped.append(name)
+
+    def _model_view(self, path: Path, frame: int | None) -> str:
+        """The slice as the model sees it (resized, central square, grey), as base64 PNG."""
+        pre = self.direct.preprocess
+        grey = pre.grey(pre(read_image(path, frame)))  # (S, S) in [0, 1]
+        return _png_base64(np.round(255.0 * grey).astype(np.uint8))
+
+    def _answer(self, results: list[_FileResult]) -> dict[str, Any]:
+        return {
+            "model": {"id": self.model_id, "version": self.model_version, "backend": self.backend_name},
+            "normalisation": self.direct.norm,
+            "threshold": self.direct.threshold,
+            "class_names": list(self.direct.class_names),
+            "files": [r.to_dict() for r in results],
+            "counts": {
+                "files": len(results),
+                "slices": sum(len(r.slices) for r in results),
+                "volumes": sum(len(r.volumes) for r in results),
+                "errors": sum(len(r.errors) for r in results),
+            },
+            "notice": NOTICE,
+        }
