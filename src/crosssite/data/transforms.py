@@ -3,9 +3,9 @@
 The paper: "all images are first resized to 224 x 224" -- the whole slice. A slice is first *framed* at
 ``short_side_for(image_size)`` (256 for 224), the size the decode cache stores (`frame_slice`):
 
-* ``"resize"`` (default): the whole slice resized to a 256 x 256 square (the aspect ratio is not kept);
-* ``"pad"``: the whole slice padded to a square with the median grey of its border, then resized to 256 x 256
-  (the aspect ratio is kept);
+* ``"pad"`` (default): the whole slice padded to a square with the median grey of its border, then resized to
+  256 x 256 (the aspect ratio is kept; chosen on validation over ``"resize"``, docs/METHODS.md);
+* ``"resize"``: the whole slice resized to a 256 x 256 square (the aspect ratio is not kept);
 * ``"crop"``: the short side resized to 256, the long side kept; training crops at random along it and
   evaluation keeps the central square (crosssite 0.1 and the authors' release: 26-30% of a landscape slice's
   width, the lateral lungs, is never seen at evaluation).
@@ -58,7 +58,7 @@ DEFAULT_STD: tuple[float, float, float] = (0.29, 0.29, 0.29)
 
 
 FRAMES = ("resize", "pad", "crop")
-DEFAULT_FRAME = "resize"
+DEFAULT_FRAME = "pad"
 
 
 def _check_frame(frame: str) -> None:

@@ -49,9 +49,10 @@ class TrainConfig:
     # PyTorch's defaults for the redesign); "default" / "fan_in" force one (crosssite.models.covidnet)
     init: str = "auto"
     image_size: int = 224
-    # how a slice becomes a square (crosssite.data.transforms): "resize" / "pad" keep the whole slice in view,
-    # "crop" keeps a central square of a short-side-resized slice (crosssite 0.1)
-    frame: str = "resize"
+    # how a slice becomes a square (crosssite.data.transforms): "pad" / "resize" keep the whole slice in view
+    # ("pad", the default, chosen on validation: docs/METHODS.md), "crop" keeps a central square of a
+    # short-side-resized slice (crosssite 0.1)
+    frame: str = "pad"
     # input normalisation: "train" = pixel mean / std of the run's training part (stored in the model card);
     # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (crosssite 0.1). A federated client sees only its own
     # site, so "train" standardises every site's intensities separately there
