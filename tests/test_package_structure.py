@@ -85,3 +85,12 @@ def test_lower_layers_never_import_higher_ones() -> None:
 
 def test_the_engine_stays_small() -> None:
     assert len((ROOT / "training" / "engine.py").read_text().splitlines()) <= 350
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    long = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert long == []

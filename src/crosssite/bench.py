@@ -329,19 +329,7 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         fast = min([combined] + [m for m in helped if m.replaces_torch], key=lambda m: entries[m.name]["seconds"])
         result[part] = {"paths": entries, "fast": fast.name, "speedup": entries[fast.name].get("speedup", 1.0)}
 
-    # (c) single-image latency from a PNG file, plain and with the evaluation's fast path
-    file = png_file(workdir)
-    fast_eval = Mode(**_flags(result["eval_batch"]["fast"]))
-    latency = {}
-    for mode in dict.fromkeys([Mode(), fast_eval]):
-        times, rss = measure(lambda p=mode: latency_fn(p, args.width, args.image_size, file, workdir), 4 * steps,
-                             warmup)
-        latency[mode.name] = {
-            "p50_ms": round(1e3 * statistics.median(times), 1),
-            "p90_ms": round(1e3 * float(np.percentile(times, 90)), 1),
-            "peak_rss_gb": round(rss, 2),
-        }
-    result["single_image"] = {"file": str(file), "paths": latency}
+    result["single_image"] = _latency(args, workdir, Mode(**_flags(result["eval_batch"]["fast"])))
 
     # the matmul rates drift on a shared machine: measured again at the end, the limit is the better of the two
     again = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
@@ -350,6 +338,21 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     result["matmul_gflops"] = peaks
     add_ratios(result, peaks)
     return result
+
+
+def _latency(args: argparse.Namespace, workdir: Path, fast_eval: Mode) -> dict:
+    """(c) single-image latency from a PNG file, plain and with the evaluation's fast path."""
+    file = png_file(workdir)
+    latency = {}
+    for mode in dict.fromkeys([Mode(), fast_eval]):
+        times, rss = measure(lambda p=mode: latency_fn(p, args.width, args.image_size, file, workdir),
+                             4 * args.steps, args.warmup)
+        latency[mode.name] = {
+            "p50_ms": round(1e3 * statistics.median(times), 1),
+            "p90_ms": round(1e3 * float(np.percentile(times, 90)), 1),
+            "peak_rss_gb": round(rss, 2),
+        }
+    return {"file": str(file), "paths": latency}
 
 
 def _flags(name: str) -> dict[str, bool]:

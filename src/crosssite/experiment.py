@@ -167,6 +167,27 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float | None]:
             if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
 
 
+def _results_line(key: RunKey, preset: str, out_dir: Path, run_dir: Path, sites: Sequence[Site],
+                  metrics: dict[str, Any], config: Any) -> dict[str, Any]:
+    """The results.jsonl line of a finished run (without its wall time): test metrics and predictions per site,
+    validation metrics, the collapse flag, configuration, commit and machine."""
+    preds = _test_predictions(run_dir)
+    return {
+        **asdict(key),
+        "preset": preset,
+        "run_dir": str(run_dir.relative_to(out_dir)),
+        "sites": {name: {**_numbers(m["test"]), **preds.get(name, {})} for name, m in metrics["sites"].items()},
+        "site_order": [s.name for s in sites],
+        "site_info": {s.name: {"layout": s.layout, "has_patients": s.has_patients} for s in sites},
+        "val": {name: _numbers(m["val"]) for name, m in metrics["sites"].items()},
+        "collapsed": bool(metrics.get("collapsed", False)),
+        "config": asdict(config),
+        "git_commit": git_commit(),
+        "machine": machine_info(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def run_experiment(
     sites: Sequence[Site],
     out_dir: Path,
@@ -208,28 +229,7 @@ def run_experiment(
         start = time.perf_counter()
         metrics = train(config, list(sites), run_dir, resume=True, progress=progress)
         wall = time.perf_counter() - start
-        preds = _test_predictions(run_dir)
-        site_rows = {
-            name: {**_numbers(m["test"]), **preds.get(name, {})} for name, m in metrics["sites"].items()
-        }
-        _append_line(
-            results,
-            {
-                **asdict(key),
-                "preset": preset,
-                "run_dir": str(run_dir.relative_to(out_dir)),
-                "sites": site_rows,
-                "site_order": [s.name for s in sites],
-                "site_info": {s.name: {"layout": s.layout, "has_patients": s.has_patients} for s in sites},
-                "val": {name: _numbers(m["val"]) for name, m in metrics["sites"].items()},
-                "collapsed": bool(metrics.get("collapsed", False)),
-                "resumed": resumed,
-                "config": asdict(config),
-                "git_commit": git_commit(),
-                "machine": machine_info(),
-                "wall_s": round(wall, 1),
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
+        line = _results_line(key, preset, out_dir, run_dir, sites, metrics, config)
+        _append_line(results, line | {"resumed": resumed, "wall_s": round(wall, 1)})
         ran.append(key)
     return ran

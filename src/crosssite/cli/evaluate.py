@@ -129,6 +129,30 @@ def _save(out: Path, report: dict[str, Any], results: list[Any]) -> None:
         atomic_write_text(out / f"{stem}.csv", r.confusion.to_csv(), "confusion matrix")
 
 
+def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: list, all_images: bool,
+                  batch_size: int, workers: int, device: str, bootstrap: int, seed: int) -> list[tuple[Any, dict]]:
+    """Every (evaluation, JSON row) of model ``m`` on its known sites (test parts, or every image with --all) and
+    on the external sites under each normalisation strategy."""
+    from crosssite.evaluation import evaluate_model
+
+    mine = [s for s in known_sites if s.name in m.site_names]
+    if not mine and not external_sites:
+        return []
+
+    def indices(s: Any) -> np.ndarray | None:
+        return None if all_images or m.run_dir is None else _test_indices(m.run_dir, s)
+
+    known = {s.name: _loader(s, indices(s), m.card, batch_size, workers) for s in mine}
+    ext = {s.name: _loader(s, None, m.card, batch_size, workers) for s in external_sites}
+    label = m.run_dir.name if m.run_dir is not None else source.stem
+    out = []
+    for r in evaluate_model(m.model, m.site_names, known, ext, device=device,
+                            threshold=float(m.card.get("threshold", 0.5)), n_boot=bootstrap, seed=seed):
+        part = "all" if all_images or m.run_dir is None or r.strategy != "own" else "test"
+        out.append((r, r.to_dict() | {"model": label, "part": part}))
+    return out
+
+
 @app.command()
 def evaluate(
     source: Path = typer.Argument(..., metavar="RUN_DIR|MODEL", help="Run directory or model file."),
@@ -146,7 +170,6 @@ def evaluate(
     """Accuracy, F1, recall, specificity, precision and AUC per site (COVID positive), with 95% bootstrap
     intervals and confusion matrices."""
     from crosssite.data import load_site
-    from crosssite.evaluation import evaluate_model
     from crosssite.training.step import resolve_device
 
     try:
@@ -167,23 +190,8 @@ def evaluate(
                     f"({', '.join(n for m in models for n in m.site_names)}); pass it with --external"
                 )
         for m in models:
-            mine = [s for s in known_sites if s.name in m.site_names]
-            if not mine and not external_sites:
-                continue
-
-            def indices(s: Any, m: _Model = m) -> np.ndarray | None:
-                return None if all_images or m.run_dir is None else _test_indices(m.run_dir, s)
-
-            known = {s.name: _loader(s, indices(s), m.card, batch_size, workers) for s in mine}
-            ext = {s.name: _loader(s, None, m.card, batch_size, workers) for s in external_sites}
-            label = m.run_dir.name if m.run_dir is not None else source.stem
-            for r in evaluate_model(
-                m.model, m.site_names, known, ext, device=device, threshold=float(m.card.get("threshold", 0.5)),
-                n_boot=bootstrap, seed=seed,
-            ):  # fmt: skip
-                row = r.to_dict()
-                row["model"] = label
-                row["part"] = "all" if all_images or m.run_dir is None or r.strategy != "own" else "test"
+            for r, row in _evaluate_one(m, source, known_sites, external_sites, all_images, batch_size, workers,
+                                        device, bootstrap, seed):
                 report["results"].append(row)
                 results.append(r)
     except CrossSiteError as e:

@@ -10,8 +10,8 @@ MS-Net auxiliary heads and a contrastive projection head; registry and safetenso
 from crosssite.models.adapters import ParallelAdapter, SeriesAdapter, SiteConv1x1
 from crosssite.models.covidnet import CovidNet, ModelOutput
 from crosssite.models.hub import load, model_paths, save
-from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteModule, adapt_norm, get_norm_layer, \
-    norm_state_keys
+from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteModule, SlotBatchNorm, adapt_norm, \
+    convert_site_batchnorm, get_norm_layer, norm_state_keys, use_sites
 from crosssite.models.registry import ModelConfig, create_model, is_model, list_models, model_config, register_model
 
 __all__ = [
@@ -34,6 +34,9 @@ __all__ = [
     "model_paths",
     "norm_state_keys",
     "register_model",
+    "SlotBatchNorm",
+    "convert_site_batchnorm",
+    "use_sites",
     "ModelConfig",
     "model_config",
     "save",

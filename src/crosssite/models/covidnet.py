@@ -212,6 +212,19 @@ class SiteHeads(SiteModule):
         self.heads.append(head)
 
 
+def _check_options(*, num_sites: int, block_act: str, init: str, pool: str, width: float) -> None:
+    if num_sites < 1:
+        raise ConfigError(f"num_sites must be >= 1, got {num_sites}")
+    if block_act not in BLOCK_ACTS:
+        raise ConfigError(f"unknown block_act {block_act!r}; expected one of {', '.join(BLOCK_ACTS)}")
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
+    if pool not in ("avg", "flatten"):
+        raise ConfigError(f"unknown pool {pool!r}; expected 'avg' or 'flatten'")
+    if width <= 0:
+        raise ConfigError(f"width must be > 0, got {width}")
+
+
 class CovidNet(nn.Module):
     """COVID-Net backbone with a classifier, optional projection head and optional MS-Net auxiliary heads.
 
@@ -255,29 +268,11 @@ class CovidNet(nn.Module):
         proj_dim: int = 128,
     ) -> None:
         super().__init__()
-        if num_sites < 1:
-            raise ConfigError(f"num_sites must be >= 1, got {num_sites}")
-        if block_act not in BLOCK_ACTS:
-            raise ConfigError(f"unknown block_act {block_act!r}; expected one of {', '.join(BLOCK_ACTS)}")
-        if init not in INITS:
-            raise ConfigError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
-        if pool not in ("avg", "flatten"):
-            raise ConfigError(f"unknown pool {pool!r}; expected 'avg' or 'flatten'")
-        if width <= 0:
-            raise ConfigError(f"width must be > 0, got {width}")
+        _check_options(num_sites=num_sites, block_act=block_act, init=init, pool=pool, width=width)
         self.num_sites = num_sites
         self.num_classes = num_classes
-        self.model_kwargs = {
-            "num_classes": num_classes,
-            "width": width,
-            "block_act": block_act,
-            "norm": norm,
-            "adapter": adapter,
-            "aux_heads": aux_heads,
-            "projection": projection,
-            "init": init,
-            "image_size": image_size,
-        }
+        self.model_kwargs = dict(num_classes=num_classes, width=width, block_act=block_act, norm=norm, adapter=adapter,
+                                 aux_heads=aux_heads, projection=projection, init=init, image_size=image_size)
         norm_layer = get_norm_layer(norm, num_sites)
         adapter_layer = get_adapter_layer(adapter, num_sites)
         act_layer = nn.ReLU if block_act == "relu" else nn.Identity
@@ -286,15 +281,8 @@ class CovidNet(nn.Module):
         self.stem = ConvNormAct(3, chs[0], 7, stride=2, norm_layer=norm_layer)
         self.stem_pool = nn.MaxPool2d(2)
         self.stages = nn.ModuleList(
-            DenseStage(
-                chs[i],
-                chs[i + 1],
-                depth,
-                downsample=i > 0,
-                norm_layer=norm_layer,
-                act_layer=act_layer,
-                adapter_layer=adapter_layer,
-            )
+            DenseStage(chs[i], chs[i + 1], depth, downsample=i > 0, norm_layer=norm_layer, act_layer=act_layer,
+                       adapter_layer=adapter_layer)
             for i, depth in enumerate(depths)
         )
         self.num_features = chs[-1]

@@ -26,8 +26,9 @@ running statistics and does not update them; it is never dropped and never raise
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 import torch
@@ -39,11 +40,14 @@ from crosssite.errors import ConfigError
 __all__ = [
     "NORMS",
     "SiteModule",
+    "SlotBatchNorm",
     "BatchNorm",
     "SiteBatchNorm",
     "NoNorm",
     "NormLayer",
     "get_norm_layer",
+    "convert_site_batchnorm",
+    "use_sites",
     "norm_state_keys",
     "per_site",
     "adapt_norm",
@@ -81,45 +85,52 @@ class SiteModule(nn.Module):
         raise NotImplementedError
 
 
-class _NormSlot(nn.Module):
-    """Statistics and affine parameters of one batch-norm copy (what `torch.nn.BatchNorm2d` holds)."""
+class SlotBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """One batch-norm copy: PyTorch's batch norm (statistics, momentum, affine parameters, `reset_running_stats`,
+    `torch.nn.SyncBatchNorm.convert_sync_batchnorm`) for (B, C) and (B, C, H, W) inputs alike.
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    A training batch with a single value per channel (one sample in a (B, C) input) has no batch variance: it is
+    normalised with the running statistics and does not update them, instead of raising as PyTorch does.
+    """
 
-    # Optional hook ``sync_stats(slot, x, momentum, eps) -> Tensor`` that replaces training-mode normalisation,
-    # set while a data-parallel runner synchronises batch statistics across processes
-    # (crosssite.training.distributed); None normalises with this process's batch alone.
-    sync_stats: Callable[..., Tensor] | None = None
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3, 4):
+            raise ValueError(f"expected a (B, C), (B, C, L) or (B, C, H, W) input, got {input.dim()}-D")
 
-    def normalise(self, x: Tensor, *, training: bool, momentum: float | None, eps: float) -> Tensor:
-        """Batch-normalise ``x`` (B, C, ...) with this slot, updating its running statistics in training."""
-        if training and self.sync_stats is not None:
-            return self.sync_stats(self, x, momentum, eps)
-        if training and x.numel() > x.shape[1]:  # more than one value per channel
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, eps)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, eps)
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and input.numel() == input.shape[1]:
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                self.eps)
+        return super().forward(input)
+
+
+class _SlotMomentum:
+    """``momentum`` of a norm module: read from its first slot, written to every slot."""
+
+    def __get__(self, module: nn.Module, owner: type | None = None) -> float | None:
+        return next(module.slots()).momentum
+
+    def __set__(self, module: nn.Module, value: float | None) -> None:
+        for slot in module.slots():
+            slot.momentum = value
 
 
 class BatchNorm(nn.Module):
     """Batch norm shared by every site; ``site`` is accepted and ignored. Input (B, C) or (B, C, H, W)."""
 
+    momentum = _SlotMomentum()
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        self.momentum = momentum
-        self.slot = _NormSlot(num_features)
+        self.slot = SlotBatchNorm(num_features, eps=eps, momentum=momentum)
+
+    def slots(self) -> Iterator[SlotBatchNorm]:
+        yield self.slot
 
     def forward(self, x: Tensor, site: Tensor | None = None) -> Tensor:
-        return self.slot.normalise(x, training=self.training, momentum=self.momentum, eps=self.eps)
+        return self.slot(x)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -128,9 +139,11 @@ class BatchNorm(nn.Module):
 class SiteBatchNorm(SiteModule):
     """One batch-norm copy per site in a single module. Input (B, C) or (B, C, H, W), ``site`` (B,).
 
-    Slot ``s`` (``self.sites[s]``) holds site ``s``'s weight, bias and running statistics as separate
-    tensors, so the copies of sites absent from a batch receive no gradient at all.
+    Slot ``s`` (``self.sites[s]``, a `SlotBatchNorm`) holds site ``s``'s weight, bias and running statistics as
+    separate tensors, so the copies of sites absent from a batch receive no gradient at all.
     """
+
+    momentum = _SlotMomentum()
 
     def __init__(self, num_features: int, num_sites: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__()
@@ -138,24 +151,28 @@ class SiteBatchNorm(SiteModule):
             raise ConfigError(f"num_sites must be >= 1, got {num_sites}")
         self.num_features = num_features
         self.eps = eps
-        self.momentum = momentum
-        self.sites = nn.ModuleList(_NormSlot(num_features) for _ in range(num_sites))
+        self.sites = nn.ModuleList(SlotBatchNorm(num_features, eps=eps, momentum=momentum) for _ in range(num_sites))
 
     @property
     def num_sites(self) -> int:
         return len(self.sites)
 
-    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+    def slots(self) -> Iterator[SlotBatchNorm]:
+        yield from self.sites
+
+    # Sites of the batch for a network that calls its norms as ``norm(x)`` (one converted by
+    # `convert_site_batchnorm`); set by `use_sites`, used when ``site`` is not passed.
+    context_site: Tensor | None = None
+
+    def forward(self, x: Tensor, site: Tensor | None = None) -> Tensor:
+        site = self.context_site if site is None else site
         if site is None:
             if self.num_sites == 1:
-                return self._normalise(x, 0)
+                return self.sites[0](x)
             if self.training:
                 raise ValueError("SiteBatchNorm in training mode needs the site of every sample (site=None given)")
             return self._normalise_mean(x)
-        return per_site(x, site, self._normalise)
-
-    def _normalise(self, x: Tensor, s: int) -> Tensor:
-        return self.sites[s].normalise(x, training=self.training, momentum=self.momentum, eps=self.eps)
+        return per_site(x, site, lambda xs, s: self.sites[s](xs))
 
     def _normalise_mean(self, x: Tensor) -> Tensor:
         """Evaluation with the mean of every slot's statistics and affine parameters (an unknown site)."""
@@ -168,13 +185,41 @@ class SiteBatchNorm(SiteModule):
     @torch.no_grad()
     def add_site(self) -> None:
         """Append a slot: affine parameters = mean of the existing slots', statistics reset (mean 0, var 1)."""
-        slot = _NormSlot(self.num_features).to(self.sites[0].weight)
+        slot = SlotBatchNorm(self.num_features, eps=self.eps, momentum=self.momentum).to(self.sites[0].weight)
         slot.weight.copy_(torch.stack([s.weight for s in self.sites]).mean(0))
         slot.bias.copy_(torch.stack([s.bias for s in self.sites]).mean(0))
         self.sites.append(slot)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_sites={self.num_sites}, eps={self.eps}, momentum={self.momentum}"
+
+
+def convert_site_batchnorm(module: nn.Module, num_sites: int) -> nn.Module:
+    """Swap every `torch.nn.BatchNorm1d/2d/3d` of any network for a `SiteBatchNorm` whose ``num_sites`` copies
+    start from that layer's parameters and statistics (like timm's ``convert_splitbn_model``); returns the
+    converted module. Run the converted network inside ``use_sites(model, site)`` to say whose batch it is."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SlotBatchNorm):
+        site_norm = SiteBatchNorm(module.num_features, num_sites, eps=module.eps, momentum=module.momentum)
+        site_norm = site_norm.to(module.running_mean if module.running_mean is not None else module.weight)
+        for slot in site_norm.sites:
+            slot.load_state_dict(module.state_dict())
+        return site_norm
+    for name, child in module.named_children():
+        module.add_module(name, convert_site_batchnorm(child, num_sites))
+    return module
+
+
+@contextlib.contextmanager
+def use_sites(model: nn.Module, site: Tensor) -> Iterator[None]:
+    """Within the body, every `SiteBatchNorm` of ``model`` called without a site uses ``site`` (B,)."""
+    norms = [m for m in model.modules() if isinstance(m, SiteBatchNorm)]
+    for m in norms:
+        m.context_site = site
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.context_site = None
 
 
 class NoNorm(nn.Module):
@@ -201,7 +246,7 @@ def get_norm_layer(norm: str, num_sites: int) -> NormLayer:
 def norm_state_keys(model: nn.Module) -> list[str]:
     """The ``state_dict`` keys of every batch-norm copy in ``model`` (weight, bias and running statistics), in
     state-dict order: what a federated client keeps to itself under FedBN."""
-    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, _NormSlot))
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     return [key for key in model.state_dict() if key.startswith(prefixes)]
 
 

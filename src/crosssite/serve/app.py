@@ -126,6 +126,21 @@ def create_app(service: Service, *, token: str | None = None, cors_origins: Sequ
             detail = "missing bearer token" if credentials is None else "wrong bearer token"
             raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
+    _add_predict(app, service, authorised)
+    _add_status(app, service, authorised)
+
+    @app.get("/", include_in_schema=False)
+    def viewer() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]) -> None:
+    """``POST /v1/predict``: admitted into the bounded queue, read within the timeout, scored in a thread."""
+    limits = service.limits
+
     def score(uploads: list[Upload], cam: bool, images: bool) -> dict[str, Any]:
         try:
             return service.predict(uploads, cam=cam, images=images)
@@ -165,6 +180,11 @@ def create_app(service: Service, *, token: str | None = None, cors_origins: Sequ
             if not handed_over:
                 service.release()
 
+
+def _add_status(app: FastAPI, service: Service, authorised: Callable[..., None]) -> None:
+    """``GET /v1/model``, ``/healthz`` and ``/readyz``."""
+    limits = service.limits
+
     @app.get("/v1/model", dependencies=[Depends(authorised)])
     def model() -> dict[str, Any]:
         """The model card: id, version, architecture, sites, preprocessing, normalisation, validation metrics."""
@@ -185,10 +205,3 @@ def create_app(service: Service, *, token: str | None = None, cors_origins: Sequ
                 "capacity": limits.max_pending, "forward_passes": stats.batches, "slices_scored": stats.images,
                 "largest_batch": stats.largest, "merged_passes": stats.merged}
         return JSONResponse(body, status_code=200 if ready else 503)
-
-    @app.get("/", include_in_schema=False)
-    def viewer() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app

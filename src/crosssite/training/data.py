@@ -116,6 +116,15 @@ def _check_parts(sites: list[Site], splits: list[Split]) -> None:
                 raise ConfigError(f"site {site.name!r}: the {part} part of the split is empty")
 
 
+def _normalisation(config: TrainConfig, sites: list[Site], splits: list[Split], cache: SliceCache
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The run's input mean / std: the training part's pixels (``input_norm="train"``) or the fixed constants."""
+    if config.input_norm != "train":
+        return DEFAULT_MEAN, DEFAULT_STD
+    slots = np.array([cache.slot_of(site.samples[i]) for site, split in zip(sites, splits) for i in split.train])
+    return pixel_stats(cache, slots[cache.valid[slots]])
+
+
 def build_run_data(
     config: TrainConfig,
     sites: list[Site],
@@ -133,50 +142,24 @@ def build_run_data(
     _check_parts(sites, splits)
     cache = build_cache(sites, None, config.image_size, frame=config.frame, skip_bad=config.skip_bad,
                         progress=progress)
-    train_indices = [s.train for s in splits]
-    train_slots = np.array([cache.slot_of(site.samples[i]) for site, ix in zip(sites, train_indices) for i in ix])
-    if config.input_norm == "train":
-        mean, std = pixel_stats(cache, train_slots[cache.valid[train_slots]])
-    else:
-        mean, std = DEFAULT_MEAN, DEFAULT_STD
+    mean, std = _normalisation(config, sites, splits, cache)
     view = eval_transform(config.image_size, frame=config.frame, mean=mean, std=std)
     augment = (train_transform(config.image_size, short_side=cache.short_side, frame=config.frame, mean=mean, std=std)
                if config.augment else view)
-    train = train_loader(
-        sites,
-        train_indices,
-        cache,
-        config.image_size,
-        batch_per_site=config.batch_per_site,
-        oversample=config.oversample,
-        seed=config.seed,
-        workers=config.workers,
-        rank=rank,
-        world_size=world_size,
-        steps_per_epoch=config.steps_per_epoch or None,
-        transform=augment,
-        pin_memory=pin_memory,
-    )
-    eval_batch = max(2 * config.batch_per_site, 32)
+    train_indices = [s.train for s in splits]
+    sampling = dict(batch_per_site=config.batch_per_site, oversample=config.oversample, seed=config.seed,
+                    workers=config.workers, rank=rank, world_size=world_size,
+                    steps_per_epoch=config.steps_per_epoch or None, pin_memory=pin_memory)
+    train = train_loader(sites, train_indices, cache, config.image_size, transform=augment, **sampling)
     evaluation = {
-        part: eval_loader(
-            sites,
-            [s.parts()[part] for s in splits],
-            cache,
-            config.image_size,
-            batch_size=eval_batch,
-            workers=config.workers,
-            transform=view,
-            pin_memory=pin_memory,
-        )
+        part: eval_loader(sites, [s.parts()[part] for s in splits], cache, config.image_size,
+                          batch_size=max(2 * config.batch_per_site, 32), workers=config.workers, transform=view,
+                          pin_memory=pin_memory)
         for part in ("val", "test")
     }
     # BN recalibration sees the training part through the evaluation view, but in the training sampler's
     # proportions (per-site batches, oversampling), so shared BN statistics mix the sites as training does.
-    recalibration = train_loader(
-        sites, train_indices, cache, config.image_size, batch_per_site=config.batch_per_site, oversample=config.oversample,
-        seed=config.seed, workers=config.workers, rank=rank, world_size=world_size,
-        steps_per_epoch=config.steps_per_epoch or None, transform=view, pin_memory=pin_memory,
-    ) if config.bn_recalibrate else None
+    recalibration = (train_loader(sites, train_indices, cache, config.image_size, transform=view, **sampling)
+                     if config.bn_recalibrate else None)
     return RunData(sites=sites, splits=splits, cache=cache, train=train, eval=evaluation,
                    recalibration=recalibration, mean=mean, std=std)

@@ -8,8 +8,8 @@ path. What makes N processes train like one process with the same global batch:
 * Data. Every rank draws the same global batch and keeps its ``batch_per_site // N`` items of every site
   (`crosssite.data.MultiSiteBatchSampler`), so every site-specific layer is used on every rank at every step and
   DDP needs no ``find_unused_parameters``.
-* Batch-norm statistics are synchronised (`synchronised_norms`): in a training forward every batch-norm slot --
-  shared or one per site -- normalises with the mean and variance of its samples on *all* ranks, gathered with
+* Batch-norm statistics are synchronised (`convert_sync_batchnorm`): in a training forward every batch-norm slot
+  -- shared or one per site, each a PyTorch `_BatchNorm` -- normalises with the mean and variance of its samples on *all* ranks, gathered with
   gradients, and updates its running statistics from them. Running statistics therefore stay identical on every
   rank and equal to the single-process ones; nothing needs reducing before evaluation.
 * The contrastive loss sees the global batch: projections and labels are all-gathered (`gather`) before
@@ -38,6 +38,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from crosssite.models.norms import SlotBatchNorm
+
 __all__ = [
     "world",
     "is_active",
@@ -47,7 +49,8 @@ __all__ = [
     "wrap",
     "gather",
     "mean_over_ranks",
-    "synchronised_norms",
+    "SyncSlotBatchNorm",
+    "convert_sync_batchnorm",
 ]
 
 
@@ -98,12 +101,14 @@ def barrier() -> None:
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` in `DistributedDataParallel` when a process group is active, else ``model`` itself.
+    """``model`` in `DistributedDataParallel`, its batch norms synchronised (`convert_sync_batchnorm`), when a
+    process group is active, else ``model`` itself.
 
     Every rank sees every site at every step, so every parameter receives a gradient at every step.
     """
     if not is_active():
         return model
+    convert_sync_batchnorm(model)
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
@@ -186,22 +191,24 @@ def _expand(v: Tensor, like: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-@contextlib.contextmanager
-def synchronised_norms(model: nn.Module) -> Iterator[None]:
-    """Within the body, training-mode batch norms of ``model`` use statistics synchronised over ranks.
+class SyncSlotBatchNorm(SlotBatchNorm):
+    """A `SlotBatchNorm` whose training forward (with gradients) normalises with the statistics of its samples
+    on every rank and updates its running statistics from them; anything else (evaluation, a forward under
+    ``torch.no_grad`` such as BN recalibration, one process) is the plain slot.
 
-    Uses the ``sync_stats`` hook of the batch-norm slots in `crosssite.models.norms`; a no-op in one process.
-    Wrap only the training forward: a training-mode forward that not every rank runs (e.g. BN recalibration on
-    one rank) must stay local.
+    (`torch.nn.SyncBatchNorm` does the same on GPUs only; this serves gloo on CPUs as well.)
     """
-    if not is_active():
-        yield
-        return
-    slots = [m for m in model.modules() if hasattr(m, "sync_stats")]
-    for m in slots:
-        m.sync_stats = _synchronised_batch_norm
-    try:
-        yield
-    finally:
-        for m in slots:
-            m.sync_stats = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled() and is_active():
+            return _synchronised_batch_norm(self, input, self.momentum, self.eps)
+        return super().forward(input)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Turn every `SlotBatchNorm` of ``model`` (shared or per-site BN) into a `SyncSlotBatchNorm`, in place: the
+    same parameters and buffers, so state dicts and saved models do not change."""
+    for module in model.modules():
+        if type(module) is SlotBatchNorm:
+            module.__class__ = SyncSlotBatchNorm
+    return model

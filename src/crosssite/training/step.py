@@ -59,7 +59,7 @@ def train_step(
     site = batch["site"].to(device, non_blocking=True)  # (B,)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast(config, device), distributed.synchronised_norms(model):
+    with autocast(config, device):
         out = forward(images, site)
     total, parts = compute_loss(out, labels, method, config, gather=distributed.gather)
     if penalty is not None:

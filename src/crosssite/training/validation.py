@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from crosssite.evaluation import binary_metrics, collect_probabilities
 from crosssite.training.config import TrainConfig
@@ -64,16 +64,11 @@ def recalibrate_bn(model: nn.Module, loader: Any, device: torch.device, config: 
     training sampler does (`RunData.recalibration`), so a shared BN mixes the sites in training's proportions.
     Weights are not touched.
     """
-    norms = [m for m in model.modules() if hasattr(m, "momentum") and any(
-        hasattr(b, "running_mean") for b in m.modules())]
-    stats = [m for m in model.modules() if isinstance(getattr(m, "running_mean", None), Tensor)]
-    for m in stats:
-        m.running_mean.zero_()
-        m.running_var.fill_(1.0)
-        m.num_batches_tracked.zero_()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     was_training = model.training
     for m in norms:
+        m.reset_running_stats()
         m.momentum = None  # cumulative average
     model.train()
     try:
