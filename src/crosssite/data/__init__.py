@@ -40,7 +40,7 @@ from crosssite.data.sites import (
     parse_site_spec,
     synthetic_site,
 )
-from crosssite.data.splits import Split, make_folds, official_split, split_fold
+from crosssite.data.splits import Split, all_data_split, make_folds, official_split, split_fold
 from crosssite.data.synthetic import SyntheticParams
 from crosssite.data.transforms import (
     DEFAULT_FRAME,
@@ -64,7 +64,7 @@ __all__ = [
     "SliceDataset", "SliceRef", "Split", "SyntheticParams", "TrainTransform",
     "build_cache", "cache_root", "check_sites", "class_of_name", "detect_layout", "eval_loader",
     "eval_transform", "expand_inputs", "inspect_image", "load_manifest", "load_site", "load_sites",
-    "make_folds", "num_frames", "official_split",
+    "all_data_split", "make_folds", "num_frames", "official_split",
     "oversample_factors", "parse_site_spec", "read_image", "read_volume", "resize_short_side",
     "short_side_for", "split_fold", "synthetic_site", "train_loader", "train_transform",
 ]

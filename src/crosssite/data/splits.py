@@ -24,7 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from crosssite.data.sites import SPLIT_PARTS, Site
 from crosssite.errors import SiteError
 
-__all__ = ["Split", "make_folds", "split_fold", "official_split", "groups_of"]
+__all__ = ["all_data_split", "Split", "make_folds", "split_fold", "official_split", "groups_of"]
 
 DEFAULT_VAL_FRACTION = 0.2
 
@@ -139,6 +139,18 @@ def split_fold(
     keep = np.ones(len(train), dtype=bool)
     keep[val_local] = False
     return Split(train=train[keep], val=train[val_local], test=test)
+
+
+def all_data_split(site: Site, seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION) -> Split:
+    """Every sample for training but a grouped, stratified validation part of about ``val_fraction`` (for
+    choosing the checkpoint), and no test part: the split of a model trained to be shipped, whose estimate of
+    performance comes from cross-validation of the same recipe."""
+    if not 0 < val_fraction < 1:
+        raise SiteError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    parts = max(2, int(round(1.0 / val_fraction)))
+    val = make_folds(site, parts, seed + 7)[0]
+    train = np.setdiff1d(np.arange(len(site.samples)), val)
+    return Split(train=train, val=np.sort(val), test=np.zeros(0, dtype=np.int64))
 
 
 def official_split(site: Site) -> Split:

@@ -30,7 +30,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "init": ("auto", "default", "fan_in"),
     "schedule_per": ("step", "epoch"),
     "contrastive_form": ("ntxent", "eq4"),
-    "protocol": ("kfold", "official"),
+    "protocol": ("kfold", "official", "all"),
     "precision": ("fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
 }

@@ -26,6 +26,7 @@ from crosssite.data import (
     SliceCache,
     Split,
     build_cache,
+    all_data_split,
     eval_loader,
     eval_transform,
     official_split,
@@ -81,6 +82,8 @@ def make_splits(sites: list[Site], config: TrainConfig) -> list[Split]:
     """Train / val / test indices of every site under the configured protocol."""
     if config.protocol == "official":
         return [official_split(site) for site in sites]
+    if config.protocol == "all":
+        return [all_data_split(site, config.split_seed, config.val_fraction) for site in sites]
     return [split_fold(s, config.fold, config.folds, config.split_seed, config.val_fraction) for s in sites]
 
 
@@ -109,9 +112,9 @@ def multi_site_steps(sites: list[Site], config: TrainConfig) -> int:
     return len(MultiSiteBatchSampler(site_of_item, config.batch_per_site, config.oversample, num_sites=len(sites)))
 
 
-def _check_parts(sites: list[Site], splits: list[Split]) -> None:
+def _check_parts(sites: list[Site], splits: list[Split], protocol: str) -> None:
     for site, split in zip(sites, splits):
-        for part in PARTS:
+        for part in PARTS[:2] if protocol == "all" else PARTS:
             if len(split.parts()[part]) == 0:
                 raise ConfigError(f"site {site.name!r}: the {part} part of the split is empty")
 
@@ -139,7 +142,7 @@ def build_run_data(
     """Limit the sites, make (or reload) their splits, decode the cache once, and build the loaders."""
     sites = [limit_site(site, config.limit_per_site, config.split_seed) for site in sites]
     splits = load_splits(split_file, sites) if reuse_split else make_splits(sites, config)
-    _check_parts(sites, splits)
+    _check_parts(sites, splits, config.protocol)
     cache = build_cache(sites, None, config.image_size, frame=config.frame, skip_bad=config.skip_bad,
                         progress=progress)
     mean, std = _normalisation(config, sites, splits, cache)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crosssite.evaluation import binary_metrics, collect_probabilities
+from crosssite.evaluation import METRICS, binary_metrics, collect_probabilities
 from crosssite.training.config import TrainConfig
 from crosssite.training.data import RunData
 from crosssite.training.step import autocast
@@ -28,7 +28,10 @@ __all__ = ["evaluate", "prediction_spread", "collapsed_sites", "recalibrate_bn",
 def evaluate(
     model: nn.Module, data: RunData, part: str, device: torch.device, config: TrainConfig
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Metrics per site on ``part`` (``val`` / ``test``) and one prediction row per slice."""
+    """Metrics per site on ``part`` (``val`` / ``test``) and one prediction row per slice; an empty part (the
+    test part of ``protocol="all"``) has undefined (NaN) metrics and no rows."""
+    if len(data.eval[part].dataset) == 0:
+        return {site.name: dict.fromkeys(METRICS, float("nan")) for site in data.sites}, []
     with autocast(config, device):
         probs = collect_probabilities(model, data.eval[part], device)
     metrics, rows = {}, []
