@@ -87,10 +87,34 @@ def _report_problems(records: list[Any]) -> None:
         typer.echo(f"{len(warned)} file(s) predicted with a warning (--strict refuses them)", err=True)
 
 
+def is_model_path(path: Path) -> bool:
+    """Whether ``path`` names a model: a .safetensors / .json / .onnx file, a stem with a .safetensors beside it,
+    or a run folder holding model.safetensors."""
+    if path.suffix.lower() in (".safetensors", ".onnx") or (path.suffix.lower() == ".json" and
+                                                            path.with_suffix(".safetensors").is_file()):
+        return True
+    if path.is_dir():
+        return (path / "model.safetensors").is_file()
+    return not path.exists() and path.with_suffix(".safetensors").is_file()
+
+
+def split_model_argument(paths: list[Path]) -> tuple[Path, list[Path]]:
+    """``[MODEL] INPUT...`` -> (model, inputs): the first path when it names a model and inputs follow, else the
+    shipped model (`crosssite.pretrained`) and every path as an input."""
+    from crosssite.pretrained import shipped_model
+
+    if len(paths) > 1 and is_model_path(paths[0]):
+        return paths[0], paths[1:]
+    if len(paths) == 1 and is_model_path(paths[0]):
+        raise CrossSiteError(f"{paths[0]}: a model but no inputs; give image files or folders after it")
+    return shipped_model(), paths
+
+
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="Model file (stem, .safetensors, .json, run folder) or .onnx export."),
-    inputs: list[Path] = typer.Argument(..., help="Image / DICOM / NIfTI files, or folders (recursive)."),
+    paths: list[Path] = typer.Argument(..., metavar="[MODEL] INPUT...", help="Optional model file (stem, "
+                                       ".safetensors, .json, run folder) or .onnx export, then image / DICOM / NIfTI "
+                                       "files or folders (recursive). Without a model: the shipped one."),
     site: str | None = typer.Option(None, "--site", help="Normalise with this known site's statistics."),
     adapt: bool = typer.Option(False, "--adapt", help="AdaBN: re-estimate the normalisation on the inputs."),
     save_adapted: Path | None = typer.Option(None, "--save-adapted", help="Write the adapted model (with --adapt)."),
@@ -106,6 +130,7 @@ def predict(
     from crosssite.inference import Predictor, failed, write_records
 
     try:
+        model, inputs = split_model_argument(paths)
         if site is not None and adapt:
             raise CrossSiteError("--site and --adapt exclude each other: choose one normalisation")
         if save_adapted is not None and not adapt:

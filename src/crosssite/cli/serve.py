@@ -33,7 +33,8 @@ def _is_loopback(host: str) -> bool:
 
 @app.command()
 def serve(
-    model: Path = typer.Argument(..., help="Model file (stem, .safetensors, .json, run folder) or .onnx export."),
+    model: Path | None = typer.Argument(None, help="Model file (stem, .safetensors, .json, run folder) or .onnx "
+                                        "export (default: the shipped model)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     token: str | None = typer.Option(None, "--token", envvar=TOKEN_ENV, show_envvar=True,
@@ -66,6 +67,10 @@ def serve(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        if model is None:
+            from crosssite.pretrained import shipped_model
+
+            model = shipped_model()
         limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files,
                         max_unzipped_bytes=int(max_unzipped_mb * 2**20), max_zip_entries=max_zip_entries,
                         timeout_s=timeout, max_pending=queue)
