@@ -104,6 +104,22 @@ def _report_problems(records: list[Any]) -> None:
         typer.echo(f"{len(warned)} file(s) predicted with a warning (--strict refuses them)", err=True)
 
 
+def _strategy(adapt_flag: bool, strategy: str | None, site: str | None, save_adapted: Path | None) -> str | None:
+    """The test-time strategy ``--adapt`` / ``--adapt-strategy`` ask for, checked against the other options."""
+    from crosssite.inference import STRATEGIES
+
+    if strategy is not None and strategy not in STRATEGIES:
+        raise CrossSiteError(f"--adapt-strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    adapt = strategy or ("adabn" if adapt_flag else None)
+    if site is not None and adapt:
+        raise CrossSiteError("--site and --adapt exclude each other: choose one normalisation")
+    if save_adapted is not None and not adapt:
+        raise CrossSiteError("--save-adapted needs --adapt")
+    if save_adapted is not None and adapt not in ("adabn", "tent"):
+        raise CrossSiteError(f"--save-adapted needs AdaBN or TENT (--adapt-strategy {adapt} adds no site)")
+    return adapt
+
+
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="Model file (stem, .safetensors, .json, run folder) or .onnx export."),
@@ -129,19 +145,7 @@ def predict(
     from crosssite.inference import Predictor, failed, write_records
 
     try:
-        from crosssite.inference import STRATEGIES
-
-        if strategy is not None and strategy not in STRATEGIES:
-            raise CrossSiteError(
-                f"--adapt-strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
-            )
-        adapt = strategy or ("adabn" if adapt_flag else None)
-        if site is not None and adapt:
-            raise CrossSiteError("--site and --adapt exclude each other: choose one normalisation")
-        if save_adapted is not None and not adapt:
-            raise CrossSiteError("--save-adapted needs --adapt")
-        if save_adapted is not None and adapt not in ("adabn", "tent"):
-            raise CrossSiteError(f"--save-adapted needs AdaBN or TENT (--adapt-strategy {adapt} adds no site)")
+        adapt = _strategy(adapt_flag, strategy, site, save_adapted)
         if out is not None and out.suffix.lower() not in (".csv", ".json"):
             raise CrossSiteError(f"{out}: --out must end in .csv or .json")
         for folder, what in ((None if out is None else out.parent, "--out"), (cam, "--cam")):

@@ -306,27 +306,31 @@ class Predictor:
         if not self.ood_threshold > 0:
             raise InferenceError(f"ood_threshold must be positive, got {self.ood_threshold}")
         self._warnings: dict[Path, list[str]] = {}  # per input file, for the current `predict` call
-        self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN
+        self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN / TENT
+        self._set_backend(model, site)
+
+    def _set_backend(self, model: nn.Module | Backend, site: str | None) -> None:
+        """The backend and normalisation label for ``site`` / ``self.adapt`` (AdaBN and TENT replace it later)."""
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model.to(self.device).eval()
-            self.site = resolve_site(card, site)
+            self.site = resolve_site(self.card, site)
             self.backend: Backend = TorchBackend(self.model, self.site, self.device)
             self.norm = self._norm_label(site)
-            if adapt == "ensemble":
+            if self.adapt == "ensemble":
                 if not has_site_modules(self.model):
-                    raise InferenceError(f"{source}: the ensemble needs site-specific layers; this model has one "
-                                         "shared normalisation")
+                    raise InferenceError(f"{self.source}: the ensemble needs site-specific layers; this model has "
+                                         "one shared normalisation")
                 self.backend = EnsembleBackend(self.model, len(self.site_names), self.device)
                 self.norm = f"ensemble:{len(self.site_names)}"
         else:
-            if site is not None or adapt not in (None, "standardise"):
+            if site is not None or self.adapt not in (None, "standardise"):
                 raise InferenceError(
-                    f"{source}: an ONNX export has its normalisation fixed at export ({card.get('norm')}); "
+                    f"{self.source}: an ONNX export has its normalisation fixed at export ({self.card.get('norm')}); "
                     "--site / --adapt (but standardise) apply to crosssite model files only"
                 )
             self.model, self.site, self.backend = None, None, model
-            self.norm = str(card.get("norm", MEAN_OF_SITES))
-        if adapt == "standardise":
+            self.norm = str(self.card.get("norm", MEAN_OF_SITES))
+        if self.adapt == "standardise":
             self.norm += "+standardise"
 
     def _norm_label(self, site: str | None) -> str:
