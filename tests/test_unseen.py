@@ -241,3 +241,18 @@ def test_cli_bad_strategy_requests(world: World, args: list[str], message: str) 
     assert result.exit_code == 1, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_cli_scores_external_site_per_strategy(world: World, scores: dict, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    for k, (png, label) in enumerate(zip(sorted(world.shifted.glob("*.png")), world.labels)):
+        dest = root / ("COVID" if label == 1 else "non-COVID") / png.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(png.read_bytes())
+    result = run("evaluate", world.model_path, "--external", f"c={root}:folder", "--adapt-strategy", "ensemble",
+                 "--adapt-strategy", "standardise", "--bootstrap", "10", "--json")
+    assert result.exit_code == 0, result.output
+    auc = {r["strategy"]: r["metrics"]["auc"] for r in json.loads(result.stdout)["results"]}
+    assert list(auc) == ["site:a", "site:b", "mean", "adabn", "ensemble", "standardise"]
+    assert auc["ensemble"] == pytest.approx(scores["ensemble"][0], abs=1e-3)
+    assert auc["standardise"] == pytest.approx(scores["standardise"][0], abs=1e-3)
