@@ -213,9 +213,12 @@ def run(*args: object):
 
 def test_predict_cli_strategy_ood_columns_and_warning(world: World, tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
-    result = run("predict", world.model_path, world.shifted, "--adapt-strategy", "tent", "--out", out)
+    result = run("predict", world.model_path, world.shifted, "--adapt-strategy", "tent", "--out", out,
+                 "--save-adapted", tmp_path / "tented", "--adapt-name", "c")
     assert result.exit_code == 0, result.output
     assert "TENT: normalisation re-estimated on 64 images" in result.stderr
+    card = json.loads((tmp_path / "tented.json").read_text())
+    assert card["site_names"] == ["a", "b", "c"] and card["adapted_sites"]["c"] == {"method": "TENT", "images": 64}
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert {r["norm"] for r in rows} == {"tent:64"} and {"ood", "ood_score"} <= set(rows[0])

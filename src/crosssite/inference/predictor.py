@@ -307,6 +307,7 @@ class Predictor:
             raise InferenceError(f"ood_threshold must be positive, got {self.ood_threshold}")
         self._warnings: dict[Path, list[str]] = {}  # per input file, for the current `predict` call
         self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN / TENT
+        self.adapted_with = ""  # "AdaBN" or "TENT", once adapted
         self._set_backend(model, site)
 
     def _set_backend(self, model: nn.Module | Backend, site: str | None) -> None:
@@ -326,7 +327,7 @@ class Predictor:
             if site is not None or self.adapt not in (None, "standardise"):
                 raise InferenceError(
                     f"{self.source}: an ONNX export has its normalisation fixed at export ({self.card.get('norm')}); "
-                    "--site / --adapt (but standardise) apply to crosssite model files only"
+                    "--site and every --adapt strategy but standardise apply to crosssite model files only"
                 )
             self.model, self.site, self.backend = None, None, model
             self.norm = str(self.card.get("norm", MEAN_OF_SITES))
@@ -409,6 +410,7 @@ class Predictor:
                 f"{what} needs at least {MIN_ADAPT_IMAGES} readable images of the new site, got {counter[0]}"
             )
         self.adapted = (model.eval(), counter[0])
+        self.adapted_with = what
         self.backend = TorchBackend(model, new_site, self.device)
         self.norm = f"{method}:{counter[0]}"
         return counter[0]
@@ -424,8 +426,7 @@ class Predictor:
             raise InferenceError(f"site name {name!r} is taken; the model already knows: {', '.join(names)}")
         model, n = self.adapted
         card = {**self.card, "site_names": [*names, name]}
-        method = "TENT" if self.adapt == "tent" else "AdaBN"
-        card["adapted_sites"] = {**card.get("adapted_sites", {}), name: {"method": method, "images": n}}
+        card["adapted_sites"] = {**card.get("adapted_sites", {}), name: {"method": self.adapted_with, "images": n}}
         return save(model, path, card)
 
     # --------------------------------------------------------------------------------------- predicting
