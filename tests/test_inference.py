@@ -377,9 +377,10 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def train_tiny(sites: list, seed: int, steps: int, size: int) -> torch.nn.Module:
-    """A short plain training loop with site-specific BN on synthetic sites (batches of 12 per site)."""
-    pre = Preprocess(size)
+def train_tiny(sites: list, seed: int, steps: int, size: int, pre: Preprocess | None = None) -> torch.nn.Module:
+    """A short plain training loop with site-specific BN on synthetic sites (batches of 12 per site); inputs
+    made by ``pre`` (default: `Preprocess(size)`, the fallback normalisation)."""
+    pre = pre or Preprocess(size)
     data = []
     for site in sites:
         x = torch.stack([pre(read_image(s.path)) for s in site.samples])

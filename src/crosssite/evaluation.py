@@ -15,7 +15,8 @@ orders; here both axes are labelled and share the order of `CLASS_NAMES` (rows: 
 
 `evaluate_model` scores a model on the sites it was trained on (each with its own statistics) and on
 external sites once per normalisation strategy of `norm_strategies`: each known site's statistics, their
-mean, and AdaBN re-estimation on the external site's images (on a copy of the model).
+mean, and AdaBN re-estimation on the external site's images (on a copy of the model); on request also the
+test-time strategies of `crosssite.models.adaptation` (``standardise``, ``tent``, ``ensemble``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -59,6 +60,7 @@ METRICS = ("accuracy", "f1", "recall", "specificity", "precision", "auc")
 
 _BOOTSTRAP_CELLS = 1 << 23  # resamples x distinct scores held in memory at once (64 MiB of int64 counts)
 MEAN_STATISTICS = "mean"  # `site_override` value: normalise with the mean of the known sites' statistics
+ENSEMBLE = "ensemble"  # `site_override` value: P(COVID) averaged over every known site's statistics
 
 
 class EvaluationError(CrossSiteError):
@@ -321,33 +323,50 @@ def collect_probabilities(
     model: torch.nn.Module,
     loader: object,
     device: str | torch.device = "cpu",
-    site_override: int | Literal["mean"] | None = None,
+    site_override: int | Literal["mean", "ensemble"] | None = None,
+    *,
+    num_sites: int = 0,
+    standardise: bool = False,
 ) -> Probabilities:
     """Run `model` in eval mode over `loader` (dict batches: image, label, site, index) and collect P(COVID).
 
     Args:
         site_override: None normalises each item with its own site's statistics (the batch's `site`);
             an int uses that site's statistics for every item (a known site's BN on an unseen site);
-            `"mean"` passes `site=None`, the mean of the known sites' statistics.
+            `"mean"` passes `site=None`, the mean of the known sites' statistics; `"ensemble"` averages
+            P(COVID) over the statistics of sites ``0 .. num_sites - 1``.
+        standardise: standardise each image on its own first (`crosssite.models.adaptation.standardise_images`).
     """
-    if site_override is not None and site_override != MEAN_STATISTICS and not isinstance(site_override, int):
-        raise EvaluationError(f"site_override must be None, an int or {MEAN_STATISTICS!r}, got {site_override!r}")
+    from crosssite.models.adaptation import ensemble_probabilities, standardise_images
+
+    if site_override not in (None, MEAN_STATISTICS, ENSEMBLE) and not isinstance(site_override, int):
+        raise EvaluationError(
+            f"site_override must be None, an int, {MEAN_STATISTICS!r} or {ENSEMBLE!r}, got {site_override!r}"
+        )
+    if site_override == ENSEMBLE and num_sites < 1:
+        raise EvaluationError("site_override='ensemble' needs num_sites >= 1 (the known sites)")
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {"index": [], "site": [], "label": [], "p_covid": []}
     try:
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)
+            if standardise:
+                image = standardise_images(image)
             site = batch["site"].to(device)
-            if site_override == MEAN_STATISTICS:
-                model_site = None
-            elif site_override is not None:
-                model_site = torch.full_like(site, site_override)
+            if site_override == ENSEMBLE:
+                p = ensemble_probabilities(model, image, num_sites)
             else:
-                model_site = site
-            out = model(image, model_site)
-            logits = getattr(out, "logits", out)  # (B, 2)
-            parts["p_covid"].append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().double().numpy())
+                if site_override == MEAN_STATISTICS:
+                    model_site = None
+                elif site_override is not None:
+                    model_site = torch.full_like(site, site_override)
+                else:
+                    model_site = site
+                out = model(image, model_site)
+                logits = getattr(out, "logits", out)  # (B, 2)
+                p = torch.softmax(logits.float(), dim=1)[:, 1]
+            parts["p_covid"].append(p.cpu().double().numpy())
             parts["index"].append(batch["index"].cpu().numpy().astype(np.int64))
             parts["site"].append(batch["site"].cpu().numpy().astype(np.int64))
             parts["label"].append(batch["label"].cpu().numpy().astype(np.int64))
@@ -425,23 +444,48 @@ def evaluate_predictions(
     )
 
 
-def norm_strategies(model: torch.nn.Module, site_names: list[str]) -> list[tuple[str, str, int | str | None]]:
+_EXTRA = {
+    "standardise": "each slice standardised to the training sites' pixel mean / std",
+    "tent": "TENT: AdaBN, then entropy minimisation of the new BN affine parameters on this site's images",
+    "ensemble": "P(COVID) averaged over every known site's statistics",
+}
+
+
+def norm_strategies(
+    model: torch.nn.Module, site_names: list[str], extra: Sequence[str] = ()
+) -> list[tuple[str, str, int | str | None]]:
     """How a site the model was never trained on can be normalised: (key, description, site_override).
 
     With site-specific layers: each known site's statistics (and adapters / heads), the mean of the known
     sites' statistics, and AdaBN (site_override None: `evaluate_model` re-estimates a new slot). Without
-    any site-specific layer there is nothing to choose: one "shared" strategy.
+    any site-specific layer there is nothing to choose: one "shared" strategy. ``extra`` adds test-time
+    strategies of `crosssite.models.adaptation.STRATEGIES` (``"adabn"`` is always there where it applies):
+    ``"standardise"`` (site_override: the mean of the sites, or the shared statistics), ``"tent"`` (None, a
+    new slot) and ``"ensemble"`` (`ENSEMBLE`); ``tent`` and ``ensemble`` need site-specific BN.
     """
     from crosssite.models import SiteBatchNorm, SiteModule
+    from crosssite.models.adaptation import STRATEGIES
 
+    unknown = [key for key in extra if key not in STRATEGIES]
+    if unknown:
+        raise EvaluationError(f"adapt: unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    site_bn = any(isinstance(m, SiteBatchNorm) for m in model.modules())
+    needs_bn = [key for key in extra if key in ("tent", "ensemble") and not site_bn]
+    if needs_bn:
+        raise EvaluationError(f"adapt: {needs_bn[0]} needs a model with site-specific batch norm")
     if not any(isinstance(m, SiteModule) for m in model.modules()):
-        return [("shared", "shared statistics (the model has no site-specific layers)", 0)]
-    out: list[tuple[str, str, int | str | None]] = [
-        (f"site:{name}", f"statistics of known site {name!r}", i) for i, name in enumerate(site_names)
-    ]
+        out: list[tuple[str, str, int | str | None]] = [
+            ("shared", "shared statistics (the model has no site-specific layers)", 0)
+        ]
+        if "standardise" in extra:
+            out.append(("standardise", _EXTRA["standardise"], 0))
+        return out
+    out = [(f"site:{name}", f"statistics of known site {name!r}", i) for i, name in enumerate(site_names)]
     out.append((MEAN_STATISTICS, "mean of the known sites' statistics", MEAN_STATISTICS))
-    if any(isinstance(m, SiteBatchNorm) for m in model.modules()):
+    if site_bn:
         out.append(("adabn", "AdaBN: statistics re-estimated on this site's images", None))
+    overrides = {"standardise": MEAN_STATISTICS, "tent": None, "ensemble": ENSEMBLE}
+    out += [(key, _EXTRA[key], overrides[key]) for key in dict.fromkeys(extra) if key != "adabn"]
     return out
 
 
@@ -465,6 +509,7 @@ def evaluate_model(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    strategies: Sequence[str] = (),
 ) -> list[SiteEvaluation]:
     """Evaluate `model` on sites it was trained on (`known`) and on sites it never saw (`external`).
 
@@ -473,6 +518,8 @@ def evaluate_model(
         site_names: the model's site slots in order (the model card's `site_names`).
         known: site name -> loader of that site alone; the name must be in `site_names`.
         external: site name -> loader; evaluated once per strategy of `norm_strategies`.
+        strategies: extra test-time strategies for the external sites (`norm_strategies`' ``extra``):
+            ``standardise``, ``tent`` (TENT, Wang et al. ICLR 2021, on a copy), ``ensemble``.
     Returns:
         One `SiteEvaluation` per known site, then per external site and strategy.
     """
@@ -491,14 +538,16 @@ def evaluate_model(
             )  # fmt: skip
         )
     for name, loader in (external or {}).items():
-        for key, description, override in norm_strategies(model, site_names):
+        for key, description, override in norm_strategies(model, site_names, strategies):
             target = model
-            if override is None:  # AdaBN: a new slot whose statistics come from this site's images
+            if override is None:  # AdaBN / TENT: a new slot adapted to this site's images, on a copy
                 from crosssite.models import adapt_norm
+                from crosssite.models.adaptation import tent_adapt
 
                 target = copy.deepcopy(model)
-                override = adapt_norm(target, loader)
-            probs = collect_probabilities(target, loader, device, site_override=override)
+                override = (tent_adapt if key == "tent" else adapt_norm)(target, loader)
+            probs = collect_probabilities(target, loader, device, site_override=override,
+                                          num_sites=len(site_names), standardise=key == "standardise")
             results.append(
                 evaluate_predictions(
                     name, probs.label, probs.p_covid, strategy=key, description=description,

@@ -1,18 +1,21 @@
 """``crosssite evaluate`` (a trained model on sites, with 95% bootstrap intervals) and ``crosssite report``.
 
-    crosssite evaluate RUN_DIR|MODEL --site NAME=PATH ... [--external NAME=PATH ...] [--all] [--json] [--out DIR]
+    crosssite evaluate RUN_DIR|MODEL --site NAME=PATH ... [--external NAME=PATH ... [--adapt-strategy NAME ...]]
+                       [--all] [--json] [--out DIR]
     crosssite report EXPERIMENT_DIR [--out DIR]
 
 SOURCE is a run directory (``model.safetensors`` + ``model.json`` + ``split.json``; a `single` run holds one
 such directory per site) or a model file / stem. For a run directory and a site it trained on, only that
 site's test part (from ``split.json``) is scored unless ``--all`` is given. ``--external`` sites were never
-trained on: they are scored once per normalisation strategy (each known site's statistics, their mean, AdaBN).
+trained on: they are scored once per normalisation strategy (each known site's statistics, their mean, AdaBN),
+and once more per ``--adapt-strategy`` (``standardise``, ``tent``, ``ensemble``; repeatable).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,9 +133,10 @@ def _save(out: Path, report: dict[str, Any], results: list[Any]) -> None:
 
 
 def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: list, all_images: bool,
-                  batch_size: int, workers: int, device: str, bootstrap: int, seed: int) -> list[tuple[Any, dict]]:
+                  batch_size: int, workers: int, device: str, bootstrap: int, seed: int,
+                  strategies: Sequence[str] = ()) -> list[tuple[Any, dict]]:
     """Every (evaluation, JSON row) of model ``m`` on its known sites (test parts, or every image with --all) and
-    on the external sites under each normalisation strategy."""
+    on the external sites under each normalisation strategy (and each extra test-time ``strategies``)."""
     from crosssite.evaluation import evaluate_model
 
     mine = [s for s in known_sites if s.name in m.site_names]
@@ -147,10 +151,22 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
     label = m.run_dir.name if m.run_dir is not None else source.stem
     out = []
     for r in evaluate_model(m.model, m.site_names, known, ext, device=device,
-                            threshold=float(m.card.get("threshold", 0.5)), n_boot=bootstrap, seed=seed):
+                            threshold=float(m.card.get("threshold", 0.5)), n_boot=bootstrap, seed=seed,
+                            strategies=strategies):
         part = "all" if all_images or m.run_dir is None or r.strategy != "own" else "test"
         out.append((r, r.to_dict() | {"model": label, "part": part}))
     return out
+
+
+def _check_strategies(strategies: list[str], external: list[str]) -> None:
+    """``--adapt-strategy`` values: known strategies, and only with ``--external`` sites."""
+    from crosssite.models.adaptation import STRATEGIES
+
+    for key in strategies:
+        if key not in STRATEGIES:
+            raise CrossSiteError(f"--adapt-strategy: unknown strategy {key!r}; choose from {', '.join(STRATEGIES)}")
+    if strategies and not external:
+        raise CrossSiteError("--adapt-strategy applies to --external sites; give at least one --external")
 
 
 @app.command()
@@ -158,6 +174,11 @@ def evaluate(
     source: Path = typer.Argument(..., metavar="RUN_DIR|MODEL", help="Run directory or model file."),
     site: list[str] = typer.Option(None, "--site", help="NAME=PATH[:LAYOUT] of a site the model trained on."),
     external: list[str] = typer.Option(None, "--external", help="NAME=PATH[:LAYOUT] of a site never trained on."),
+    adapt: list[str] = typer.Option(
+        None, "--adapt-strategy", metavar="NAME",
+        help="Also score --external sites with this test-time strategy: standardise, tent, ensemble (adabn is "
+             "always scored); repeatable.",
+    ),
     all_images: bool = typer.Option(False, "--all", help="Score every image of a known site, not its test part."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     out: Path = typer.Option(None, "--out", help="Write metrics.json and confusion matrices (CSV) here."),
@@ -176,6 +197,7 @@ def evaluate(
         device = str(resolve_device(device))
         if not site and not external:
             raise CrossSiteError("give at least one --site or --external")
+        _check_strategies(adapt or [], external or [])
         if out is not None:
             ensure_dir(out, "the --out folder")  # before any work: a bad output path fails at once
         models = _load_models(source, device)
@@ -191,7 +213,7 @@ def evaluate(
                 )
         for m in models:
             for r, row in _evaluate_one(m, source, known_sites, external_sites, all_images, batch_size, workers,
-                                        device, bootstrap, seed):
+                                        device, bootstrap, seed, adapt or ()):
                 report["results"].append(row)
                 results.append(r)
     except CrossSiteError as e:

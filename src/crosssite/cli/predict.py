@@ -1,6 +1,7 @@
 """``crosssite predict`` (a trained model on new files) and ``crosssite export`` (ONNX).
 
-    crosssite predict MODEL INPUT... [--site NAME | --adapt [--save-adapted NEW_MODEL --adapt-name NAME]]
+    crosssite predict MODEL INPUT... [--site NAME | --adapt | --adapt-strategy NAME
+                      [--save-adapted NEW_MODEL --adapt-name NAME]]
                       [--cam DIR] [--out FILE.csv|FILE.json] [--batch-size N] [--top-k K] [--strict]
     crosssite export MODEL --onnx FILE [--site NAME] [--int8 --calibrate PATH... [--calibration-slices N]]
 
@@ -11,6 +12,12 @@ is 1 when any input failed (after the good rows are written). A file that may no
 whose Modality is not CT, a localizer or non-axial slice, an image below the minimum size) is predicted with a
 ``warning`` in its row and one line on stderr, or refused with ``--strict``. Bad requests and unwritable outputs
 give a one-line message and exit status 1.
+
+``--adapt`` is AdaBN; ``--adapt-strategy adabn|standardise|tent|ensemble`` picks a test-time strategy
+(`crosssite.inference.predictor`; it implies ``--adapt``; click has no option whose value may be left out without
+prompting, so the bare flag stays AdaBN). Every slice
+and volume row carries ``ood_score`` and ``ood`` (far from every training site), and one warning line says how
+many were flagged.
 """
 
 from __future__ import annotations
@@ -72,6 +79,16 @@ def _print_records(records: list[Any], header: str) -> None:
             console.print(f"... {len(volumes) - MAX_TABLE_ROWS} more volumes (use --out)", markup=False)
 
 
+def _report_ood(records: list[Any], threshold: float) -> None:
+    """One warning line when slices or volumes sit far from every training site."""
+    scans = [r for r in records if r.kind == "volume"] + [r for r in records if r.kind == "slice" and r.volume is None]
+    flagged = [r for r in scans if r.ood]
+    if flagged:
+        typer.echo(f"warning: {len(flagged)} of {len(scans)} scan(s) lie far from every training site (ood_score > "
+                   f"{threshold:g}, e.g. {flagged[0].path}); predictions there may be unreliable, consider --adapt",
+                   err=True)
+
+
 def _report_problems(records: list[Any]) -> None:
     skipped = [r for r in records if r.kind == "skipped"]
     if skipped:
@@ -110,14 +127,36 @@ def split_model_argument(paths: list[Path]) -> tuple[Path, list[Path]]:
     return shipped_model(), paths
 
 
+def _strategy(adapt_flag: bool, strategy: str | None, site: str | None, save_adapted: Path | None) -> str | None:
+    """The test-time strategy ``--adapt`` / ``--adapt-strategy`` ask for, checked against the other options."""
+    from crosssite.inference import STRATEGIES
+
+    if strategy is not None and strategy not in STRATEGIES:
+        raise CrossSiteError(f"--adapt-strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    adapt = strategy or ("adabn" if adapt_flag else None)
+    if site is not None and adapt:
+        raise CrossSiteError("--site and --adapt exclude each other: choose one normalisation")
+    if save_adapted is not None and not adapt:
+        raise CrossSiteError("--save-adapted needs --adapt")
+    if save_adapted is not None and adapt not in ("adabn", "tent"):
+        raise CrossSiteError(f"--save-adapted needs AdaBN or TENT (--adapt-strategy {adapt} adds no site)")
+    return adapt
+
+
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(..., metavar="[MODEL] INPUT...", help="Optional model file (stem, "
                                        ".safetensors, .json, run folder) or .onnx export, then image / DICOM / NIfTI "
                                        "files or folders (recursive). Without a model: the shipped one."),
     site: str | None = typer.Option(None, "--site", help="Normalise with this known site's statistics."),
-    adapt: bool = typer.Option(False, "--adapt", help="AdaBN: re-estimate the normalisation on the inputs."),
-    save_adapted: Path | None = typer.Option(None, "--save-adapted", help="Write the adapted model (with --adapt)."),
+    adapt_flag: bool = typer.Option(False, "--adapt", help="AdaBN: re-estimate the normalisation on the inputs."),
+    strategy: str | None = typer.Option(
+        None, "--adapt-strategy", metavar="NAME",
+        help="Test-time strategy for an unseen site (implies --adapt): adabn, standardise (each slice to the "
+             "training pixel mean/std), tent (AdaBN + entropy minimisation), ensemble (mean over the sites' BN).",
+    ),
+    save_adapted: Path | None = typer.Option(None, "--save-adapted",
+                                             help="Write the adapted model (with --adapt, or --adapt-strategy tent)."),
     adapt_name: str = typer.Option("adapted", "--adapt-name", help="Site name of the adapted slot."),
     cam: Path | None = typer.Option(None, "--cam", help="Write a Grad-CAM overlay PNG per slice into this folder."),
     out: Path | None = typer.Option(None, "--out", help="Write every row to FILE.csv or FILE.json."),
@@ -131,10 +170,7 @@ def predict(
 
     try:
         model, inputs = split_model_argument(paths)
-        if site is not None and adapt:
-            raise CrossSiteError("--site and --adapt exclude each other: choose one normalisation")
-        if save_adapted is not None and not adapt:
-            raise CrossSiteError("--save-adapted needs --adapt")
+        adapt = _strategy(adapt_flag, strategy, site, save_adapted)
         if out is not None and out.suffix.lower() not in (".csv", ".json"):
             raise CrossSiteError(f"{out}: --out must end in .csv or .json")
         for folder, what in ((None if out is None else out.parent, "--out"), (cam, "--cam")):
@@ -143,15 +179,17 @@ def predict(
         predictor = Predictor.from_file(model, site=site, adapt=adapt, batch_size=batch_size, top_k=top_k or None,
                                         strict=strict)
         records = predictor.predict(inputs, cam_dir=cam)
-        if adapt:
-            typer.echo(f"AdaBN: normalisation re-estimated on {predictor.adapted[1]} images", err=True)
+        if adapt in ("adabn", "tent"):
+            what = "AdaBN" if adapt == "adabn" else "TENT"
+            typer.echo(f"{what}: normalisation re-estimated on {predictor.adapted[1]} images", err=True)
         if save_adapted is not None:
             weights, _ = predictor.save_adapted(save_adapted, adapt_name)
             typer.echo(f"saved the adapted model (new site {adapt_name!r}) to {weights}", err=True)
         header = f"model {model}: normalisation {predictor.norm}, threshold {predictor.threshold:g}"
         if out is not None:
             meta = {"model": str(model), "norm": predictor.norm, "threshold": predictor.threshold,
-                    "top_k": top_k or None, "class_names": list(predictor.class_names)}
+                    "top_k": top_k or None, "class_names": list(predictor.class_names),
+                    "ood_threshold": predictor.ood_threshold}
             write_records(out, records, meta)
             typer.echo(f"{header}; wrote {len(records)} rows to {out}", err=True)
         else:
@@ -159,6 +197,7 @@ def predict(
     except CrossSiteError as e:
         raise fail(e) from None
     _report_problems(records)
+    _report_ood(records, predictor.ood_threshold)
     if failed(records):
         raise typer.Exit(1)
 

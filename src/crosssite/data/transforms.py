@@ -15,6 +15,9 @@ flipped horizontally and vertically, each with probability 1/2. Evaluation: the 
 ``image_size`` (``"resize"`` / ``"pad"``: every pixel of the slice is in view), or, with ``"crop"``, the short
 side resized to ``image_size`` and the central square kept.
 
+With ``scanner > 0`` the training transform first applies scanner-style augmentation to the framed slice
+(`crosssite.data.augment.ScannerAugment`, each transform with probability ``scanner``).
+
 Both end with float conversion, the grey slice repeated to three channels and per-channel normalisation
 (`Normalise`): output float32 (3, image_size, image_size). Each transform is a geometric part, ``crop``
 (uint8 in, uint8 out), followed by ``normalise``.
@@ -27,6 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from crosssite.data.augment import ScannerAugment
 
 __all__ = [
     "DEFAULT_MEAN",
@@ -181,8 +186,9 @@ class TrainTransform:
 
     Input: a uint8 or float [0, 1] slice (H, W); a slice not yet framed at ``short_side`` is framed first
     (`frame_slice`; slices from `SliceCache` already are). `crop` is the geometric part (uint8 out),
-    `normalise` the rest. Randomness comes from torch's global generator, which a `DataLoader` seeds in each
-    worker.
+    `normalise` the rest. ``scanner`` > 0: `ScannerAugment(scanner)` on the framed slice before the crop (0: not
+    applied, no random number drawn). Randomness comes from torch's global generator, which a `DataLoader`
+    seeds in each worker.
     """
 
     def __init__(
@@ -193,9 +199,11 @@ class TrainTransform:
         mean: Sequence[float] = DEFAULT_MEAN,
         std: Sequence[float] = DEFAULT_STD,
         frame: str = DEFAULT_FRAME,
+        scanner: float = 0.0,
     ) -> None:
         _check_frame(frame)
         self.image_size = image_size
+        self.scanner = ScannerAugment(scanner) if scanner > 0 else None
         self.short_side = short_side or short_side_for(image_size)
         if self.short_side < image_size:
             raise ValueError(f"short side {self.short_side} is smaller than the crop {image_size}")
@@ -207,6 +215,8 @@ class TrainTransform:
         """uint8 (image_size, image_size): random crop, then random vertical and horizontal flips."""
         if not is_framed(image, self.short_side, self.frame):
             image = frame_slice(image, self.short_side, self.frame)
+        if self.scanner is not None:
+            image = self.scanner(image)
         h, w = image.shape
         s = self.image_size
         top = int(torch.randint(h - s + 1, ()))
@@ -222,7 +232,7 @@ class TrainTransform:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, short_side={self.short_side}, "
-                f"flips={self.flips}, frame={self.frame!r})")
+                f"flips={self.flips}, frame={self.frame!r}, scanner={self.scanner})")
 
 
 class EvalTransform:

@@ -1,5 +1,6 @@
 """Prediction on new files: `Predictor` (slices, DICOM series, NIfTI volumes; known-site, mean-of-sites or
-AdaBN normalisation; Grad-CAM overlays), output rows, and ONNX export with an ONNX Runtime backend.
+AdaBN, standardise, TENT or ensemble; out-of-distribution flags;
+Grad-CAM overlays), output rows, and ONNX export with an ONNX Runtime backend.
 
     from crosssite.inference import Predictor, export_onnx
     records = Predictor.from_file("runs/x/model", site=None).predict(["scans/"])
@@ -13,6 +14,8 @@ from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
 from crosssite.inference.predictor import (
     MEAN_OF_SITES,
     MIN_ADAPT_IMAGES,
+    OOD_THRESHOLD,
+    STRATEGIES,
     InferenceError,
     Predictor,
     Preprocess,
@@ -22,7 +25,7 @@ from crosssite.inference.predictor import (
 from crosssite.inference.records import DEFAULT_TOP_K, KINDS, Record, failed, volume_score, write_records
 
 __all__ = [
-    "DEFAULT_TOP_K", "KINDS", "MEAN_OF_SITES", "MIN_ADAPT_IMAGES",
+    "DEFAULT_TOP_K", "KINDS", "MEAN_OF_SITES", "MIN_ADAPT_IMAGES", "OOD_THRESHOLD", "STRATEGIES",
     "InferenceError", "InputPlan", "OnnxBackend", "Predictor", "Preprocess", "Record", "SliceItem",
     "collect_inputs", "export_int8", "export_onnx", "failed", "resolve_site", "site_names_of", "volume_score", "write_records",
 ]

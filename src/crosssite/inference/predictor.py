@@ -14,11 +14,21 @@ Normalisation of an unseen hospital's images (site-specific BN):
 
 * ``site="NAME"``: a known site's statistics;
 * ``site=None``: the mean of every known site's statistics and affine parameters ("mean-of-sites");
-* ``adapt=True``: AdaBN -- every call of `Predictor.predict` first re-estimates a new site slot's
-  statistics on the readable slices it was given (at least `MIN_ADAPT_IMAGES`), on a copy of the loaded
-  model; `Predictor.save_adapted` keeps the adapted copy as an ordinary model file with one more site.
+* ``adapt="adabn"`` (or ``True``): AdaBN (Li et al. 2016) -- every call of `Predictor.predict` first
+  re-estimates a new site slot's statistics on the readable slices it was given (at least
+  `MIN_ADAPT_IMAGES`), on a copy of the loaded model; `Predictor.save_adapted` keeps the adapted copy as an
+  ordinary model file with one more site;
+* ``adapt="tent"``: TENT (Wang et al., ICLR 2021) -- AdaBN, then one epoch of entropy minimisation of the new
+  slot's BN affine parameters on the same slices (`crosssite.models.adaptation.tent_adapt`), on a copy;
+* ``adapt="standardise"``: each slice standardised on its own to the training part's mean / std (the mean of
+  the known sites' statistics in the network; works for ONNX exports too);
+* ``adapt="ensemble"``: P(COVID) averaged over every known site's normalisation.
 
 A model without site-specific modules has one shared normalisation ("shared") whatever the choice.
+
+Out-of-distribution flag: every slice gets ``ood_score``, its distance at the first batch-norm layer to the
+closest known site (`crosssite.models.adaptation.FirstNormShift`), and a volume the mean over its slices;
+``ood`` is set where the score exceeds the card's ``ood_threshold`` or `OOD_THRESHOLD`.
 """
 
 from __future__ import annotations
@@ -40,10 +50,13 @@ from crosssite.data.io import input_warnings
 from crosssite.errors import CheckpointError, ImageReadError, InferenceError
 from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
 from crosssite.inference.records import DEFAULT_TOP_K, Record, volume_score
+from crosssite.models.adaptation import STRATEGIES, FirstNormShift, ensemble_probabilities, standardise_images
 
 __all__ = [
     "MIN_ADAPT_IMAGES",
     "MEAN_OF_SITES",
+    "OOD_THRESHOLD",
+    "STRATEGIES",
     "InferenceError",
     "Preprocess",
     "site_names_of",
@@ -53,6 +66,14 @@ __all__ = [
 
 MIN_ADAPT_IMAGES = 8
 """Fewest readable slices AdaBN accepts: batch statistics of fewer images are too noisy to normalise with."""
+
+OOD_THRESHOLD = 0.75
+"""`FirstNormShift` score above which a slice (or a volume, by its slices' mean) is flagged out of
+distribution, unless the model card holds an ``ood_threshold``. A fixed value from tiny synthetic-site models
+(tests/test_unseen.py, training seeds 0-3): held-out and training slices of the known sites score 0.13-0.53,
+a site rendered at half the contrast 0.85-1.66, at twice the contrast 0.55-1.64. To be recalibrated on the
+real sites' validation slices (issue #16).
+"""
 
 MEAN_OF_SITES = "mean-of-sites"
 SHARED = "shared"
@@ -76,6 +97,17 @@ def resolve_site(card: dict[str, Any], site: str | None) -> int | None:
     if site not in names:
         raise InferenceError(f"unknown site {site!r}; the model knows: {', '.join(names)}")
     return names.index(site)
+
+
+def resolve_strategy(adapt: bool | str | None) -> str | None:
+    """``adapt`` as a strategy of `STRATEGIES` (True: ``"adabn"``; False / None: no adaptation)."""
+    if adapt is True:
+        return "adabn"
+    if adapt is False or adapt is None:
+        return None
+    if adapt not in STRATEGIES:
+        raise InferenceError(f"adapt: unknown strategy {adapt!r}; choose one of {', '.join(STRATEGIES)}")
+    return adapt
 
 
 def has_site_modules(model: nn.Module) -> bool:
@@ -159,6 +191,22 @@ class TorchBackend:
         return out.p_covid.cpu().double().numpy(), out.cam.cpu().numpy()
 
 
+class EnsembleBackend(TorchBackend):
+    """P(COVID) averaged over the normalisation of each of the first ``num_sites`` sites (the Grad-CAM maps are
+    those of the mean of the sites' statistics)."""
+
+    def __init__(self, model: nn.Module, num_sites: int, device: str | torch.device = "cpu") -> None:
+        super().__init__(model, None, device)
+        self.num_sites = num_sites
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        return ensemble_probabilities(self.model, images.to(self.device), self.num_sites).cpu().double().numpy()
+
+    def grad_cam(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        _, maps = super().grad_cam(images)
+        return self.probabilities(images), maps
+
+
 # ------------------------------------------------------------------------------------------- predictor
 
 
@@ -205,7 +253,8 @@ class Predictor:
         model: a crosssite model (from `crosssite.models.load`) or a backend (the ONNX Runtime one).
         card: its model card (preprocessing, class names, site names, threshold).
         site: a known site's name, or None for the mean of the known sites' statistics.
-        adapt: AdaBN on the images given to each `predict` call (exclusive with ``site``).
+        adapt: a test-time strategy of `STRATEGIES` (True: ``"adabn"``) applied to the images given to each
+            `predict` call (exclusive with ``site``); see the module docstring.
         batch_size: slices per forward pass.
         top_k: slices averaged into a volume's score (None: all).
         threshold: P(COVID) at which a slice is labelled COVID; default the card's ``threshold`` or 0.5.
@@ -213,6 +262,8 @@ class Predictor:
         workers: threads decoding files (default min(4, CPUs)).
         strict: refuse (as ``"error"`` rows) the slices of files that would otherwise be scored with a
             ``warning`` (a DICOM whose Modality is not CT, a localizer or non-axial slice, a tiny image).
+        ood_threshold: `FirstNormShift` score above which a slice / volume is flagged ``ood``; default the
+            card's ``ood_threshold`` or `OOD_THRESHOLD`.
     """
 
     def __init__(
@@ -220,7 +271,7 @@ class Predictor:
         model: nn.Module | Backend,
         card: dict[str, Any],
         site: str | None = None,
-        adapt: bool = False,
+        adapt: bool | str | None = False,
         *,
         batch_size: int = 32,
         top_k: int | None = DEFAULT_TOP_K,
@@ -229,9 +280,11 @@ class Predictor:
         workers: int | None = None,
         source: object = "model",
         strict: bool = False,
+        ood_threshold: float | None = None,
     ) -> None:
+        adapt = resolve_strategy(adapt)
         if site is not None and adapt:
-            raise InferenceError("choose either a known site or AdaBN adaptation, not both")
+            raise InferenceError(f"choose either a known site or adaptation ({adapt}), not both")
         if batch_size < 1:
             raise InferenceError(f"batch size must be >= 1, got {batch_size}")
         if top_k is not None and top_k < 1:
@@ -249,21 +302,37 @@ class Predictor:
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.adapt = adapt
         self.strict = strict
+        self.ood_threshold = float(card.get("ood_threshold", OOD_THRESHOLD) if ood_threshold is None else ood_threshold)
+        if not self.ood_threshold > 0:
+            raise InferenceError(f"ood_threshold must be positive, got {self.ood_threshold}")
         self._warnings: dict[Path, list[str]] = {}  # per input file, for the current `predict` call
-        self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN
+        self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN / TENT
+        self.adapted_with = ""  # "AdaBN" or "TENT", once adapted
+        self._set_backend(model, site)
+
+    def _set_backend(self, model: nn.Module | Backend, site: str | None) -> None:
+        """The backend and normalisation label for ``site`` / ``self.adapt`` (AdaBN and TENT replace it later)."""
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model.to(self.device).eval()
-            self.site = resolve_site(card, site)
+            self.site = resolve_site(self.card, site)
             self.backend: Backend = TorchBackend(self.model, self.site, self.device)
             self.norm = self._norm_label(site)
+            if self.adapt == "ensemble":
+                if not has_site_modules(self.model):
+                    raise InferenceError(f"{self.source}: the ensemble needs site-specific layers; this model has "
+                                         "one shared normalisation")
+                self.backend = EnsembleBackend(self.model, len(self.site_names), self.device)
+                self.norm = f"ensemble:{len(self.site_names)}"
         else:
-            if site is not None or adapt:
+            if site is not None or self.adapt not in (None, "standardise"):
                 raise InferenceError(
-                    f"{source}: an ONNX export has its normalisation fixed at export ({card.get('norm')}); "
-                    "--site / --adapt apply to crosssite model files only"
+                    f"{self.source}: an ONNX export has its normalisation fixed at export ({self.card.get('norm')}); "
+                    "--site and every --adapt strategy but standardise apply to crosssite model files only"
                 )
             self.model, self.site, self.backend = None, None, model
-            self.norm = str(card.get("norm", MEAN_OF_SITES))
+            self.norm = str(self.card.get("norm", MEAN_OF_SITES))
+        if self.adapt == "standardise":
+            self.norm += "+standardise"
 
     def _norm_label(self, site: str | None) -> str:
         if not has_site_modules(self.model):
@@ -274,7 +343,7 @@ class Predictor:
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike, site: str | None = None, adapt: bool = False, **kwargs: Any
+        cls, path: str | os.PathLike, site: str | None = None, adapt: bool | str | None = False, **kwargs: Any
     ) -> Predictor:
         """Load a crosssite model (stem, ``.safetensors``, ``.json`` or run folder) or an ONNX export
         (``.onnx``, run with ONNX Runtime); keyword arguments as for `Predictor`."""
@@ -310,33 +379,40 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------- AdaBN
 
-    def adapt_to(self, paths: Iterable[Path | str] | InputPlan) -> int:
-        """AdaBN: re-estimate a new site slot's statistics on the readable slices of ``paths`` (on a copy of
-        the loaded model) and predict with it from now on; return the number of slices used."""
+    def adapt_to(self, paths: Iterable[Path | str] | InputPlan, method: str = "adabn") -> int:
+        """AdaBN (``method="adabn"``: re-estimate a new site slot's statistics) or TENT (``"tent"``: AdaBN, then
+        entropy minimisation of that slot's BN affine parameters) on the readable slices of ``paths``, on a
+        copy of the loaded model, and predict with it from now on; return the number of slices used."""
         from crosssite.models import adapt_norm
+        from crosssite.models.adaptation import tent_adapt
 
+        what = {"adabn": "AdaBN", "tent": "TENT"}.get(method)
+        if what is None:
+            raise InferenceError(f"adapt_to: method must be adabn or tent, got {method!r}")
         if self.model is None:
-            raise InferenceError(f"{self.source}: AdaBN needs a crosssite model file, not an ONNX export")
+            raise InferenceError(f"{self.source}: {what} needs a crosssite model file, not an ONNX export")
         plan = paths if isinstance(paths, InputPlan) else collect_inputs(paths)
         if len(plan.items) < MIN_ADAPT_IMAGES:
             raise InferenceError(
-                f"AdaBN needs at least {MIN_ADAPT_IMAGES} images of the new site, got {len(plan.items)}"
+                f"{what} needs at least {MIN_ADAPT_IMAGES} images of the new site, got {len(plan.items)}"
             )
         model = copy.deepcopy(self.model)
         counter = [0]
         try:
-            new_site = adapt_norm(model, self._readable_batches(plan.items, counter))
+            batches = self._readable_batches(plan.items, counter)
+            new_site = adapt_norm(model, batches) if method == "adabn" else tent_adapt(model, batches)
         except ValueError:
             if counter[0]:
                 raise
             new_site = -1  # every slice was unreadable: reported just below
         if counter[0] < MIN_ADAPT_IMAGES:
             raise InferenceError(
-                f"AdaBN needs at least {MIN_ADAPT_IMAGES} readable images of the new site, got {counter[0]}"
+                f"{what} needs at least {MIN_ADAPT_IMAGES} readable images of the new site, got {counter[0]}"
             )
         self.adapted = (model.eval(), counter[0])
+        self.adapted_with = what
         self.backend = TorchBackend(model, new_site, self.device)
-        self.norm = f"adabn:{counter[0]}"
+        self.norm = f"{method}:{counter[0]}"
         return counter[0]
 
     def save_adapted(self, path: str | os.PathLike, name: str = "adapted") -> tuple[Path, Path]:
@@ -344,13 +420,13 @@ class Predictor:
         from crosssite.models import save
 
         if self.adapted is None:
-            raise InferenceError("no adapted model to save: predict with adapt=True (--adapt) first")
+            raise InferenceError("no adapted model to save: predict with adapt='adabn' or 'tent' (--adapt) first")
         names = self.site_names
         if name in names:
             raise InferenceError(f"site name {name!r} is taken; the model already knows: {', '.join(names)}")
         model, n = self.adapted
         card = {**self.card, "site_names": [*names, name]}
-        card["adapted_sites"] = {**card.get("adapted_sites", {}), name: {"method": "AdaBN", "images": n}}
+        card["adapted_sites"] = {**card.get("adapted_sites", {}), name: {"method": self.adapted_with, "images": n}}
         return save(model, path, card)
 
     # --------------------------------------------------------------------------------------- predicting
@@ -358,12 +434,15 @@ class Predictor:
     def _label(self, p: float) -> str:
         return self.class_names[1] if p >= self.threshold else self.class_names[0]
 
-    def _slice_record(self, item: SliceItem, p: float, cam: Path | None) -> Record:
+    def _ood(self, score: float | None) -> bool | None:
+        return None if score is None else bool(score > self.ood_threshold)
+
+    def _slice_record(self, item: SliceItem, p: float, cam: Path | None, ood_score: float | None) -> Record:
         return Record(
             kind="slice", path=str(item.ref.path), frame=item.ref.frame,
             volume=None if item.volume is None else str(item.volume), slice=item.index,
             p_covid=p, label=self._label(p), norm=self.norm, cam=None if cam is None else str(cam),
-            warning="; ".join(self._warnings_of(item)) or None,
+            warning="; ".join(self._warnings_of(item)) or None, ood=self._ood(ood_score), ood_score=ood_score,
         )
 
     def _warnings_of(self, item: SliceItem) -> list[str]:
@@ -400,23 +479,31 @@ class Predictor:
         }
         if good:
             images = torch.stack([inputs[i] for i in good])  # (B, 3, S, S)
+            if self.adapt == "standardise":
+                images = standardise_images(images)
             cams: list[Path | None] = [None] * len(good)
-            if cam_dir is None:
-                p = self.backend.probabilities(images)
-            else:
-                p, maps = self.backend.grad_cam(images)
-                cams = self._save_cams(cam_dir, start, [items[i] for i in good], images, maps)
-            for i, pi, cam in zip(good, p, cams):
-                records[i] = self._slice_record(items[i], float(pi), cam)
+            # the distance to the known sites, read in the forward pass at the first norm layer's input
+            with FirstNormShift(getattr(self.backend, "model", None), len(self.site_names)) as shift:
+                if cam_dir is None:
+                    p = self.backend.probabilities(images)
+                else:
+                    p, maps = self.backend.grad_cam(images)
+                    cams = self._save_cams(cam_dir, start, [items[i] for i in good], images, maps)
+            scores = [None] * len(good) if shift.scores is None else [float(v) for v in shift.scores]
+            for i, pi, cam, score in zip(good, p, cams, scores):
+                records[i] = self._slice_record(items[i], float(pi), cam, score)
         return [records[i] for i in range(len(items))]
 
     def _volume_records(self, slices: list[Record]) -> list[Record]:
         """Slice rows with a volume row after the last slice of each volume."""
         scores: dict[str, list[float]] = {}
+        shifts: dict[str, list[float]] = {}
         last: dict[str, int] = {}
         for i, r in enumerate(slices):
             if r.kind == "slice" and r.volume is not None:
                 scores.setdefault(r.volume, []).append(r.p_covid)
+                if r.ood_score is not None:
+                    shifts.setdefault(r.volume, []).append(r.ood_score)
                 last[r.volume] = i
         after = {i: v for v, i in last.items()}
         out: list[Record] = []
@@ -425,8 +512,9 @@ class Predictor:
             if i in after:
                 v = after[i]
                 score, k = volume_score(scores[v], self.top_k)
+                shift = float(np.mean(shifts[v])) if v in shifts else None
                 out.append(Record(kind="volume", path=v, p_covid=score, label=self._label(score), norm=self.norm,
-                                  n_slices=len(scores[v]), top_k=k))
+                                  n_slices=len(scores[v]), top_k=k, ood=self._ood(shift), ood_score=shift))
         return out
 
     def predict(
@@ -452,8 +540,8 @@ class Predictor:
             raise InferenceError(f"no image files found in {shown}")
         if cam_dir is not None and not isinstance(self.backend, TorchBackend):
             raise InferenceError(f"{self.source}: Grad-CAM needs a crosssite model file, not an ONNX export")
-        if self.adapt:
-            self.adapt_to(plan)
+        if self.adapt in ("adabn", "tent"):
+            self.adapt_to(plan, self.adapt)
         if progress is None:
             progress = sys.stderr.isatty() and len(plan.items) > self.batch_size
         cam_path = None if cam_dir is None else Path(cam_dir)

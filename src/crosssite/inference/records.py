@@ -3,7 +3,8 @@
 Every row is a `Record` of one ``kind``:
 
 * ``"slice"``: one 2D slice and its P(COVID), with a ``warning`` when its file may not be a chest-CT slice
-  (a DICOM whose Modality is not CT, a localizer or non-axial slice, a tiny image);
+  (a DICOM whose Modality is not CT, a localizer or non-axial slice, a tiny image), and ``ood`` /
+  ``ood_score`` when its statistics sit far from every training site (`crosssite.inference.predictor`);
 * ``"volume"``: a DICOM series or NIfTI volume, scored by the mean of its ``top_k`` highest slice
   probabilities (all of them when it has fewer), so a scan with a few clearly affected slices scores high
   even when most of its slices show healthy lung;
@@ -49,6 +50,8 @@ class Record:
     cam: str | None = None  # slice: Grad-CAM overlay PNG, when requested
     error: str | None = None  # error / skipped: the reason
     warning: str | None = None  # slice: why the input may not be a chest-CT slice (`crosssite.data.input_warnings`)
+    ood: bool | None = None  # slice / volume: ood_score above the model's threshold (far from every training site)
+    ood_score: float | None = None  # slice: distance to the closest known site (FirstNormShift); volume: slices' mean
 
 
 def volume_score(p_covid: Sequence[float] | np.ndarray, top_k: int | None = DEFAULT_TOP_K) -> tuple[float, int]:

@@ -67,6 +67,10 @@ class TrainConfig:
     # false: training batches are seen through the evaluation view (no random crop or flip), e.g. to compare
     # process counts step for step, since crops and flips are drawn per rank
     augment: bool = True
+    # scanner-style augmentation of the framed slice before the crop (crosssite.data.augment): the probability
+    # with which each of its transforms (window, gamma, contrast, blur, sharpen, noise, resolution, JPEG, field
+    # of view) is applied; 0 = off (to be chosen on leave-one-site-out evidence, issue #16)
+    augment_scanner: float = 0.0
     oversample: int = 4  # a site with < half the largest site's training items is repeated this often per epoch
     lr: float = 1e-4
     lr_min: float = 1e-6
@@ -137,6 +141,8 @@ class TrainConfig:
             raise ConfigError(f"fold: must be in [0, folds={self.folds}), got {self.fold!r}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
+        if not 0 <= self.augment_scanner <= 1:
+            raise ConfigError(f"augment_scanner: must be in [0, 1] (probability per transform), got {self.augment_scanner!r}")
         if self.lr_min > self.lr:
             raise ConfigError(f"lr_min: must not exceed lr={self.lr}, got {self.lr_min!r}")
 

@@ -147,7 +147,8 @@ def build_run_data(
                         progress=progress)
     mean, std = _normalisation(config, sites, splits, cache)
     view = eval_transform(config.image_size, frame=config.frame, mean=mean, std=std)
-    augment = (train_transform(config.image_size, short_side=cache.short_side, frame=config.frame, mean=mean, std=std)
+    augment = (train_transform(config.image_size, short_side=cache.short_side, frame=config.frame, mean=mean, std=std,
+                               scanner=config.augment_scanner)
                if config.augment else view)
     train_indices = [s.train for s in splits]
     sampling = dict(batch_per_site=config.batch_per_site, oversample=config.oversample, seed=config.seed,

@@ -1,0 +1,166 @@
+"""Test-time strategies for a hospital the model never saw, and a distance of its images to the known sites.
+
+* ``standardise`` (`standardise_images`): each model input is standardised on its own, per channel, to mean 0
+  and standard deviation 1. Since the input is ``(grey - mean) / std`` with the training part's pixel mean /
+  std (the model card's ``preprocessing``), this maps each slice's grey values affinely so that their mean and
+  std equal the training sites' (without clipping), undoing a global contrast / brightness change.
+* ``tent`` (`tent_adapt`): TENT (Wang, Shelhamer, Liu, Olshausen, Darrell, "Tent: Fully test-time adaptation
+  by entropy minimization", ICLR 2021). AdaBN first (Li et al. 2016, `adapt_norm`: a new site slot with
+  statistics of the unseen site's images), then the new slot's BN affine parameters -- and nothing else -- are
+  trained to minimise the mean entropy of the predictions on the unseen site's unlabelled images: ``epochs``
+  passes, Adam at ``lr``, batch statistics in the forward pass as in the paper. The caller passes a copy.
+* ``ensemble`` (`ensemble_probabilities`): P(COVID) averaged over every known site's normalisation branch.
+
+`FirstNormShift` measures how far a batch of images sits from every known site at the input of the first
+normalisation layer (the output of the shared stem convolution, before anything site-specific): see its doc.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from crosssite.errors import ConfigError
+from crosssite.models.norms import BatchNorm, SiteBatchNorm, _image_batches, adapt_norm
+
+__all__ = ["STRATEGIES", "TENT_EPOCHS", "TENT_LR", "standardise_images", "tent_adapt", "ensemble_probabilities",
+           "FirstNormShift"]
+
+STRATEGIES = ("adabn", "standardise", "tent", "ensemble")
+"""Test-time strategies for an unseen site: ``--adapt`` values of ``predict`` and ``evaluate``."""
+
+TENT_EPOCHS = 1
+TENT_LR = 1e-3
+
+
+def standardise_images(images: Tensor, eps: float = 1e-6) -> Tensor:
+    """(B, C, H, W) -> each image and channel shifted and scaled to mean 0, standard deviation 1."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    std = images.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return (images - mean) / std.clamp_min(eps)
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def tent_adapt(
+    model: nn.Module,
+    images: Tensor | Iterable,
+    *,
+    epochs: int = TENT_EPOCHS,
+    lr: float = TENT_LR,
+    batch_size: int = 32,
+) -> int:
+    """TENT on ``model`` (modified in place: pass a copy) for the unseen site of ``images``; return its new site
+    index. ``images``: a tensor (N, 3, H, W) or an iterable of image tensors / batch dicts (read once, kept).
+
+    AdaBN (`adapt_norm`) adds the slot; then ``epochs`` passes of Adam (``lr``) on the entropy of the
+    predictions update only the new slot's BN weight and bias, every other layer frozen and in evaluation
+    mode, the new slots normalising with each batch's statistics. The slot's running statistics stay AdaBN's.
+    """
+    if epochs < 1 or not lr > 0:
+        raise ConfigError(f"TENT needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+    batches = [b.detach() for b in _image_batches(images, batch_size)]
+    new_site = adapt_norm(model, batches)
+    norms = [m for m in model.modules() if isinstance(m, SiteBatchNorm)]
+    slots = [m.sites[new_site] for m in norms]
+    params = [p for slot in slots for p in (slot.weight, slot.bias)]
+    was_training = model.training
+    requires = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    saved = [(s.running_mean.clone(), s.running_var.clone(), s.num_batches_tracked.clone()) for s in slots]
+    optimiser = torch.optim.Adam(params, lr=lr)
+    device = next(model.parameters()).device
+    model.eval()
+    for m in norms:
+        m.train()  # batch statistics, as TENT normalises
+    try:
+        for batch in itertools.chain.from_iterable(itertools.repeat(batches, epochs)):
+            batch = batch.to(device)
+            site = torch.full((batch.shape[0],), new_site, dtype=torch.long, device=device)
+            loss = _entropy(model(batch, site).logits)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    finally:
+        with torch.no_grad():
+            for slot, (mean, var, count) in zip(slots, saved):
+                slot.running_mean.copy_(mean)
+                slot.running_var.copy_(var)
+                slot.num_batches_tracked.copy_(count)
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return new_site
+
+
+@torch.no_grad()
+def ensemble_probabilities(model: nn.Module, images: Tensor, num_sites: int) -> Tensor:
+    """P(COVID) (B,) averaged over the normalisation branches of sites ``0 .. num_sites - 1``."""
+    if num_sites < 1:
+        raise ConfigError(f"the ensemble needs at least one known site, got {num_sites}")
+    total = torch.zeros(images.shape[0], device=images.device)
+    for s in range(num_sites):
+        site = torch.full((images.shape[0],), s, dtype=torch.long, device=images.device)
+        total += torch.softmax(model(images, site).logits.float(), dim=1)[:, 1]
+    return total / num_sites
+
+
+class FirstNormShift:
+    """Out-of-distribution score of each image: its distance to the closest known site at the first norm layer.
+
+    A forward hook on the model's first batch-norm module (shared or site-specific) reads its input, the shared
+    stem's output (B, C, H, W). For image ``i`` and known site ``s`` (that layer's slot ``s``, holding the
+    running mean mu_s and variance var_s of site ``s``'s training images):
+
+        d_s(i) = sqrt(mean_c ((m_ic - mu_sc)^2 / var_sc)) + sqrt(mean_c (log(v_ic / var_sc))^2)
+
+    with m_ic, v_ic image i's mean and variance of channel c over its pixels; the score is min_s d_s(i). The
+    first term measures a shifted brightness, the second a changed contrast or texture (a log-ratio of
+    variances). A model without batch norm (or None, an ONNX backend) gives no score (`scores` stays None).
+    """
+
+    def __init__(self, model: nn.Module | None, num_known: int) -> None:
+        modules = () if model is None else model.modules()
+        self.norm = next((m for m in modules if isinstance(m, (SiteBatchNorm, BatchNorm))), None)
+        self.num_known = num_known
+        self.scores: Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> FirstNormShift:
+        if self.norm is not None:
+            self._handle = self.norm.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _slots(self) -> list:
+        if isinstance(self.norm, BatchNorm):
+            return [self.norm.slot]
+        return list(self.norm.sites)[: self.num_known]
+
+    @torch.no_grad()
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        x = args[0].float()
+        if x.dim() != 4:
+            return
+        m = x.mean(dim=(2, 3))  # (B, C)
+        v = x.var(dim=(2, 3), unbiased=False).clamp_min(1e-8)
+        distances = []
+        for slot in self._slots():
+            var = slot.running_var.float().clamp_min(1e-8)
+            shift = ((m - slot.running_mean.float()) ** 2 / var).mean(dim=1).sqrt()
+            spread = (torch.log(v / var) ** 2).mean(dim=1).sqrt()
+            distances.append(shift + spread)
+        self.scores = torch.stack(distances).min(dim=0).values.cpu()
