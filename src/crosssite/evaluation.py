@@ -49,6 +49,7 @@ __all__ = [
     "paired_ttest",
     "collect_probabilities",
     "patients_of",
+    "card_loader",
     "SiteEvaluation",
     "evaluate_predictions",
     "norm_strategies",
@@ -496,6 +497,19 @@ def patients_of(loader: Iterable, probs: Probabilities) -> list[str] | None:
         return None
     ids = [sites[s].samples[i].patient for s, i in zip(probs.site, probs.index)]
     return None if any(pid is None for pid in ids) else [str(pid) for pid in ids]
+
+
+def card_loader(site: Any, card: dict[str, Any], indices: np.ndarray | None = None, *, batch_size: int = 64,
+                workers: int = 0) -> Any:
+    """Batches of ``site`` (``indices`` of its samples, or all) preprocessed as the model card says: its frame,
+    image size and the training part's mean / std."""
+    from crosssite.data import build_cache, eval_loader, preprocessing_transform
+
+    transform = preprocessing_transform(card.get("preprocessing") or {"image_size": 224})
+    ix = [indices]
+    cache = build_cache([site], ix, transform.image_size, frame=transform.frame)
+    return eval_loader([site], ix, cache, transform.image_size, batch_size=batch_size, workers=workers,
+                       transform=transform)
 
 
 def evaluate_model(

@@ -74,18 +74,6 @@ def _test_indices(run_dir: Path, site: Any) -> np.ndarray:
     return np.array([where[(p, f)] for p, f in files], dtype=np.int64)
 
 
-def _loader(site: Any, indices: np.ndarray | None, card: dict[str, Any], batch_size: int, workers: int) -> Any:
-    """Batches of ``site`` preprocessed as the model card says (frame, image size, the training part's mean/std)."""
-    from crosssite.data import build_cache, eval_loader
-    from crosssite.inference import Preprocess
-
-    pre = Preprocess.from_card(card)
-    ix = [indices]
-    cache = build_cache([site], ix, pre.image_size, frame=pre.frame)
-    return eval_loader([site], ix, cache, pre.image_size, batch_size=batch_size, workers=workers,
-                       transform=pre.transform)
-
-
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
@@ -137,7 +125,7 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
                   strategies: Sequence[str] = ()) -> list[tuple[Any, dict]]:
     """Every (evaluation, JSON row) of model ``m`` on its known sites (test parts, or every image with --all) and
     on the external sites under each normalisation strategy (and each extra test-time ``strategies``)."""
-    from crosssite.evaluation import evaluate_model
+    from crosssite.evaluation import card_loader, evaluate_model
 
     mine = [s for s in known_sites if s.name in m.site_names]
     if not mine and not external_sites:
@@ -146,8 +134,8 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
     def indices(s: Any) -> np.ndarray | None:
         return None if all_images or m.run_dir is None else _test_indices(m.run_dir, s)
 
-    known = {s.name: _loader(s, indices(s), m.card, batch_size, workers) for s in mine}
-    ext = {s.name: _loader(s, None, m.card, batch_size, workers) for s in external_sites}
+    known = {s.name: card_loader(s, m.card, indices(s), batch_size=batch_size, workers=workers) for s in mine}
+    ext = {s.name: card_loader(s, m.card, None, batch_size=batch_size, workers=workers) for s in external_sites}
     label = m.run_dir.name if m.run_dir is not None else source.stem
     out = []
     for r in evaluate_model(m.model, m.site_names, known, ext, device=device,

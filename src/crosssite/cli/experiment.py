@@ -61,6 +61,8 @@ def experiment(
     site: list[str] = typer.Option(..., "--site", help="NAME=PATH[:LAYOUT]; repeat for every site."),
     out: Path = typer.Option(..., "--out", help="Experiment folder (results.jsonl, runs/, report)."),
     preset: str = typer.Option("cpu", help="paper (224 px, width 1, 100 epochs: a GPU job) or cpu."),
+    protocol: str = typer.Option("kfold", help="kfold (Table I: folds x seeds per site) or loso (leave one site "
+                                 "out: train on the others, score every slice of it under each test-time strategy)."),
     methods: str = typer.Option("all", help="Comma-separated methods, or all (the nine rows of Table I)."),
     backbones: str = typer.Option("all", help="Comma-separated backbones (covidnet, covidnet_redesign), or all."),
     folds: int = typer.Option(4, min=2, help="Number of cross-validation folds."),
@@ -73,13 +75,25 @@ def experiment(
 ) -> None:
     """Run every (method, backbone, fold, seed) of the paper's protocol; finished runs are skipped."""
     from crosssite.data import load_sites
-    from crosssite.experiment import run_experiment
+    from crosssite.experiment import run_experiment, run_loso
     from crosssite.training.config import parse_overrides
 
     try:
+        if protocol not in ("kfold", "loso"):
+            raise CrossSiteError(f"--protocol: {protocol!r} is not one of kfold, loso")
         rows = _parse_rows(methods, backbones)
         sites = load_sites(site)
         overrides = parse_overrides(set_ or [])
+        if protocol == "loso":
+            method = "sepnorm-contrastive" if methods == "all" else rows[0][0]
+            run_loso(sites, out, preset=preset, method=method, seeds=range(seeds), overrides=overrides,
+                     progress=not quiet)
+            if report:
+                from crosssite.reporting.tables import loso_table
+
+                (out / "loso.md").write_text(loso_table(out / "loso.jsonl").to_markdown() + "\n")
+                typer.echo(f"leave-one-site-out table: {out / 'loso.md'}")
+            return
         run_experiment(
             sites, out, preset=preset, rows=rows, folds=folds, seeds=range(seeds), only_folds=fold or None,
             overrides=overrides, max_runs=max_runs, progress=not quiet,

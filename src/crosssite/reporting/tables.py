@@ -43,6 +43,7 @@ __all__ = [
     "ttest_pvalues",
     "ttest_table",
     "interval_table",
+    "loso_table",
     "COLLAPSE_STD",
 ]
 
@@ -423,3 +424,28 @@ def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int 
         "independent, and drawing slices would give intervals that are too narrow."
     )
     return Table("Test AUC with 95% bootstrap intervals", header, body, caption)
+
+
+def loso_table(path: Path) -> Table:
+    """Leave one site out (`crosssite.experiment.run_loso`): AUC (95% CI) of every test-time strategy on every
+    held-out site, with the mean over held-out sites; the best mean is bold."""
+    from crosssite.experiment import loso_summary
+
+    held, summary = loso_summary(Path(path))
+    if not summary:
+        raise ReportError(f"{path}: no leave-one-site-out result")
+    means = {k: float(np.mean([v[h][0] for h in held if h in v])) for k, v in summary.items()}
+    best = max(means, key=means.get)
+    body = []
+    for key in sorted(summary, key=lambda k: -means[k]):
+        cells = [f"**{key}**" if key == best else key]
+        for h in held:
+            auc, low, high = summary[key].get(h, (float("nan"),) * 3)
+            cells.append("–" if math.isnan(auc) else f"{100 * auc:.2f} ({100 * low:.2f}-{100 * high:.2f})")
+        cells.append(f"{100 * means[key]:.2f}")
+        body.append(cells)
+    caption = ("Each held-out site scored by a model trained on every other site (every slice but a grouped "
+               "validation part). `site:k`: the k-th training site's statistics; `mean`: their mean; "
+               "`adabn`, `standardise`, `tent`, `ensemble`: test-time strategies (docs/METHODS.md). 95% bootstrap "
+               "intervals over patients where the held-out site has ids, else slices; means over seeds.")
+    return Table("Leave one site out: AUC per test-time strategy", ["strategy", *held, "mean"], body, caption)
