@@ -69,3 +69,22 @@ def test_site_batchnorm_converts_any_network_and_matches_per_site_copies() -> No
         bn = copies[s][1]
         torch.testing.assert_close(converted[1].sites[s].running_mean, bn.running_mean)
         torch.testing.assert_close(converted[1].sites[s].running_var, bn.running_var)
+
+
+def test_mixstyle_mixes_feature_statistics_in_training_only() -> None:
+    from crosssite.models.covidnet import MixStyle
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5) * torch.arange(1, 7).view(6, 1, 1, 1) + torch.arange(6).view(6, 1, 1, 1)
+    mix = MixStyle(p=1.0)
+    mixed = mix.train()(x)
+    assert not torch.allclose(mixed, x)
+    # each sample keeps its normalised content: the per-sample, per-channel standardised maps are unchanged
+    def standardised(t):
+        return (t - t.mean((2, 3), keepdim=True)) / t.std((2, 3), keepdim=True)
+    torch.testing.assert_close(standardised(mixed), standardised(x), atol=1e-4, rtol=1e-4)
+    assert torch.equal(mix.eval()(x), x) and torch.equal(MixStyle(p=0.0).train()(x), x)
+    model = create_model("covidnet_redesign", num_sites=2, width=0.0625, norm="site", mixstyle=1.0).train()
+    out = model(torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 1]))
+    out.logits.sum().backward()
+    assert model.model_kwargs["mixstyle"] == 1.0

@@ -56,7 +56,7 @@ from crosssite.models.adapters import AdapterLayer, get_adapter_layer
 from crosssite.models.norms import BatchNorm, NoNorm, NormLayer, SiteModule, get_norm_layer, per_site
 from crosssite.models.registry import ModelConfig, model_config, register_model
 
-__all__ = ["ModelOutput", "ConvNormAct", "PEPX", "DenseStage", "LinearNormAct", "MLPHead", "SiteHeads", "CovidNet"]
+__all__ = ["ModelOutput", "ConvNormAct", "PEPX", "DenseStage", "MixStyle", "LinearNormAct", "MLPHead", "SiteHeads", "CovidNet"]
 
 BLOCK_ACTS = ("none", "relu")
 INITS = ("default", "fan_in")
@@ -153,6 +153,32 @@ class DenseStage(nn.Module):
         return total, out
 
 
+class MixStyle(nn.Module):
+    """MixStyle (Zhou, Yang, Qiao, Xiang, "Domain Generalization with MixStyle", ICLR 2021): in training, with
+    probability ``p`` per batch, each sample's per-channel feature mean and standard deviation are mixed with
+    those of another sample of the batch (weights ~ Beta(alpha, alpha)), so the network sees new "scanner styles"
+    built from the sites it trains on; the identity in evaluation or with ``p = 0``."""
+
+    def __init__(self, p: float = 0.5, alpha: float = 0.1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p, self.eps = p, eps
+        self.beta = torch.distributions.Beta(alpha, alpha)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p <= 0 or x.shape[0] < 2 or float(torch.rand(())) >= self.p:
+            return x
+        mean = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
+        std = (x.var((2, 3), keepdim=True) + self.eps).sqrt()
+        mean, std = mean.detach(), std.detach()
+        normed = (x - mean) / std
+        lam = self.beta.sample((x.shape[0], 1, 1, 1)).to(x)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return normed * (lam * std + (1 - lam) * std[perm]) + lam * mean + (1 - lam) * mean[perm]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LinearNormAct(nn.Module):
     """Linear, norm (B, C), ReLU."""
 
@@ -242,6 +268,7 @@ class CovidNet(nn.Module):
         projection: add the contrastive projection head (``ModelOutput.projection``).
         pool: ``"avg"`` (adaptive average pool to 2x2, the redesign) or ``"flatten"`` (the original).
         init: ``"default"`` (PyTorch's) or ``"fan_in"`` (see the module docstring).
+        mixstyle: probability of `MixStyle` after the stem and after stages 1 and 2 in training (0: off).
         image_size: input side the ``"flatten"`` head is sized for; unused by ``"avg"``.
         depths, stage_chs, stem_chs, head_hidden, proj_hidden, proj_dim: sizes at width 1.
     """
@@ -259,6 +286,7 @@ class CovidNet(nn.Module):
         projection: bool = False,
         pool: str = "avg",
         init: str = "default",
+        mixstyle: float = 0.0,
         image_size: int = 224,
         depths: Sequence[int] = (3, 4, 6, 3),
         stage_chs: Sequence[int] = (256, 512, 1024, 2048),
@@ -272,7 +300,8 @@ class CovidNet(nn.Module):
         self.num_sites = num_sites
         self.num_classes = num_classes
         self.model_kwargs = dict(num_classes=num_classes, width=width, block_act=block_act, norm=norm, adapter=adapter,
-                                 aux_heads=aux_heads, projection=projection, init=init, image_size=image_size)
+                                 aux_heads=aux_heads, projection=projection, init=init, mixstyle=mixstyle,
+                                 image_size=image_size)
         norm_layer = get_norm_layer(norm, num_sites)
         adapter_layer = get_adapter_layer(adapter, num_sites)
         act_layer = nn.ReLU if block_act == "relu" else nn.Identity
@@ -280,6 +309,7 @@ class CovidNet(nn.Module):
 
         self.stem = ConvNormAct(3, chs[0], 7, stride=2, norm_layer=norm_layer)
         self.stem_pool = nn.MaxPool2d(2)
+        self.mixstyle = MixStyle(mixstyle)
         self.stages = nn.ModuleList(
             DenseStage(chs[i], chs[i + 1], depth, downsample=i > 0, norm_layer=norm_layer, act_layer=act_layer,
                        adapter_layer=adapter_layer)
@@ -357,9 +387,11 @@ class CovidNet(nn.Module):
     def forward_features(self, x: Tensor, site: Tensor | None = None) -> Tensor:
         """The last PEPX block's output (B, C, h, w) (7x7x2048 at width 1 and 224 px)."""
         site = self._check_site(site, x.shape[0])
-        x = self.stem_pool(self.stem(x, site))  # (B, 64, H/4, W/4)
-        for stage in self.stages:
+        x = self.mixstyle(self.stem_pool(self.stem(x, site)))  # (B, 64, H/4, W/4)
+        for i, stage in enumerate(self.stages):
             x, last = stage(x, site)
+            if i < 2:  # early stages carry style (Zhou et al.); later ones carry content
+                x = self.mixstyle(x)
         return last
 
     def forward_head(self, x: Tensor, site: Tensor | None = None, pre_logits: bool = False) -> Tensor:

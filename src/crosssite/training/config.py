@@ -48,6 +48,8 @@ class TrainConfig:
     # weight initialisation: "auto" is the backbone's own (fan-in for the normalisation-free `covidnet`,
     # PyTorch's defaults for the redesign); "default" / "fan_in" force one (crosssite.models.covidnet)
     init: str = "auto"
+    # MixStyle (Zhou et al., ICLR 2021) probability after the stem and stages 1-2 in training (0: off)
+    mixstyle: float = 0.0
     image_size: int = 224
     # how a slice becomes a square (crosssite.data.transforms): "pad" / "resize" keep the whole slice in view
     # ("pad", the default, chosen on validation: docs/METHODS.md), "crop" keeps a central square of a
@@ -127,7 +129,7 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)!r}")
         non_negative = (
             "lr_min", "weight_decay", "grad_clip", "alpha", "kt_weight", "seed", "split_seed", "limit_per_site",
-            "workers", "ckpt_every", "steps_per_epoch", "collapse_std",
+            "workers", "ckpt_every", "steps_per_epoch", "collapse_std", "mixstyle",
         )
         for key in non_negative:
             if getattr(self, key) < 0:

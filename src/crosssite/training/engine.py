@@ -171,7 +171,7 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
         config.backbone,
         image_size=config.image_size,
         **model_kwargs(method, config.backbone, num_sites=len(sites), width=config.width, block_act=config.block_act,
-                       init=config.init),
+                       init=config.init, mixstyle=config.mixstyle),
     ).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

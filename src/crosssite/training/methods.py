@@ -147,11 +147,14 @@ def paper_result(method: str, backbone: str) -> PaperResult | None:
 
 
 def model_kwargs(
-    method: Method, backbone: str, *, num_sites: int, width: float, block_act: str, init: str = "auto"
+    method: Method, backbone: str, *, num_sites: int, width: float, block_act: str, init: str = "auto",
+    mixstyle: float = 0.0,
 ) -> dict[str, Any]:
     """Keyword arguments of `crosssite.models.create_model` for ``method`` on ``backbone`` (``init="auto"``: the
     backbone's own initialisation; a backbone without norms ignores the method's norm)."""
     kwargs: dict[str, Any] = {} if init == "auto" else {"init": init}
+    if mixstyle:
+        kwargs["mixstyle"] = mixstyle
     return kwargs | {
         "num_sites": num_sites,
         "num_classes": 2,
