@@ -386,11 +386,12 @@ def test_non_ct_dicom_is_predicted_only_with_a_warning(tmp_path: Path, model_fil
     csv = tmp_path / "p.csv"
     status, output = cli("predict", model_file, mr, scout, sagittal, axial, "--out", csv)
     assert status == 0, output
-    warned = [line for line in output.splitlines() if line.startswith("warning:")]
+    # per-file warnings (the untrained test model also puts every scan far from its sites: one more, summary line)
+    warned = [line for line in output.splitlines() if line.startswith("warning:") and "ood_score" not in line]
     assert len(warned) == 3 and "Modality MR, not CT" in warned[0], output
     assert "localizer" in output and "not axial" in output and str(axial) not in "".join(warned)
     rows = csv.read_text().splitlines()
-    assert rows[0].endswith(",warning") and sum("not CT" in r for r in rows) == 1
+    assert "warning" in rows[0].split(",") and sum("not CT" in r for r in rows) == 1
     status, output = cli("predict", model_file, mr, axial, "--strict")
     assert_named_error(status, output, mr, "refused (strict)")
 
