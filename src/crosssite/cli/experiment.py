@@ -89,10 +89,10 @@ def experiment(
             run_loso(sites, out, preset=preset, method=method, seeds=range(seeds), overrides=overrides,
                      progress=not quiet)
             if report:
-                from crosssite.reporting.tables import loso_table
+                from crosssite.reporting import build_report
 
-                (out / "loso.md").write_text(loso_table(out / "loso.jsonl").to_markdown() + "\n")
-                typer.echo(f"leave-one-site-out table: {out / 'loso.md'}")
+                written = build_report(out)
+                typer.echo(f"report (the leave-one-site-out table): {written.markdown} and {written.html}")
             return
         run_experiment(
             sites, out, preset=preset, rows=rows, folds=folds, seeds=range(seeds), only_folds=fold or None,

@@ -147,7 +147,12 @@ def all_data_split(site: Site, seed: int = 0, val_fraction: float = DEFAULT_VAL_
     performance comes from cross-validation of the same recipe."""
     if not 0 < val_fraction < 1:
         raise SiteError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    parts = max(2, int(round(1.0 / val_fraction)))
+    groups = groups_of(site)
+    units = [len(set(groups[site.labels == c])) if groups is not None else int((site.labels == c).sum())
+             for c in (0, 1)]
+    parts = min(max(2, int(round(1.0 / val_fraction))), *units)  # fewer, larger parts on a small site
+    if parts < 2:
+        raise SiteError(f"site {site.name!r}: too few samples to carve a validation part")
     val = make_folds(site, parts, seed + 7)[0]
     train = np.setdiff1d(np.arange(len(site.samples)), val)
     return Split(train=train, val=np.sort(val), test=np.zeros(0, dtype=np.int64))

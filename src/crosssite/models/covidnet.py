@@ -161,8 +161,7 @@ class MixStyle(nn.Module):
 
     def __init__(self, p: float = 0.5, alpha: float = 0.1, eps: float = 1e-6) -> None:
         super().__init__()
-        self.p, self.eps = p, eps
-        self.beta = torch.distributions.Beta(alpha, alpha)
+        self.p, self.alpha, self.eps = p, alpha, eps
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p <= 0 or x.shape[0] < 2 or float(torch.rand(())) >= self.p:
@@ -171,7 +170,7 @@ class MixStyle(nn.Module):
         std = (x.var((2, 3), keepdim=True) + self.eps).sqrt()
         mean, std = mean.detach(), std.detach()
         normed = (x - mean) / std
-        lam = self.beta.sample((x.shape[0], 1, 1, 1)).to(x)
+        lam = torch.distributions.Beta(self.alpha, self.alpha).sample((x.shape[0], 1, 1, 1)).to(x)
         perm = torch.randperm(x.shape[0], device=x.device)
         return normed * (lam * std + (1 - lam) * std[perm]) + lam * mean + (1 - lam) * mean[perm]
 
@@ -325,14 +324,10 @@ class CovidNet(nn.Module):
             self.embed_dim = side * side * self.num_features
         hidden = [_channels(h, width) for h in head_hidden]
         self.head = MLPHead(self.embed_dim, hidden, num_classes, norm_layer=norm_layer)
-        self.projector = (
-            MLPHead(self.embed_dim, [_channels(proj_hidden, width)], _channels(proj_dim, width), norm_layer=norm_layer)
-            if projection
-            else None
-        )
-        self.aux_heads = (
-            SiteHeads(self.embed_dim, hidden, num_classes, num_sites, norm=norm != "none") if aux_heads else None
-        )
+        proj_sizes = [_channels(proj_hidden, width)], _channels(proj_dim, width)
+        self.projector = MLPHead(self.embed_dim, *proj_sizes, norm_layer=norm_layer) if projection else None
+        self.aux_heads = SiteHeads(self.embed_dim, hidden, num_classes, num_sites, norm=norm != "none") \
+            if aux_heads else None
         if init == "fan_in":
             self.init_fan_in()
 

@@ -46,6 +46,7 @@ from crosssite.reporting.tables import (
     site_order,
     table_one,
     interval_table,
+    loso_table,
     ttest_table,
 )
 
@@ -433,11 +434,15 @@ def build_report(
     out = Path(out_dir) if out_dir is not None else exp_dir
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    title = f"crosssite experiment report: {exp_dir.resolve().name}"
+    loso = [Heading("Unseen sites: leave one site out"), loso_table(exp_dir / "loso.jsonl")] \
+        if (exp_dir / "loso.jsonl").is_file() else []
+    if loso and not (exp_dir / "results.jsonl").is_file():  # a leave-one-site-out experiment alone
+        return _write_report(out, [Heading(title, 1), *loso], title)
     runs, notes = load_results(exp_dir / "results.jsonl")
     runs = [_with_site_info(exp_dir, r) for r in runs]
     sites = site_order(runs)
     log(f"{len(runs)} runs, sites {', '.join(sites)}")
-    title = f"crosssite experiment report: {exp_dir.resolve().name}"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     blocks: list[Block] = [
         Heading(title, 1),
@@ -461,7 +466,11 @@ def build_report(
         blocks += _gradcam_section(exp_dir, runs, sites, fig_dir, gradcam_cases)
     else:
         blocks += [Heading("Fig. 4 and 5: Grad-CAM of ours"), Paragraph("Panels skipped: disabled (--no-gradcam).")]
-    blocks += _runs_section(runs, notes)
+    blocks += loso + _runs_section(runs, notes)
+    return _write_report(out, blocks, title)
+
+
+def _write_report(out: Path, blocks: list[Block], title: str) -> ReportOutput:
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(_to_markdown(blocks, out), encoding="utf-8")
     html_path.write_text(_to_html(blocks, title), encoding="utf-8")
