@@ -20,8 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from crosssite.data import Site
 from crosssite.errors import ConfigError
 from crosssite.ioutil import ensure_dir, guard_output
@@ -37,7 +35,6 @@ __all__ = [
     "machine_info",
     "run_experiment",
     "run_loso",
-    "loso_summary",
 ]
 
 # Table I of the paper: (method, backbone, label) in the paper's order.
@@ -303,25 +300,3 @@ def run_loso(
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(t) for t in path.read_text().splitlines() if t.strip()] if path.is_file() else []
-
-
-def loso_strategy(strategy: str, trained_on: Sequence[str]) -> str:
-    """A strategy's name across runs: ``site:NAME`` of a trained-on site becomes ``site:<k>`` by position."""
-    if strategy.startswith("site:") and strategy[5:] in trained_on:
-        return f"site:{list(trained_on).index(strategy[5:]) + 1}"
-    return strategy
-
-
-def loso_summary(path: Path) -> tuple[list[str], dict[str, dict[str, tuple[float, float, float]]]]:
-    """Held-out sites, and per strategy per held-out site the mean AUC and mean 95% interval over seeds."""
-    rows = _read_lines(path)
-    held = list(dict.fromkeys(r["held_out"] for r in rows))
-    table: dict[str, dict[str, list]] = {}
-    for r in rows:
-        key = loso_strategy(r["strategy"], r["trained_on"])
-        auc, (low, high) = r["metrics"].get("auc"), r["ci"].get("auc", [None, None])
-        if auc is not None:
-            table.setdefault(key, {}).setdefault(r["held_out"], []).append((auc, low, high))
-    summary = {k: {h: tuple(float(np.nanmean([v[i] for v in vals])) for i in range(3)) for h, vals in per.items()}
-               for k, per in table.items()}
-    return held, summary

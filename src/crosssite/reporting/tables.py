@@ -44,6 +44,7 @@ __all__ = [
     "ttest_table",
     "interval_table",
     "loso_table",
+    "loso_summary",
     "COLLAPSE_STD",
 ]
 
@@ -426,11 +427,31 @@ def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int 
     return Table("Test AUC with 95% bootstrap intervals", header, body, caption)
 
 
+def loso_strategy(strategy: str, trained_on: Sequence[str]) -> str:
+    """A strategy's name across runs: ``site:NAME`` of a trained-on site becomes ``site:<k>`` by position."""
+    if strategy.startswith("site:") and strategy[5:] in trained_on:
+        return f"site:{list(trained_on).index(strategy[5:]) + 1}"
+    return strategy
+
+
+def loso_summary(path: Path) -> tuple[list[str], dict[str, dict[str, tuple[float, float, float]]]]:
+    """Held-out sites, and per strategy per held-out site the mean AUC and mean 95% interval over seeds."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    held = list(dict.fromkeys(r["held_out"] for r in rows))
+    table: dict[str, dict[str, list]] = {}
+    for r in rows:
+        key = loso_strategy(r["strategy"], r["trained_on"])
+        auc, (low, high) = r["metrics"].get("auc"), r["ci"].get("auc", [None, None])
+        if auc is not None:
+            table.setdefault(key, {}).setdefault(r["held_out"], []).append((auc, low, high))
+    summary = {k: {h: tuple(float(np.nanmean([v[i] for v in vals])) for i in range(3)) for h, vals in per.items()}
+               for k, per in table.items()}
+    return held, summary
+
+
 def loso_table(path: Path) -> Table:
     """Leave one site out (`crosssite.experiment.run_loso`): AUC (95% CI) of every test-time strategy on every
     held-out site, with the mean over held-out sites; the best mean is bold."""
-    from crosssite.experiment import loso_summary
-
     held, summary = loso_summary(Path(path))
     if not summary:
         raise ReportError(f"{path}: no leave-one-site-out result")
