@@ -48,6 +48,7 @@ __all__ = [
     "get_norm_layer",
     "convert_site_batchnorm",
     "use_sites",
+    "cumulative_statistics",
     "norm_state_keys",
     "per_site",
     "adapt_norm",
@@ -259,6 +260,30 @@ def _image_batches(images: Tensor | Iterable, batch_size: int) -> Iterable[Tenso
         yield item["image"] if isinstance(item, dict) else item
 
 
+@contextlib.contextmanager
+def cumulative_statistics(model: nn.Module, norms: Iterable[nn.Module], *, reset: bool = False) -> Iterator[None]:
+    """Within the body, ``norms`` (batch-norm modules of ``model``) are in training mode with ``momentum=None``,
+    so each forward adds its batch to a plain cumulative average of the running statistics (``reset``: started
+    from scratch), and every other layer is in evaluation mode; modes and momenta are restored afterwards. The
+    one estimator behind BN recalibration (`crosssite.training.validation.recalibrate_bn`) and AdaBN."""
+    norms = list(norms)
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        if reset:
+            for slot in m.modules():
+                if isinstance(slot, nn.modules.batchnorm._BatchNorm):
+                    slot.reset_running_stats()
+        m.train()
+        m.momentum = None
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
 @torch.no_grad()
 def adapt_norm(model: nn.Module, images: Tensor | Iterable, *, batch_size: int = 32) -> int:
     """Add an unseen site to ``model`` with AdaBN and return its new site index.
@@ -282,18 +307,9 @@ def adapt_norm(model: nn.Module, images: Tensor | Iterable, *, batch_size: int =
     new_site = norms[0].num_sites - 1
     if hasattr(model, "num_sites"):
         model.num_sites = new_site + 1
-    was_training, momenta = model.training, [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.train()
-        m.momentum = None
     device = next(model.parameters()).device
-    try:
+    with cumulative_statistics(model, norms):
         for batch in itertools.chain([first], batches):
             batch = batch.to(device)
             model(batch, torch.full((batch.shape[0],), new_site, dtype=torch.long, device=device))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
     return new_site

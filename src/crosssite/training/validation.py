@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from crosssite.evaluation import METRICS, binary_metrics, collect_probabilities
+from crosssite.models.norms import cumulative_statistics
 from crosssite.training.config import TrainConfig
 from crosssite.training.data import RunData
 from crosssite.training.step import autocast
@@ -68,20 +69,9 @@ def recalibrate_bn(model: nn.Module, loader: Any, device: torch.device, config: 
     Weights are not touched.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    try:
-        with autocast(config, device):
-            for batch in loader:
-                model(batch["image"].to(device, non_blocking=True), batch["site"].to(device, non_blocking=True))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
+    with cumulative_statistics(model, norms, reset=True), autocast(config, device):
+        for batch in loader:
+            model(batch["image"].to(device, non_blocking=True), batch["site"].to(device, non_blocking=True))
 
 
 def selection_metric(val: dict[str, dict[str, float]]) -> float:
