@@ -22,7 +22,7 @@ from typing import Any
 
 from crosssite.data import Site
 from crosssite.errors import ConfigError
-from crosssite.ioutil import ensure_dir, guard_output
+from crosssite.ioutil import ensure_dir, guard_output, read_jsonl
 from crosssite.training.methods import PAPER_TABLE_I
 from crosssite.training.rundir import read_predictions
 
@@ -75,14 +75,7 @@ def grid(rows: Sequence[tuple[str, str]], folds: int, seeds: Sequence[int]) -> I
 
 def finished_keys(results: Path) -> set[RunKey]:
     """Keys of the runs that already have a line in ``results``."""
-    if not results.exists():
-        return set()
-    keys = set()
-    for line in results.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            keys.add(RunKey(row["method"], row["backbone"], int(row["fold"]), int(row["seed"])))
-    return keys
+    return {RunKey(row["method"], row["backbone"], int(row["fold"]), int(row["seed"])) for row in read_jsonl(results)}
 
 
 def _append_line(results: Path, row: dict[str, Any]) -> None:
@@ -268,7 +261,7 @@ def run_loso(
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     out_dir = ensure_dir(Path(out_dir), "the experiment folder")
     results = out_dir / "loso.jsonl"
-    done = {(r["held_out"], r["seed"]) for r in _read_lines(results)}
+    done = {(r["held_out"], r["seed"]) for r in read_jsonl(results)}
     trained = 0
     for seed in seeds:
         for held in sites:
@@ -296,7 +289,3 @@ def run_loso(
                     "config": asdict(config), "git_commit": git_commit(), "machine": machine_info(), "wall_s": wall,
                 })
     return trained
-
-
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(t) for t in path.read_text().splitlines() if t.strip()] if path.is_file() else []

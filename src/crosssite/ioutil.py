@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from crosssite.errors import OutputError
 
 __all__ = ["OUTPUT_ERRNOS", "output_error", "guard_output", "ensure_dir", "atomic_write", "atomic_write_bytes",
-           "atomic_write_text", "cache_root"]
+           "atomic_write_text", "cache_root", "read_jsonl"]
 
 OUTPUT_ERRNOS: dict[int, tuple[str, str]] = {
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose a path whose parents are folders"),
@@ -130,3 +132,11 @@ def atomic_write_text(path: os.PathLike | str, text: str, what: str = "file") ->
 def cache_root() -> Path:
     """``$CROSSSITE_CACHE``, or ``~/.cache/crosssite``."""
     return Path(os.environ.get("CROSSSITE_CACHE", "~/.cache/crosssite")).expanduser()
+
+
+def read_jsonl(path: os.PathLike | str) -> list[Any]:
+    """The objects of a JSON-lines file (blank lines skipped); an empty list when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

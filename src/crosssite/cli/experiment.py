@@ -146,13 +146,12 @@ def demo(
 
 def _print_summary(out: Path) -> None:
     """Per-site test metrics of the demo's run, read back from results.jsonl."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
-    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
-    row = lines[-1]
+    from crosssite.ioutil import read_jsonl
+
+    row = read_jsonl(out / "results.jsonl")[-1]
     table = Table(title=f"test metrics, fold {row['fold']} ({row['method']}, {row['backbone']})")
     metrics = ("accuracy", "f1", "recall", "specificity", "precision", "auc")
     table.add_column("site")

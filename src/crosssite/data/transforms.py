@@ -91,15 +91,8 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     """
     h, w = image.shape
     if h <= w:
-        size = (max(1, int(round(w * short_side / h))), short_side)
-    else:
-        size = (short_side, max(1, int(round(h * short_side / w))))
-    if image.dtype == np.uint8:
-        if (w, h) == size:
-            return image
-        return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-    resized = np.asarray(Image.fromarray(image.astype(np.float32, copy=False), mode="F").resize(size, Image.BILINEAR))
-    return to_uint8(resized)
+        return resize_to(image, short_side, max(1, int(round(w * short_side / h))))
+    return resize_to(image, max(1, int(round(h * short_side / w))), short_side)
 
 
 def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -45,7 +45,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from crosssite.data import CLASS_NAMES, DEFAULT_FRAME, DEFAULT_MEAN, DEFAULT_STD, eval_transform, read_image
+from crosssite.data import (
+    CLASS_NAMES,
+    DEFAULT_FRAME,
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    eval_transform,
+    preprocessing_transform,
+    read_image,
+)
 from crosssite.data.io import input_warnings
 from crosssite.errors import CheckpointError, ImageReadError, InferenceError
 from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
@@ -141,8 +149,8 @@ class Preprocess:
         if "image_size" not in pre:
             raise CheckpointError(f"{where}: the model card has no preprocessing.image_size (the training image size)")
         try:
-            return cls(int(pre["image_size"]), pre.get("mean", DEFAULT_MEAN), pre.get("std", DEFAULT_STD),
-                       pre.get("frame", "crop"))
+            transform = preprocessing_transform(pre)  # the one reading of a card's preprocessing
+            return cls(transform.image_size, transform.normalise.mean, transform.normalise.std, transform.frame)
         except ValueError as e:
             raise CheckpointError(f"{where}: invalid preprocessing in the model card ({e})") from None
 

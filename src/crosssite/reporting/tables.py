@@ -21,6 +21,7 @@ import numpy as np
 
 from crosssite.errors import CrossSiteError
 from crosssite.evaluation import bootstrap_ci, paired_ttest
+from crosssite.ioutil import read_jsonl
 from crosssite.training.methods import PAPER_TABLE_I
 
 __all__ = [
@@ -436,7 +437,7 @@ def loso_strategy(strategy: str, trained_on: Sequence[str]) -> str:
 
 def loso_summary(path: Path) -> tuple[list[str], dict[str, dict[str, tuple[float, float, float]]]]:
     """Held-out sites, and per strategy per held-out site the mean AUC and mean 95% interval over seeds."""
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    rows = read_jsonl(path)
     held = list(dict.fromkeys(r["held_out"] for r in rows))
     table: dict[str, dict[str, list]] = {}
     for r in rows:
