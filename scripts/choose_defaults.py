@@ -3,8 +3,8 @@
     python scripts/choose_defaults.py run --out results/choices       # resumable: finished runs are skipped
     python scripts/choose_defaults.py table --out results/choices     # Markdown tables of the validation AUCs
 
-Every run is a `crosssite train` on both real sites at the cpu preset (64 px, width 0.25, 6 epochs) with one
-setting changed; only the validation parts of folds 0 and 1 are read (``metrics.json`` -> ``sites.*.val``), never a
+Every run is a `crosssite train` on both real sites at the `cpu-small` preset (64 px, width 0.25, 6 epochs) with
+one setting changed; only the validation parts of folds 0 and 1 are read (``metrics.json`` -> ``sites.*.val``), never a
 test fold. Finished runs append one line (validation AUCs, wall time, commit) to ``OUT/choices.jsonl``.
 """
 
@@ -24,8 +24,13 @@ from crosssite.training.config import TrainConfig, apply_overrides
 
 DATA = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 SITES = [f"A={DATA / 'sars_cov2_ct'}", f"B={DATA / 'covid_ct'}"]
+# every speed lever of the engine off (issue "Experiments 4x cheaper"): contiguous tensors, the site tensor, Adam's
+# loop, fp32, BN recalibration over a whole epoch's draws in training-sized batches
+PLAIN_PATH = {"channels_last": False, "static_layout": False, "fused_adam": False, "precision": "fp32",
+              "bn_recalibrate_images": 0}
 
-# (question, label, method, backbone, overrides): the settings compared, folds 0-1.
+# (question, label, method, backbone, overrides): the settings compared. Every run starts from the `cpu-small`
+# preset (64 px, width 0.25, 6 epochs: the cpu preset up to crosssite 0.3) with the overrides applied.
 CHOICES: list[tuple[str, str, str, str, dict]] = [
     ("covidnet-lr", "lr 5e-4", "single", "covidnet", {"lr": 5e-4}),
     ("covidnet-lr", "lr 1e-4", "single", "covidnet", {"lr": 1e-4}),
@@ -35,9 +40,18 @@ CHOICES: list[tuple[str, str, str, str, dict]] = [
     ("frame+block_act", "resize, relu", "sepnorm-contrastive", "covidnet_redesign",
      {"frame": "resize", "block_act": "relu"}),
     ("frame+block_act", "pad, relu", "sepnorm-contrastive", "covidnet_redesign", {"frame": "pad", "block_act": "relu"}),
+    # issue "Experiments 4x cheaper": the training fast path against the plain path (3 seeds, fold 0) ...
+    ("fast-path", "plain", "sepnorm-contrastive", "covidnet_redesign", PLAIN_PATH),
+    ("fast-path", "fast", "sepnorm-contrastive", "covidnet_redesign", {}),
+    # ... and the cpu preset: image size x width x epochs under a budget of 5 minutes per run
+    *[("preset", f"{size}px w{width} {epochs}ep", "sepnorm-contrastive", "covidnet_redesign",
+       {"image_size": size, "width": width, "epochs": epochs})
+      for size, width, epochs in ((64, 0.25, 6), (64, 0.25, 16), (96, 0.25, 10), (128, 0.25, 8), (160, 0.25, 5),
+                                  (64, 0.5, 8))],
 ]
-SEEDS = {"covidnet-lr": (0,), "frame+block_act": (0, 1)}
-FOLDS = (0, 1)
+SEEDS = {"covidnet-lr": (0,), "frame+block_act": (0, 1), "fast-path": (0, 1, 2), "preset": (0, 1)}
+FOLDS = {"fast-path": (0,)}  # every other question: folds 0 and 1
+BUDGET_MINUTES = 5.0  # a preset setting slower than this per run is not chosen
 
 
 def _key(question: str, label: str, fold: int, seed: int) -> str:
@@ -54,13 +68,13 @@ def run(out: Path) -> None:
     sites = load_sites(SITES)
     results = out / "choices.jsonl"
     done = _done(results)
-    plan = [(q, label, m, b, o, fold, seed) for seed in (0, 1) for fold in FOLDS
-            for q, label, m, b, o in CHOICES if seed in SEEDS[q]]
+    plan = [(q, label, m, b, o, fold, seed) for seed in (0, 1, 2) for fold in (0, 1)
+            for q, label, m, b, o in CHOICES if seed in SEEDS[q] and fold in FOLDS.get(q, (0, 1))]
     # seed-0 runs of every setting first, so that a partial sweep already answers each question on 2 folds
     for q, label, method, backbone, overrides, fold, seed in plan:
         if _key(q, label, fold, seed) in done:
             continue
-        values = {**PRESETS["cpu"], **overrides, "method": method, "backbone": backbone, "fold": fold, "seed": seed}
+        values = {**PRESETS["cpu-small"], **overrides, "method": method, "backbone": backbone, "fold": fold, "seed": seed}
         config = apply_overrides(TrainConfig(), values)
         run_dir = out / "runs" / q / label.replace(", ", "_").replace(" ", "") / f"fold{fold}_seed{seed}"
         print(f"{q}: {label} fold {fold} seed {seed} -> {run_dir}", flush=True)
@@ -93,8 +107,21 @@ def table(out: Path) -> str:
             minutes = statistics.mean(r["wall_s"] for r in runs) / 60
             lines.append(f"| {label} | {len(runs)} | {statistics.mean(a):.2f} | {statistics.mean(b):.2f} | "
                          f"{statistics.mean(a + b):.2f} | {spread:.3g} | {minutes:.1f} |")
+        if question == "preset":
+            lines.append(f"chosen: **{chosen_preset(mine)}** (best mean validation AUC over both sites among the "
+                         f"settings of at most {BUDGET_MINUTES:g} minutes per run)")
         lines.append("")
     return "\n".join(lines)
+
+
+def chosen_preset(rows: list[dict]) -> str:
+    """The preset setting with the best mean validation AUC over both sites, among those within the budget."""
+    scores = {}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        runs = [r for r in rows if r["label"] == label]
+        if statistics.mean(r["wall_s"] for r in runs) / 60 <= BUDGET_MINUTES:
+            scores[label] = statistics.mean(v for r in runs for v in r["val_auc"].values())
+    return max(scores, key=scores.get) if scores else "none within the budget"
 
 
 def main() -> None:

@@ -56,12 +56,13 @@ def test_original_covidnet_starts_with_varied_logits_and_p_one_half() -> None:
 
 
 def test_original_covidnet_trains_on_real_site_a(site_a_path: Path, tmp_path: Path) -> None:
-    config = TrainConfig(method="single", backbone="covidnet", image_size=64, width=0.25, epochs=3,
+    config = TrainConfig(method="single", backbone="covidnet", image_size=64, width=0.25, epochs=5,
                          limit_per_site=480, lr=5e-4, ckpt_every=0)
     metrics = train(config, [f"A={site_a_path}"], tmp_path, progress=False)
     site = metrics["sites"]["A"]
+    # 5 epochs: after 3 the spread still depended on rounding (fused vs looped Adam: 0.02-0.07)
     assert not metrics["collapsed"] and site["val_p_std"] > 0.05
-    assert site["val"]["auc"] > 0.7
+    assert site["val"]["auc"] > 0.65  # 0.70-0.75 over 2 seeds x 2 Adam kernels
     rows = _read_csv(tmp_path / "A" / "predictions.csv")
     assert np.std([float(r["p_covid"]) for r in rows if r["part"] == "val"]) > 0.05
 
@@ -153,6 +154,7 @@ def test_predictions_csv_round_trips_the_models_probabilities(sites, tmp_path: P
     config = TrainConfig(**{**TINY, "method": "sepnorm"})
     train(config, sites, tmp_path, progress=False)
     model, _ = models.load(tmp_path / "model")
+    model = model.to(memory_format=torch.channels_last)  # as the run evaluated it (config.channels_last)
     data = build_run_data(config, sites, tmp_path / "split.json", reuse_split=True)
     probs = collect_probabilities(model, data.eval["test"], "cpu")
     rows = [r for r in _read_csv(tmp_path / "predictions.csv") if r["part"] == "test"]
@@ -199,9 +201,16 @@ def test_recalibration_batches_mix_the_sites_like_training(sites) -> None:
     train_sizes = [len(s.train) for s in data.splits]
     assert train_sizes[0] > 2 * train_sizes[1]  # raw training parts are unbalanced ...
     batches = list(data.recalibration)
-    assert len(batches) == data.steps_per_epoch
+    per_site = 4 * config.batch_per_site  # larger batches than training's, bn_recalibrate_images per site
+    assert len(batches) == -(-config.bn_recalibrate_images // per_site)
     for batch in batches:  # ... the recalibration batches are not
-        assert batch["site"].tolist() == [0] * 4 + [1] * 4
+        assert batch["site"].tolist() == [0] * per_site + [1] * per_site
+        assert batch["site_runs"] == ((0, per_site), (1, per_site))  # the static layout the model is given
+    # bn_recalibrate_images=0: one training epoch's draws, in training's batches
+    whole = build_run_data(config.replace(bn_recalibrate_images=0), sites, Path("/nonexistent/split.json"),
+                           reuse_split=False).recalibration
+    assert len(whole) == data.steps_per_epoch
+    assert next(iter(whole))["site"].tolist() == [0] * 4 + [1] * 4
     # and they are the evaluation view: the same slice twice gives the same tensor
     first = data.recalibration.dataset[0]["image"]
     assert torch.equal(first, data.recalibration.dataset[0]["image"])

@@ -2,6 +2,8 @@
 
     crosssite bench [--json]   (or: python benchmarks/bench_model.py [--json])
     options: [--steps 5] [--compile] [--width 1.0] [--image-size 224]
+    crosssite bench --preset cpu|paper [--device cuda]: the preset's engine step on the real sites instead
+    (`crosssite.bench_preset`; the CLI dispatches on ``--preset``)
 
 Network: ``covidnet_redesign``, 2 sites, site-specific BN, projection head (SepNorm + contrastive), width 1,
 224 px. Measured in one process, each figure the median of ``--steps`` runs after a warm-up:

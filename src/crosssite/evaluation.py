@@ -319,7 +319,7 @@ class Probabilities(NamedTuple):
     p_covid: np.ndarray  # (N,) float64, softmax(logits)[:, 1]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def collect_probabilities(
     model: torch.nn.Module,
     loader: object,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from crosssite.data.cache import SliceCache
 from crosssite.data.sampler import MultiSiteBatchSampler
@@ -18,7 +18,7 @@ from crosssite.data.sites import Sample, Site
 from crosssite.data.transforms import DEFAULT_FRAME, eval_transform, short_side_for, train_transform
 from crosssite.errors import SiteError
 
-__all__ = ["SliceDataset", "build_cache", "train_loader", "eval_loader"]
+__all__ = ["SliceDataset", "build_cache", "train_loader", "eval_loader", "collate_site_runs"]
 
 
 def _as_indices(sites: Sequence[Site], indices: Sequence[Sequence[int] | None] | None) -> list[np.ndarray]:
@@ -98,6 +98,21 @@ class SliceDataset(Dataset):
         }
 
 
+def collate_site_runs(items: list[dict[str, torch.Tensor | int]]) -> dict:
+    """`default_collate`, plus ``site_runs``: the batch's sites as ``((site, count), ...)`` Python ints, in order
+    (the multi-site sampler yields each site's items as one contiguous run), read from the items, not from a
+    tensor. The training step passes it to the model as a `crosssite.models.SiteLayout`."""
+    batch = default_collate(items)
+    runs: list[list[int]] = []
+    for item in items:
+        if runs and runs[-1][0] == item["site"]:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(item["site"]), 1])
+    batch["site_runs"] = tuple((s, n) for s, n in runs)
+    return batch
+
+
 def _loader_kwargs(workers: int, seed: int, pin_memory: bool) -> dict:
     kwargs: dict = {"num_workers": workers, "pin_memory": pin_memory,
                     "generator": torch.Generator().manual_seed(seed)}
@@ -136,7 +151,8 @@ def train_loader(
     sampler = MultiSiteBatchSampler(dataset.site_of_item, batch_per_site, oversample, seed, rank, world_size,
                                     start_step, num_sites=len(dataset.sites), steps_per_epoch=steps_per_epoch)
     # Worker seeds differ per rank, so ranks do not draw the same crops and flips.
-    return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(workers, seed + 7919 * rank, pin_memory))
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_site_runs,
+                      **_loader_kwargs(workers, seed + 7919 * rank, pin_memory))
 
 
 def eval_loader(

@@ -41,7 +41,7 @@ from crosssite.training.config import TrainConfig, save_config
 from crosssite.training.data import RunData, build_run_data
 from crosssite.training.engine import TrainingDiverged
 from crosssite.training.rundir import json_safe, model_card, write_json, write_predictions, write_run_files
-from crosssite.training.step import epoch_steps, learning_rate, resolve_device, train_step
+from crosssite.training.step import epoch_steps, learning_rate, make_optimizer, resolve_device, train_step
 from crosssite.training.validation import evaluate
 from crosssite.training.methods import METHODS, model_kwargs
 from crosssite.training.progress import write_log_csv
@@ -152,7 +152,7 @@ class SiteClient(NumPyClient):
         c, data = self.config, self.data
         model, history, best = self._load(parameters)
         method = METHODS[c.method]
-        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        optimizer = make_optimizer(model, c)
         anchors = _proximal_anchors(model, self._keys(model)) if mu > 0 else []
         penalty = (lambda: 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in anchors)) if anchors else None
         steps_per_epoch = data.steps_per_epoch

@@ -10,7 +10,7 @@ MS-Net auxiliary heads and a contrastive projection head; registry and safetenso
 from crosssite.models.adapters import ParallelAdapter, SeriesAdapter, SiteConv1x1
 from crosssite.models.covidnet import CovidNet, ModelOutput
 from crosssite.models.hub import load, model_paths, save
-from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteModule, SlotBatchNorm, adapt_norm, \
+from crosssite.models.norms import NORMS, BatchNorm, NoNorm, SiteBatchNorm, SiteLayout, SiteModule, SlotBatchNorm, adapt_norm, \
     convert_site_batchnorm, get_norm_layer, norm_state_keys, use_sites
 from crosssite.models.registry import ModelConfig, create_model, is_model, list_models, model_config, register_model
 
@@ -24,6 +24,7 @@ __all__ = [
     "SeriesAdapter",
     "SiteBatchNorm",
     "SiteConv1x1",
+    "SiteLayout",
     "SiteModule",
     "adapt_norm",
     "create_model",

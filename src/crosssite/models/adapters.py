@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crosssite.errors import ConfigError
-from crosssite.models.norms import SiteModule, per_site
+from crosssite.models.norms import SiteModule, Sites, per_site
 
 __all__ = ["ADAPTERS", "SiteConv1x1", "SeriesAdapter", "ParallelAdapter", "NoAdapter", "get_adapter_layer"]
 
@@ -42,7 +42,7 @@ class SiteConv1x1(SiteModule):
     def num_sites(self) -> int:
         return len(self.weights)
 
-    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites) -> Tensor:
         if site is None:  # an unknown site: the mean adapter (the mean of the per-site outputs)
             return F.conv2d(x, torch.stack(list(self.weights)).mean(0))
         return per_site(x, site, lambda xs, s: F.conv2d(xs, self.weights[s]))
@@ -63,7 +63,7 @@ class SeriesAdapter(nn.Module):
         super().__init__()
         self.conv = SiteConv1x1(channels, num_sites)
 
-    def forward(self, x: Tensor, y: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, site: Sites) -> Tensor:
         return y + self.conv(y, site)
 
 
@@ -74,7 +74,7 @@ class ParallelAdapter(nn.Module):
         super().__init__()
         self.conv = SiteConv1x1(channels, num_sites)
 
-    def forward(self, x: Tensor, y: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, site: Sites) -> Tensor:
         return y + self.conv(x, site)
 
 
@@ -84,7 +84,7 @@ class NoAdapter(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
 
-    def forward(self, x: Tensor, y: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, site: Sites) -> Tensor:
         return y
 
 

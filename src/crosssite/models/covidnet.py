@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from crosssite.errors import ConfigError
 from crosssite.models.adapters import AdapterLayer, get_adapter_layer
-from crosssite.models.norms import BatchNorm, NoNorm, NormLayer, SiteModule, get_norm_layer, per_site
+from crosssite.models.norms import BatchNorm, NoNorm, NormLayer, SiteLayout, SiteModule, Sites, get_norm_layer, per_site
 from crosssite.models.registry import ModelConfig, model_config, register_model
 
 __all__ = ["ModelOutput", "ConvNormAct", "PEPX", "DenseStage", "MixStyle", "LinearNormAct", "MLPHead", "SiteHeads", "CovidNet"]
@@ -85,7 +85,7 @@ class ConvNormAct(nn.Module):
         self.norm = norm_layer(out_chs)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites) -> Tensor:
         return self.act(self.norm(self.conv(x), site))
 
 
@@ -109,7 +109,7 @@ class PEPX(nn.Module):
         self.extend = nn.Conv2d(half, out_chs, 1)
         self.act = act_layer()
 
-    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites) -> Tensor:
         x = self.act(self.project(x))  # (B, Cin/2, H, W)
         x = self.act(self.expand(x))  # (B, 3Cin/4, H, W)
         x = self.act(self.adapter(x, self.depthwise(x), site))  # (B, 3Cin/4, H, W)
@@ -143,7 +143,7 @@ class DenseStage(nn.Module):
             for i in range(depth)
         )
 
-    def forward(self, x: Tensor, site: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, site: Sites) -> tuple[Tensor, Tensor]:
         total = self.pool(self.shortcut(x, site))  # (B, Cout, H/2, W/2) (stage 1: H, W)
         inp = self.pool(x)  # (B, Cin, H/2, W/2): the first block's input
         for block in self.blocks:
@@ -187,7 +187,7 @@ class LinearNormAct(nn.Module):
         self.norm = norm_layer(out_features)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites) -> Tensor:
         return self.act(self.norm(self.fc(x), site))
 
 
@@ -200,7 +200,7 @@ class MLPHead(nn.Module):
         self.hidden = nn.ModuleList(LinearNormAct(a, b, norm_layer=norm_layer) for a, b in zip(sizes, sizes[1:]))
         self.fc = nn.Linear(sizes[-1], out_features)
 
-    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites) -> Tensor:
         for layer in self.hidden:
             x = layer(x, site)
         return self.fc(x)
@@ -221,7 +221,7 @@ class SiteHeads(SiteModule):
     def num_sites(self) -> int:
         return len(self.heads)
 
-    def forward(self, x: Tensor, site: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites) -> Tensor:
         if site is None:  # an unknown site: the mean of every auxiliary head's logits
             return torch.stack([head(x, None) for head in self.heads]).mean(0)
         return per_site(x, site, lambda xs, s: self.heads[s](xs, None))
@@ -253,8 +253,9 @@ def _check_options(*, num_sites: int, block_act: str, init: str, pool: str, widt
 class CovidNet(nn.Module):
     """COVID-Net backbone with a classifier, optional projection head and optional MS-Net auxiliary heads.
 
-    ``forward(x, site)``: ``x`` (B, 3, H, W), ``site`` (B,) long site indices (None: a single-site model,
-    or, in evaluation, an unknown site normalised with the mean of the sites' statistics).
+    ``forward(x, site)``: ``x`` (B, 3, H, W), ``site`` (B,) long site indices or a `SiteLayout` (the same as
+    Python ints, for a batch in per-site runs: no host sync), or None (a single-site model, or, in evaluation,
+    an unknown site normalised with the mean of the sites' statistics).
 
     Args:
         num_sites: site slots of every site-specific module.
@@ -353,9 +354,13 @@ class CovidNet(nn.Module):
             raise ConfigError(f"image_size {image_size} is too small for {num_stages} stages")
         return side
 
-    def _check_site(self, site: Tensor | None, batch: int) -> Tensor | None:
+    def _check_site(self, site: Sites, batch: int) -> Sites:
         if site is None:
             return None
+        if isinstance(site, SiteLayout):  # Python ints: checked without touching a tensor
+            if site.batch_size != batch or not all(0 <= s < self.num_sites for s, _ in site.runs):
+                raise ValueError(f"site layout {site.runs} does not fit a batch of {batch} over {self.num_sites} sites")
+            return site
         if site.dtype != torch.long or site.shape != (batch,):
             raise ValueError(f"site must be a LongTensor of shape ({batch},), got {site.dtype} {tuple(site.shape)}")
         if batch and not (0 <= int(site.min()) and int(site.max()) < self.num_sites):
@@ -379,7 +384,7 @@ class CovidNet(nn.Module):
         if self.aux_heads is not None:
             self.aux_heads.head_args = (*self.aux_heads.head_args[:2], num_classes)
 
-    def forward_features(self, x: Tensor, site: Tensor | None = None) -> Tensor:
+    def forward_features(self, x: Tensor, site: Sites = None) -> Tensor:
         """The last PEPX block's output (B, C, h, w) (7x7x2048 at width 1 and 224 px)."""
         site = self._check_site(site, x.shape[0])
         x = self.mixstyle(self.stem_pool(self.stem(x, site)))  # (B, 64, H/4, W/4)
@@ -389,13 +394,13 @@ class CovidNet(nn.Module):
                 x = self.mixstyle(x)
         return last
 
-    def forward_head(self, x: Tensor, site: Tensor | None = None, pre_logits: bool = False) -> Tensor:
+    def forward_head(self, x: Tensor, site: Sites = None, pre_logits: bool = False) -> Tensor:
         """Logits (B, num_classes) from a feature map, or the pooled embedding (B, D) if ``pre_logits``."""
         site = self._check_site(site, x.shape[0])
         x = self.pool(x)  # (B, D)
         return x if pre_logits else self.head(x, site)
 
-    def forward(self, x: Tensor, site: Tensor | None = None) -> ModelOutput:
+    def forward(self, x: Tensor, site: Sites = None) -> ModelOutput:
         site = self._check_site(site, x.shape[0])
         embedding = self.forward_head(self.forward_features(x, site), site, pre_logits=True)  # (B, D)
         return ModelOutput(

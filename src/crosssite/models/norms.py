@@ -30,6 +30,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from crosssite.errors import ConfigError
 
 __all__ = [
     "NORMS",
+    "SiteLayout",
+    "Sites",
     "SiteModule",
     "SlotBatchNorm",
     "BatchNorm",
@@ -59,12 +62,50 @@ NORMS = ("batch", "site", "none")
 NormLayer = Callable[[int], nn.Module]
 
 
-def per_site(x: Tensor, site: Tensor, fn: Callable[[Tensor, int], Tensor]) -> Tensor:
+class SiteLayout(NamedTuple):
+    """The sites of a batch whose samples come in contiguous runs, as Python ints: ``runs = ((site, count), ...)``.
+
+    What the multi-site sampler yields (16 of site 0, then 16 of site 1, ...) is known before the batch exists, so
+    the training step passes it down instead of the (B,) site tensor: every site-specific module then splits its
+    input by these counts without reading the tensor back (no ``unique``, no host sync, no data-dependent shape),
+    which keeps the step one static graph for `torch.compile`.
+    """
+
+    runs: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, site: Tensor) -> SiteLayout:
+        """The layout of a (B,) site tensor whose sites come in contiguous runs (one read of the tensor)."""
+        sites, counts = torch.unique_consecutive(site, return_counts=True)
+        if torch.unique(sites).numel() != sites.numel():
+            raise ValueError(f"sites do not come in contiguous runs: {site.tolist()}")
+        return cls(tuple(zip(sites.tolist(), counts.tolist())))
+
+    @property
+    def batch_size(self) -> int:
+        return sum(count for _, count in self.runs)
+
+    def tensor(self, device: torch.device | str | None = None) -> Tensor:
+        """The (B,) LongTensor of site indices."""
+        return torch.cat([torch.full((n,), s, dtype=torch.long, device=device) for s, n in self.runs])
+
+
+# The site of every sample: a (B,) LongTensor, a `SiteLayout`, or None (a single-site model, or an unknown site).
+Sites = Tensor | SiteLayout | None
+
+
+def per_site(x: Tensor, site: Tensor | SiteLayout, fn: Callable[[Tensor, int], Tensor]) -> Tensor:
     """Apply ``fn(x_s, s)`` to the samples ``x_s`` of each site ``s`` present and reassemble the batch.
 
-    A batch holding one site costs nothing extra; a batch whose sites come in contiguous runs (what the
-    multi-site sampler yields) is split into views; any other order is sorted once and restored once.
+    A `SiteLayout` splits by its counts; a tensor with one site costs nothing extra; a tensor whose sites come in
+    contiguous runs (what the multi-site sampler yields) is split into views; any other order is sorted once and
+    restored once.
     """
+    if isinstance(site, SiteLayout):
+        if len(site.runs) == 1:
+            return fn(x, site.runs[0][0])
+        chunks = x.split([n for _, n in site.runs])
+        return torch.cat([fn(chunk, s) for chunk, (s, _) in zip(chunks, site.runs)])
     sites, counts = torch.unique_consecutive(site, return_counts=True)
     if sites.numel() == 1:
         return fn(x, int(sites[0]))
@@ -130,7 +171,7 @@ class BatchNorm(nn.Module):
     def slots(self) -> Iterator[SlotBatchNorm]:
         yield self.slot
 
-    def forward(self, x: Tensor, site: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites = None) -> Tensor:
         return self.slot(x)
 
     def extra_repr(self) -> str:
@@ -163,9 +204,9 @@ class SiteBatchNorm(SiteModule):
 
     # Sites of the batch for a network that calls its norms as ``norm(x)`` (one converted by
     # `convert_site_batchnorm`); set by `use_sites`, used when ``site`` is not passed.
-    context_site: Tensor | None = None
+    context_site: Tensor | SiteLayout | None = None
 
-    def forward(self, x: Tensor, site: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites = None) -> Tensor:
         site = self.context_site if site is None else site
         if site is None:
             if self.num_sites == 1:
@@ -229,7 +270,7 @@ class NoNorm(nn.Module):
     def __init__(self, num_features: int) -> None:
         super().__init__()
 
-    def forward(self, x: Tensor, site: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, site: Sites = None) -> Tensor:
         return x
 
 

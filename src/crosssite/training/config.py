@@ -31,7 +31,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule_per": ("step", "epoch"),
     "contrastive_form": ("ntxent", "eq4"),
     "protocol": ("kfold", "official", "all"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -88,6 +88,9 @@ class TrainConfig:
     # batch-norm statistics: before each validation, recompute every BN running mean / variance as the plain
     # average over the training part seen through the evaluation transform ("precise BN"); off in the paper
     bn_recalibrate: bool = False
+    # images per site the recalibration averages over, in batches of 4 x batch_per_site per site (0: as many as
+    # one training epoch draws, in training-sized batches: crosssite <= 0.3)
+    bn_recalibrate_images: int = 1024
     # a validation whose P(COVID) varies less than this (standard deviation over a site's validation part)
     # flags the run as collapsed: its numbers are noise around the class prior, not a result
     collapse_std: float = 1e-3
@@ -100,10 +103,15 @@ class TrainConfig:
     protocol: str = "kfold"
     limit_per_site: int = 0  # 0 = every sample; else a stratified subset of this many per site
     skip_bad: bool = False
-    # speed
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
+    # speed (docs/PERFORMANCE.md): none of these changes what is computed beyond floating-point rounding
+    # "bf16": autocast to bfloat16; "auto" (resolved when the run starts, stored resolved): bf16 where the device
+    # has native bf16 and the network is large (crosssite.training.precision), else fp32
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False  # torch.compile (inductor) the model; falls back to eager with one line if it fails
+    # training batches carry their per-site counts as Python ints (`crosssite.models.SiteLayout`): no host sync
+    static_layout: bool = True
+    fused_adam: bool = True  # Adam's fused kernel (fused=True) instead of the per-parameter loop
     workers: int = 0
     device: str = "auto"
     # bookkeeping
@@ -129,7 +137,7 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)!r}")
         non_negative = (
             "lr_min", "weight_decay", "grad_clip", "alpha", "kt_weight", "seed", "split_seed", "limit_per_site",
-            "workers", "ckpt_every", "steps_per_epoch", "collapse_std", "mixstyle",
+            "workers", "ckpt_every", "steps_per_epoch", "collapse_std", "mixstyle", "bn_recalibrate_images",
         )
         for key in non_negative:
             if getattr(self, key) < 0:
@@ -246,7 +254,8 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 
 
 # Keys that may change when a run is resumed: they change speed or bookkeeping, not what is computed.
-RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "log_every", "ckpt_every")
+RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "static_layout", "fused_adam", "log_every",
+                "ckpt_every")
 
 
 def resumed_config(config: TrainConfig, saved: dict[str, Any], where: Path) -> TrainConfig:

@@ -41,6 +41,7 @@ from crosssite.training.rundir import load_splits
 __all__ = ["RunData", "limit_site", "make_splits", "pixel_stats", "multi_site_steps", "build_run_data"]
 
 PARTS = ("train", "val", "test")
+EVAL_BATCH = 128  # slices per validation / test forward (inference mode: large batches cost no extra passes)
 
 
 @dataclass
@@ -128,6 +129,15 @@ def _normalisation(config: TrainConfig, sites: list[Site], splits: list[Split], 
     return pixel_stats(cache, slots[cache.valid[slots]])
 
 
+def _recalibration_sampling(config: TrainConfig, sampling: dict) -> dict:
+    """The recalibration loader's sampling: ``bn_recalibrate_images`` per site in batches of 4 x
+    ``batch_per_site`` per site (``0``: one training epoch's draws, in training's batches)."""
+    if config.bn_recalibrate_images == 0:
+        return sampling
+    per_site = 4 * config.batch_per_site
+    return sampling | {"batch_per_site": per_site, "steps_per_epoch": -(-config.bn_recalibrate_images // per_site)}
+
+
 def build_run_data(
     config: TrainConfig,
     sites: list[Site],
@@ -157,13 +167,14 @@ def build_run_data(
     train = train_loader(sites, train_indices, cache, config.image_size, transform=augment, **sampling)
     evaluation = {
         part: eval_loader(sites, [s.parts()[part] for s in splits], cache, config.image_size,
-                          batch_size=max(2 * config.batch_per_site, 32), workers=config.workers, transform=view,
+                          batch_size=EVAL_BATCH, workers=config.workers, transform=view,
                           pin_memory=pin_memory)
         for part in ("val", "test")
     }
     # BN recalibration sees the training part through the evaluation view, but in the training sampler's
     # proportions (per-site batches, oversampling), so shared BN statistics mix the sites as training does.
-    recalibration = (train_loader(sites, train_indices, cache, config.image_size, transform=view, **sampling)
+    recalibration = (train_loader(sites, train_indices, cache, config.image_size, transform=view,
+                                  **_recalibration_sampling(config, sampling))
                      if config.bn_recalibrate else None)
     return RunData(sites=sites, splits=splits, cache=cache, train=train, eval=evaluation,
                    recalibration=recalibration, mean=mean, std=std)

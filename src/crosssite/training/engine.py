@@ -43,20 +43,11 @@ from crosssite.training.config import TrainConfig, resumed_config, save_config
 from crosssite.training.data import RunData, build_run_data, multi_site_steps
 from crosssite.training.methods import METHODS, Method, model_kwargs
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
-from crosssite.training.rundir import (
-    CHECKPOINT,
-    METRICS,
-    MODEL_STEM,
-    PREDICTIONS,
-    json_safe,
-    model_card,
-    write_json,
-    write_predictions,
-    write_run_files,
-    undo_failed_start,
-    write_sites,
-)
-from crosssite.training.step import epoch_steps, learning_rate, resolve_device, train_step
+from crosssite.training.rundir import (CHECKPOINT, METRICS, MODEL_STEM, PREDICTIONS, json_safe, model_card,
+                                       undo_failed_start, write_json, write_predictions, write_run_files, write_sites)
+from crosssite.training.step import CompiledForward, epoch_steps, learning_rate, make_optimizer, resolve_device
+from crosssite.training.precision import resolve_precision
+from crosssite.training.step import train_step
 from crosssite.training.validation import evaluate, merge_site_runs, recalibrate_bn, run_metrics, validate_epoch
 
 __all__ = ["TrainingError", "TrainingDiverged", "train"]
@@ -111,7 +102,9 @@ def train(
         progress: show a progress bar (only on a terminal) and print one line per epoch.
     """
     sites = load_sites(sites)
-    with distributed.process_group(resolve_device(config.device)), undo_failed_start(out_dir):
+    device = resolve_device(config.device)
+    config = config.replace(precision=resolve_precision(config, device))  # "auto" -> what this run computes in
+    with distributed.process_group(device), undo_failed_start(out_dir):
         return _train_sites(config, sites, Path(out_dir), resume, progress)
 
 
@@ -175,7 +168,7 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
     ).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     state = RunState()
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -183,7 +176,7 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
         state = RunState(**saved["state"])
         set_rng_state(saved["rng"])
     forward = distributed.wrap(model, device)
-    forward = torch.compile(forward) if config.compile else forward
+    forward = CompiledForward(forward) if config.compile else forward
 
     loop = _Loop(config, method, data, model, forward, optimizer, state, device, out_dir, is_main, progress)
     if not state.finished:
@@ -332,8 +325,7 @@ class _Loop:
         """Evaluate the best model on every site's validation and test parts; write metrics and predictions."""
         distributed.barrier()  # rank 0 has written the best model
         best, _ = models.load(self.out_dir / MODEL_STEM, map_location=self.device)
-        if self.config.channels_last:
-            best = best.to(memory_format=torch.channels_last)
+        best = best.to(memory_format=torch.channels_last) if self.config.channels_last else best
         val, val_rows = evaluate(best, self.data, "val", self.device, self.config)
         test, test_rows = evaluate(best, self.data, "test", self.device, self.config)
         metrics = run_metrics(self.config, self.data, val, test, val_rows, self.state)

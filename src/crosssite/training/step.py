@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,9 +21,11 @@ from crosssite.errors import ConfigError
 from crosssite.training import distributed
 from crosssite.training.config import TrainConfig
 from crosssite.training.methods import Method, compute_loss
+from crosssite.training.precision import resolve_precision
 from crosssite.training.schedule import lr_at
 
-__all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device"]
+__all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device", "make_optimizer", "batch_sites",
+           "CompiledForward"]
 
 
 def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -56,7 +59,7 @@ def train_step(
     if config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = batch["label"].to(device, non_blocking=True)  # (B,)
-    site = batch["site"].to(device, non_blocking=True)  # (B,)
+    site = batch_sites(batch, config, device)
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(config, device):
@@ -79,8 +82,53 @@ def train_step(
     return values
 
 
+class CompiledForward:
+    """``torch.compile(module)`` (inductor), called like ``module``; if compiling fails, one line says why and every
+    later call runs ``module`` eagerly. The first call, which compiles, is timed (``compile_seconds``): with the
+    static site layout the graph depends only on the batch's shape, so one compilation serves every step, and
+    torch's on-disk inductor cache serves later runs of the same shapes.
+    """
+
+    def __init__(self, module: nn.Module, log: Callable[[str], None] = print) -> None:
+        self.module, self.log = module, log
+        self.compiled: Callable[..., Any] | None = torch.compile(module)
+        self.compile_seconds: float | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            return self.module(*args)
+        start = time.perf_counter()
+        try:
+            out = self.compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            self.log(f"warning: torch.compile failed ({type(e).__name__}: {first}); running eagerly")
+            self.compiled = None
+            return self.module(*args)
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - start
+            self.log(f"torch.compile: first step (compilation) took {self.compile_seconds:.1f} s")
+        return out
+
+
+def batch_sites(batch: dict[str, Any], config: TrainConfig, device: torch.device) -> Tensor | models.SiteLayout:
+    """The sites of a training batch as the model takes them: its per-site runs as Python ints
+    (`crosssite.models.SiteLayout`: no host sync, static shapes) when ``static_layout`` is on and the loader
+    collated them, else the (B,) site tensor on ``device``."""
+    if config.static_layout and "site_runs" in batch:
+        return models.SiteLayout(batch["site_runs"])
+    return batch["site"].to(device, non_blocking=True)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
+    """Adam over ``model``'s parameters (``fused_adam``: one fused kernel for every parameter, on CPU and CUDA)."""
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                            fused=config.fused_adam or None)
+
+
 def autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.precision == "bf16":
+    """bf16 autocast on ``device`` when the run's (resolved) precision is bf16, else nothing."""
+    if resolve_precision(config, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -20,7 +20,7 @@ from crosssite.evaluation import METRICS, binary_metrics, collect_probabilities
 from crosssite.models.norms import cumulative_statistics
 from crosssite.training.config import TrainConfig
 from crosssite.training.data import RunData
-from crosssite.training.step import autocast
+from crosssite.training.step import autocast, batch_sites
 
 __all__ = ["evaluate", "prediction_spread", "collapsed_sites", "recalibrate_bn", "selection_metric", "nanmean",
            "validate_epoch", "run_metrics", "run_header", "merge_site_runs"]
@@ -58,20 +58,23 @@ def collapsed_sites(spread: dict[str, float], threshold: float) -> list[str]:
     return [name for name, std in spread.items() if std < threshold]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def recalibrate_bn(model: nn.Module, loader: Any, device: torch.device, config: TrainConfig) -> None:
     """Recompute every batch-norm running mean and variance as the plain average over ``loader``'s batches.
 
     Running statistics kept with momentum 0.1 trail a network that changes quickly (high learning rates, short
     runs) and are estimated on augmented crops; re-estimating them after training on the evaluation view of the
     training part ("precise BN", Wu & Johnson 2021) removes both gaps. ``loader`` draws its batches as the
-    training sampler does (`RunData.recalibration`), so a shared BN mixes the sites in training's proportions.
-    Weights are not touched.
+    training sampler does (`RunData.recalibration`: per-site runs of 4 x ``batch_per_site``, ``bn_recalibrate_images``
+    per site), so a shared BN mixes the sites in training's proportions. Weights are not touched.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with cumulative_statistics(model, norms, reset=True), autocast(config, device):
         for batch in loader:
-            model(batch["image"].to(device, non_blocking=True), batch["site"].to(device, non_blocking=True))
+            images = batch["image"].to(device, non_blocking=True)
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            model(images, batch_sites(batch, config, device))
 
 
 def selection_metric(val: dict[str, dict[str, float]]) -> float:
