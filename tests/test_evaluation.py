@@ -293,14 +293,15 @@ def test_evaluate_command(run_dir: tuple[Path, list[str]], tmp_path: Path) -> No
     rows = report["results"]
     assert [(r["site"], r["strategy"], r["part"]) for r in rows] == [
         ("b", "own", "test"), ("x", "site:a", "all"), ("x", "site:b", "all"), ("x", "mean", "all"),
-        ("x", "adabn", "all"),
+        ("x", "adabn", "all"), ("x", "standardise", "all"),
     ]  # fmt: skip
+    assert [r["strategy"] for r in rows if r["default"]] == ["standardise"]  # an unseen site's default
     test_size = len(split_fold(load_site(specs[1]), 0, 2, 0, 0.25).test)
     assert rows[0]["n"] == test_size and sum(map(sum, rows[0]["confusion_matrix"]["counts"])) == test_size
     assert rows[1]["n"] == 20
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved == report
-    assert len(list((tmp_path / "ev").glob("confusion_*.csv"))) == 5
+    assert len(list((tmp_path / "ev").glob("confusion_*.csv"))) == 6
     every = runner.invoke(app, ["evaluate", str(path), "--site", specs[1], "--all", "--json", "--bootstrap", "20"])
     assert json.loads(every.output)["results"][0]["n"] == 32
     table = runner.invoke(app, ["evaluate", str(path), "--site", specs[0], "--bootstrap", "20"])

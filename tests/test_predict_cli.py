@@ -58,7 +58,8 @@ def test_corrupt_file_gives_rows_and_exit_1(model_path: Path, folder: Path, tmp_
     for r in rows:
         if r["kind"] == "slice":
             p = float(r["p_covid"])
-            assert r["label"] == ("COVID" if p >= 0.5 else "non-COVID") and r["norm"] == "mean-of-sites"
+            # no --site: an unseen site, the default strategy (each slice standardised, then the sites' mean)
+            assert r["label"] == ("COVID" if p >= 0.5 else "non-COVID") and r["norm"] == "mean-of-sites+standardise"
 
 
 def test_json_and_table_output(model_path: Path, folder: Path, tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_onnx_export_then_predict(model_path: Path, folder: Path, tmp_path: Path
     p_torch = np.array([float(r["p_covid"]) for r in read_csv(torch_rows)])
     p_onnx = np.array([float(r["p_covid"]) for r in read_csv(onnx_rows)])
     np.testing.assert_allclose(p_onnx, p_torch, rtol=0, atol=1e-4)
-    assert {r["norm"] for r in read_csv(onnx_rows)} == {"mean-of-sites"}
+    assert {r["norm"] for r in read_csv(onnx_rows)} == {"mean-of-sites+standardise"}
 
     refused = run("predict", onnx, folder, "--site", "A")
     assert refused.exit_code == 1 and "fixed at export" in refused.stderr
@@ -126,10 +127,12 @@ def test_adapt_and_save_adapted(model_path: Path, folder: Path, tmp_path: Path) 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--adapt"], "at least 8 images"),
+        (["--adapt-strategy", "adabn"], "at least 8 images"),
+        (["--save-adapted", "x"], "at least 8 images"),  # saving needs a new slot: AdaBN
         (["--site", "Z"], "unknown site 'Z'; the model knows: A, B"),
         (["--site", "A", "--adapt"], "exclude each other"),
-        (["--save-adapted", "x"], "needs --adapt"),
+        (["--save-adapted", "x", "--adapt-strategy", "standardise"], "needs AdaBN or TENT"),
+        (["--save-adapted", "x", "--adapt-strategy", "none"], "needs --adapt"),
         (["--out", "x.txt"], "must end in .csv or .json"),
     ],
 )
@@ -173,4 +176,4 @@ def test_int8_export_and_predict(model_path: Path, folder: Path, site_a_path: Pa
     result = run("predict", onnx, folder, "--out", out)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["counts"]["slice"] == 8 and {r["norm"] for r in doc["rows"]} == {"A"}
+    assert doc["counts"]["slice"] == 8 and {r["norm"] for r in doc["rows"]} == {"A+standardise"}

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from crosssite.cli import app
 from crosssite.cli.predict import split_model_argument
 from crosssite.errors import CrossSiteError
+from crosssite.models.adaptation import DEFAULT_STRATEGY
 from crosssite.inference import Predictor
 from crosssite.models import create_model, load, save
 from crosssite.pretrained import shipped_model
@@ -36,7 +37,7 @@ def test_predict_without_a_model_uses_the_shipped_one(site_a_path: Path) -> None
     result = CliRunner().invoke(app, ["predict", *map(str, files)])
     assert result.exit_code == 0, result.output
     assert str(shipped_model()) in result.output
-    expected = Predictor.from_file(shipped_model()).predict(files)
+    expected = Predictor.from_file(shipped_model(), adapt=DEFAULT_STRATEGY).predict(files)  # predict's default
     assert all(f"{r.p_covid:.4f}" in result.output for r in expected)
 
 

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from crosssite.models.adaptation import DEFAULT_STRATEGY
 from crosssite.cli import app as cli
 from crosssite.data import read_image
 from crosssite.inference import Predictor
@@ -99,13 +100,13 @@ def test_real_slices_of_both_sites_equal_predictor(client: TestClient, model_pat
     response = post(client, upload(files))
     assert response.status_code == 200, response.text
     answer = response.json()
-    expected = Predictor.from_file(model_path).predict(files)
+    expected = Predictor.from_file(model_path, adapt=DEFAULT_STRATEGY).predict(files)
     rows = slice_rows(answer)
     assert [r["name"] for r in rows] == [f.name for f in files]
     np.testing.assert_allclose([r["p_covid"] for r in rows], [r.p_covid for r in expected], rtol=0, atol=1e-5)
     assert [r["label"] for r in rows] == [r.label for r in expected]
     assert np.std([r["p_covid"] for r in rows]) > 0.05  # the test model tells the slices apart
-    assert answer["normalisation"] == "mean-of-sites" and answer["counts"] == {
+    assert answer["normalisation"] == "mean-of-sites+standardise" and answer["counts"] == {
         "files": 8, "slices": 8, "volumes": 0, "errors": 0}
     assert answer["model"]["id"] == "model" and answer["model"]["version"].startswith("sha256:")
     assert answer["model"]["backend"] == "pytorch" and "not a medical device" in answer["notice"]
@@ -205,7 +206,7 @@ def test_dicom_series_zip_and_nifti_volume(client: TestClient, model_path: Path,
     nib.save(nib.Nifti1Image(volume.astype(np.int16), np.eye(4)), nifti)
     answer = post(client, [("files", ("ct.zip", archive))] + upload([nifti])).json()
 
-    expected = Predictor.from_file(model_path, top_k=3).predict([tmp_path / "series", nifti])
+    expected = Predictor.from_file(model_path, adapt=DEFAULT_STRATEGY, top_k=3).predict([tmp_path / "series", nifti])
     zipped, nii = answer["files"]
     assert [s["name"] for s in zipped["slices"]] == [f"ct.zip/study/series/{Path(r.path).name}"
                                                      for r in expected[:5]]  # patient-axis order
@@ -236,13 +237,25 @@ def test_patient_attributes_never_in_response_or_log(client: TestClient, files: 
     assert answer["files"][2]["errors"][0]["name"] == "cut.dcm"
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert "scored 3 file(s)" in caplog.text
+    # base64 PNGs (overlays, slice images) are left out of the text searched: a short name like "Doe" occurs in
+    # random base64 by chance; the pixels carry no DICOM attribute
+    text = json.dumps(_without_pngs(answer))
+    assert '"cam_png"' in response.text  # the images were there, and are only skipped in the search
     for value in [*PATIENT.values(), "Doe", "Jane"]:
-        assert value not in response.text and value not in logged, value
+        assert value not in text and value not in logged, value
+
+
+def _without_pngs(value):
+    if isinstance(value, dict):
+        return {k: _without_pngs(v) for k, v in value.items() if not k.endswith("_png")}
+    if isinstance(value, list):
+        return [_without_pngs(v) for v in value]
+    return value
 
 
 def test_grad_cam_overlay(client: TestClient, model_path: Path, files: list[Path], tmp_path: Path) -> None:
     answer = post(client, upload(files[:2]), "?cam=true").json()
-    Predictor.from_file(model_path).predict(files[:2], cam_dir=tmp_path / "cam")
+    Predictor.from_file(model_path, adapt=DEFAULT_STRATEGY).predict(files[:2], cam_dir=tmp_path / "cam")
     expected = sorted((tmp_path / "cam").glob("*.png"))
     for row, png in zip(slice_rows(answer), expected):
         cam = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["cam_png"]))))
@@ -273,7 +286,7 @@ def test_model_card_probes_viewer_and_openapi(client: TestClient, model_path: Pa
     card = client.get("/v1/model").json()
     assert card["architecture"] == "covidnet_redesign" and card["site_names"] == ["A", "B"]
     assert card["preprocessing"]["image_size"] == IMAGE_SIZE and card["grad_cam"] is True
-    assert card["normalisation"] == "mean-of-sites" and card["top_k"] == 3 and "metrics" in card
+    assert card["normalisation"] == "mean-of-sites+standardise" and card["top_k"] == 3 and "metrics" in card
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
@@ -382,7 +395,7 @@ def test_micro_batcher_carries_over_and_reports_failures() -> None:
 
 def test_concurrent_requests_share_forward_passes(model_path: Path, files: list[Path]) -> None:
     service = Service.from_file(model_path, max_wait_s=0.3)
-    expected = {r.path: r.p_covid for r in Predictor.from_file(model_path).predict(files[:4])}
+    expected = {r.path: r.p_covid for r in Predictor.from_file(model_path, adapt=DEFAULT_STRATEGY).predict(files[:4])}
     answers: dict[int, dict] = {}
     with TestClient(create_app(service)) as c:
         before = service.batcher.stats.batches
@@ -406,11 +419,11 @@ def test_onnx_int8_backend(model_path: Path, site_a_path: Path, files: list[Path
     done = export_int8(model_path, tmp_path / "m.int8.onnx", [site_a_path / "COVID"], site="A", max_slices=16)
     with client_for(done.path) as c:
         card = c.get("/v1/model").json()
-        assert card["backend"] == "onnxruntime" and card["grad_cam"] is False and card["normalisation"] == "A"
+        assert card["backend"] == "onnxruntime" and card["grad_cam"] is False and card["normalisation"] == "A+standardise"
         assert card["quantization"]["calibration_slices"] == 16 and card["id"] == "m.int8"
         answer = post(c, upload(files[:3]), "?images=true").json()
         refused = post(c, upload(files[:1]), "?cam=true")
-    expected = Predictor.from_file(done.path).predict(files[:3])
+    expected = Predictor.from_file(done.path, adapt=DEFAULT_STRATEGY).predict(files[:3])
     np.testing.assert_allclose([r["p_covid"] for r in slice_rows(answer)], [r.p_covid for r in expected], atol=1e-6)
     assert all(r["image_png"] for r in slice_rows(answer)) and answer["model"]["backend"] == "onnxruntime"
     assert refused.status_code == 400 and "ONNX export" in refused.json()["detail"]

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from crosssite.models.adaptation import DEFAULT_STRATEGY
 from crosssite.data import read_image
 from crosssite.inference import Predictor
 from crosssite.serve import Service
@@ -99,7 +100,7 @@ def test_viewer_uploads_a_real_slice_and_shows_probability_and_overlay(
     nifti = tmp_path / "scan.nii.gz"
     volume = np.stack([np.round(g.T[::-1, ::-1] * 1500.0 - 1350.0) for g in greys], axis=-1)
     nib.save(nib.Nifti1Image(volume.astype(np.int16), np.eye(4)), nifti)
-    expected = Predictor.from_file(model_path, top_k=3).predict([slice_file, nifti])
+    expected = Predictor.from_file(model_path, adapt=DEFAULT_STRATEGY, top_k=3).predict([slice_file, nifti])
 
     browser.get(server)
     assert "not a medical device" in browser.find_element(By.ID, "notice").text

@@ -54,6 +54,45 @@ def _unlabelled_images(root: Path, preprocess):
     return torch.stack(images)
 
 
+def _new_site_slices(name: str, root: Path, labels: str, preprocess):
+    """(unlabelled images, None) or (None, labelled slices) of the new site, as ``--labels`` says."""
+    from crosssite.training.add_site import decode_site
+
+    mode = labels
+    if mode == "auto":
+        mode = "folders" if any((root / d).is_dir() for d in ("COVID", "CT_COVID", "covid")) else "none"
+    if mode == "none":
+        return _unlabelled_images(root, preprocess), None
+    labelled = decode_site(_labelled_site(name, root, mode), preprocess)
+    for line in labelled.skipped[:5]:
+        typer.echo(f"skipped: {line}", err=True)
+    if labelled.skipped:
+        typer.echo(f"skipped {len(labelled.skipped)} unreadable slice(s)", err=True)
+    return None, labelled
+
+
+def _known_site(spec: str, preprocess):
+    from crosssite.data import load_site, parse_site_spec
+    from crosssite.training.add_site import decode_site
+
+    name, root, layout = parse_site_spec(spec)
+    return decode_site(load_site((name, root, layout)), preprocess), name
+
+
+def _print_report(report, name: str) -> None:
+    if report.mode == "adabn":
+        typer.echo(f"site {name!r}: slot {report.site_index} estimated on {report.images} slices (AdaBN)")
+        return
+    auc = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    typer.echo(f"site {name!r}: slot {report.site_index}, AdaBN on {report.images} slices, fine-tuned "
+               f"{report.tuned_parameters} parameters on {report.train} labelled slices for {report.epochs} "
+               f"epochs (best {report.best_epoch}); validation AUC ({report.val} slices, by {report.grouped_by}) "
+               f"{auc(report.val_auc_adabn)} after AdaBN -> {auc(report.val_auc)}")
+    if not report.known_sites_unchanged:
+        typer.echo("note: --train-head changed the shared head, so the known sites' predictions changed too",
+                   err=True)
+
+
 @app.command("add-site")
 def add_site(
     model: Path = typer.Argument(None, metavar="[MODEL]", help="Model (stem, .safetensors, run folder); default: "
@@ -76,7 +115,7 @@ def add_site(
     from crosssite.inference.predictor import Preprocess
     from crosssite.ioutil import ensure_dir
     from crosssite.pretrained import shipped_model
-    from crosssite.training.add_site import add_site as add, decode_site
+    from crosssite.training.add_site import add_site as add
 
     try:
         name, root, _ = parse_site_spec(site)
@@ -84,38 +123,12 @@ def add_site(
         net, card = model_lib.load(stem)
         preprocess = Preprocess.from_card(card, stem)
         ensure_dir(out.parent, "the --out folder")  # before any work: a bad output path fails at once
-        mode = labels
-        if mode == "auto":
-            mode = "folders" if any((root / d).is_dir() for d in ("COVID", "CT_COVID", "covid")) else "none"
-        images = labelled = None
-        if mode == "none":
-            images = _unlabelled_images(root, preprocess)
-        else:
-            labelled = decode_site(_labelled_site(name, root, mode), preprocess)
-            for line in labelled.skipped[:5]:
-                typer.echo(f"skipped: {line}", err=True)
-            if labelled.skipped:
-                typer.echo(f"skipped {len(labelled.skipped)} unreadable slice(s)", err=True)
-        known_slices = []
-        for spec in known or []:
-            known_name, known_root, layout = parse_site_spec(spec)
-            from crosssite.data import load_site
-
-            known_slices.append((decode_site(load_site((known_name, known_root, layout)), preprocess), known_name))
+        images, labelled = _new_site_slices(name, root, labels, preprocess)
+        known_slices = [_known_site(spec, preprocess) for spec in known or []]
         new, new_card, report = add(net, card, name, images=images, labelled=labelled, known=known_slices,
                                     epochs=epochs, lr=lr, train_head=train_head, seed=seed)
         weights, _ = model_lib.save(new, out, new_card)
     except CrossSiteError as e:
         raise fail(e) from None
-    if report.mode == "adabn":
-        typer.echo(f"site {name!r}: slot {report.site_index} estimated on {report.images} slices (AdaBN)")
-    else:
-        auc = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        typer.echo(f"site {name!r}: slot {report.site_index}, AdaBN on {report.images} slices, fine-tuned "
-                   f"{report.tuned_parameters} parameters on {report.train} labelled slices for {report.epochs} "
-                   f"epochs (best {report.best_epoch}); validation AUC ({report.val} slices, by {report.grouped_by}) "
-                   f"{auc(report.val_auc_adabn)} after AdaBN -> {auc(report.val_auc)}")
-    if not report.known_sites_unchanged:
-        typer.echo("note: --train-head changed the shared head, so the known sites' predictions changed too",
-                   err=True)
+    _print_report(report, name)
     typer.echo(f"wrote {weights} (sites: {', '.join(new_card['site_names'])})")

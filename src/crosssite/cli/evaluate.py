@@ -7,8 +7,9 @@
 SOURCE is a run directory (``model.safetensors`` + ``model.json`` + ``split.json``; a `single` run holds one
 such directory per site) or a model file / stem. For a run directory and a site it trained on, only that
 site's test part (from ``split.json``) is scored unless ``--all`` is given. ``--external`` sites were never
-trained on: they are scored once per normalisation strategy (each known site's statistics, their mean, AdaBN),
-and once more per ``--adapt-strategy`` (``standardise``, ``tent``, ``ensemble``; repeatable).
+trained on: they are scored once per normalisation strategy (each known site's statistics, their mean, AdaBN,
+and ``standardise``, the default for an unseen site, whose row has ``"default": true``), and once more per
+``--adapt-strategy`` (``tent``, ``ensemble``; repeatable).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _print(results: list[dict[str, Any]]) -> None:
         part = "its test part" if r["part"] == "test" else "every image"
         console.print(
             f"\n{r['site']}: {r['n']} slices ({r['n_covid']} COVID, {part}); model {r['model']}; "
-            f"normalisation: {r['description']}",
+            f"normalisation: {r['description']}" + (" (the default for an unseen site)" if r.get("default") else ""),
             markup=False,
             style="bold",
         )
@@ -126,6 +127,7 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
     """Every (evaluation, JSON row) of model ``m`` on its known sites (test parts, or every image with --all) and
     on the external sites under each normalisation strategy (and each extra test-time ``strategies``)."""
     from crosssite.evaluation import card_loader, evaluate_model
+    from crosssite.models.adaptation import DEFAULT_STRATEGY
 
     mine = [s for s in known_sites if s.name in m.site_names]
     if not mine and not external_sites:
@@ -142,7 +144,8 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
                             threshold=float(m.card.get("threshold", 0.5)), n_boot=bootstrap, seed=seed,
                             strategies=strategies):
         part = "all" if all_images or m.run_dir is None or r.strategy != "own" else "test"
-        out.append((r, r.to_dict() | {"model": label, "part": part}))
+        default = r.site in ext and r.strategy == DEFAULT_STRATEGY  # what predict / serve use on an unseen site
+        out.append((r, r.to_dict() | {"model": label, "part": part, "default": default}))
     return out
 
 
@@ -164,8 +167,8 @@ def evaluate(
     external: list[str] = typer.Option(None, "--external", help="NAME=PATH[:LAYOUT] of a site never trained on."),
     adapt: list[str] = typer.Option(
         None, "--adapt-strategy", metavar="NAME",
-        help="Also score --external sites with this test-time strategy: standardise, tent, ensemble (adabn is "
-             "always scored); repeatable.",
+        help="Also score --external sites with this test-time strategy: tent, ensemble (standardise, the "
+             "default for an unseen site, and adabn are always scored); repeatable.",
     ),
     all_images: bool = typer.Option(False, "--all", help="Score every image of a known site, not its test part."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
@@ -179,6 +182,7 @@ def evaluate(
     """Accuracy, F1, recall, specificity, precision and AUC per site (COVID positive), with 95% bootstrap
     intervals and confusion matrices."""
     from crosssite.data import load_site
+    from crosssite.models.adaptation import DEFAULT_STRATEGY
     from crosssite.training.step import resolve_device
 
     try:
@@ -200,8 +204,10 @@ def evaluate(
                     f"({', '.join(n for m in models for n in m.site_names)}); pass it with --external"
                 )
         for m in models:
+            # external sites: always the default strategy for an unseen site, then every --adapt-strategy
+            strategies = tuple(dict.fromkeys([DEFAULT_STRATEGY, *(adapt or [])])) if external_sites else ()
             for r, row in _evaluate_one(m, source, known_sites, external_sites, all_images, batch_size, workers,
-                                        device, bootstrap, seed, adapt or ()):
+                                        device, bootstrap, seed, strategies):
                 report["results"].append(row)
                 results.append(r)
     except CrossSiteError as e:

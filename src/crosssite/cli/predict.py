@@ -130,10 +130,19 @@ def split_model_argument(paths: list[Path]) -> tuple[Path, list[Path]]:
 def _strategy(adapt_flag: bool, strategy: str | None, site: str | None, save_adapted: Path | None) -> str | None:
     """The test-time strategy ``--adapt`` / ``--adapt-strategy`` ask for, checked against the other options."""
     from crosssite.inference import STRATEGIES
+    from crosssite.models.adaptation import DEFAULT_STRATEGY
 
-    if strategy is not None and strategy not in STRATEGIES:
-        raise CrossSiteError(f"--adapt-strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    adapt = strategy or ("adabn" if adapt_flag else None)
+    if strategy is not None and strategy not in (*STRATEGIES, "none"):
+        raise CrossSiteError(f"--adapt-strategy: unknown strategy {strategy!r}; choose one of "
+                             f"{', '.join(STRATEGIES)} or none")
+    if strategy == "none":  # the mean of the known sites' statistics, nothing adapted
+        adapt = None
+    elif strategy is not None:
+        adapt = strategy
+    elif save_adapted is not None:  # saving an adapted model needs a new slot: AdaBN
+        adapt = "adabn"
+    else:  # an unseen site by default: the strategy with the best leave-one-site-out AUC
+        adapt = DEFAULT_STRATEGY if adapt_flag or site is None else None
     if site is not None and adapt:
         raise CrossSiteError("--site and --adapt exclude each other: choose one normalisation")
     if save_adapted is not None and not adapt:
@@ -149,11 +158,13 @@ def predict(
                                        ".safetensors, .json, run folder) or .onnx export, then image / DICOM / NIfTI "
                                        "files or folders (recursive). Without a model: the shipped one."),
     site: str | None = typer.Option(None, "--site", help="Normalise with this known site's statistics."),
-    adapt_flag: bool = typer.Option(False, "--adapt", help="AdaBN: re-estimate the normalisation on the inputs."),
+    adapt_flag: bool = typer.Option(False, "--adapt", help="Adapt to the inputs' site with the default strategy "
+                                    "(standardise; it is also what runs without --site or --adapt-strategy)."),
     strategy: str | None = typer.Option(
         None, "--adapt-strategy", metavar="NAME",
-        help="Test-time strategy for an unseen site (implies --adapt): adabn, standardise (each slice to the "
-             "training pixel mean/std), tent (AdaBN + entropy minimisation), ensemble (mean over the sites' BN).",
+        help="Test-time strategy for an unseen site: standardise (the default: each slice to the training pixel "
+             "mean/std), adabn (re-estimate the normalisation on the inputs), tent (AdaBN + entropy "
+             "minimisation), ensemble (mean over the sites' BN), none (the mean of the sites' statistics).",
     ),
     save_adapted: Path | None = typer.Option(None, "--save-adapted",
                                              help="Write the adapted model (with --adapt, or --adapt-strategy tent)."),

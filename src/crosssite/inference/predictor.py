@@ -487,16 +487,22 @@ class Predictor:
         }
         if good:
             images = torch.stack([inputs[i] for i in good])  # (B, 3, S, S)
-            if self.adapt == "standardise":
+            model = getattr(self.backend, "model", None)
+            raw_shift = None
+            if self.adapt == "standardise":  # the distance to the known sites is of the slices as they came
+                raw_shift = FirstNormShift(model, len(self.site_names))
+                if model is not None:
+                    raw_shift.measure(model, images.to(self.device))
                 images = standardise_images(images)
             cams: list[Path | None] = [None] * len(good)
             # the distance to the known sites, read in the forward pass at the first norm layer's input
-            with FirstNormShift(getattr(self.backend, "model", None), len(self.site_names)) as shift:
+            with FirstNormShift(None if raw_shift is not None else model, len(self.site_names)) as shift:
                 if cam_dir is None:
                     p = self.backend.probabilities(images)
                 else:
                     p, maps = self.backend.grad_cam(images)
                     cams = self._save_cams(cam_dir, start, [items[i] for i in good], images, maps)
+            shift = raw_shift or shift
             scores = [None] * len(good) if shift.scores is None else [float(v) for v in shift.scores]
             for i, pi, cam, score in zip(good, p, cams, scores):
                 records[i] = self._slice_record(items[i], float(pi), cam, score)

@@ -26,11 +26,17 @@ from torch import Tensor, nn
 from crosssite.errors import ConfigError
 from crosssite.models.norms import BatchNorm, SiteBatchNorm, _image_batches, adapt_norm
 
-__all__ = ["STRATEGIES", "TENT_EPOCHS", "TENT_LR", "standardise_images", "tent_adapt", "ensemble_probabilities",
+__all__ = ["STRATEGIES", "DEFAULT_STRATEGY", "TENT_EPOCHS", "TENT_LR", "standardise_images", "tent_adapt", "ensemble_probabilities",
            "FirstNormShift"]
 
 STRATEGIES = ("adabn", "standardise", "tent", "ensemble")
 """Test-time strategies for an unseen site: ``--adapt`` values of ``predict`` and ``evaluate``."""
+
+DEFAULT_STRATEGY = "standardise"
+"""What ``predict`` (without ``--site``, or with a bare ``--adapt``), ``serve`` and ``evaluate --external`` use for
+a site the model never saw: the strategy with the best leave-one-site-out AUC (docs/RESULTS.md: 58.7 mean AUC over
+the three held-out sites against 47.0 for the mean of the sites' statistics, and the best strategy after plain,
+MixStyle and scanner-augmented training alike)."""
 
 TENT_EPOCHS = 1
 TENT_LR = 1e-3
@@ -134,6 +140,19 @@ class FirstNormShift:
         self.num_known = num_known
         self.scores: Tensor | None = None
         self._handle = None
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, images: Tensor) -> Tensor | None:
+        """The scores of ``images`` alone, as the model would see them unadapted: the stem only (its first norm
+        layer's input) where the model has one, else a whole forward pass. Used when the forward pass that
+        predicts sees other inputs (per-image standardisation), so the score still measures the raw slices."""
+        with self:
+            stem = getattr(model, "stem", None)
+            if stem is not None:
+                stem(images, None)
+            else:
+                model(images)
+        return self.scores
 
     def __enter__(self) -> FirstNormShift:
         if self.norm is not None:

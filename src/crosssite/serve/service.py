@@ -5,8 +5,9 @@
     answer = service.predict([Upload("scan.zip", f)], cam=True)
 
 The model is a crosssite model file (PyTorch; Grad-CAM available) or an ONNX export (fp32 or int8; the
-normalisation was fixed at export). Normalisation of the PyTorch model: a known site (``site``), the mean of
-the known sites (default), or AdaBN estimated once at start-up on the hospital's own slices (``adapt``), so
+normalisation was fixed at export). Normalisation of the PyTorch model: a known site (``site``), each slice
+standardised and the mean of the known sites (the default, as in `predict`), or AdaBN estimated once at start-up
+on the hospital's own slices (``adapt``), so
 every request is scored with the same, fixed normalisation.
 
 Each request is scored by `Predictor` on files written to a private folder (`crosssite.serve.uploads`), its
@@ -147,7 +148,11 @@ class Service:
         path = Path(path)
         if adapt and site is not None:
             raise ServiceError("choose either a known site or AdaBN adaptation (--adapt), not both")
-        predictor = Predictor.from_file(path, site=site, batch_size=max_batch, top_k=top_k)
+        from crosssite.models.adaptation import DEFAULT_STRATEGY
+
+        # an unseen hospital by default, as `crosssite predict`: each slice standardised (DEFAULT_STRATEGY)
+        default = DEFAULT_STRATEGY if site is None and not adapt else None
+        predictor = Predictor.from_file(path, site=site, adapt=default, batch_size=max_batch, top_k=top_k)
         if adapt:
             predictor.adapt_to(list(adapt))
         model_file = path if path.suffix.lower() == ".onnx" else model_paths(path)[0]
