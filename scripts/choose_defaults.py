@@ -64,7 +64,7 @@ def _done(path: Path) -> set[str]:
     return {_key(r["question"], r["label"], r["fold"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
-def run(out: Path) -> None:
+def run(out: Path, only: list[str] | None = None) -> None:
     sites = load_sites(SITES)
     results = out / "choices.jsonl"
     done = _done(results)
@@ -72,7 +72,7 @@ def run(out: Path) -> None:
             for q, label, m, b, o in CHOICES if seed in SEEDS[q] and fold in FOLDS.get(q, (0, 1))]
     # seed-0 runs of every setting first, so that a partial sweep already answers each question on 2 folds
     for q, label, method, backbone, overrides, fold, seed in plan:
-        if _key(q, label, fold, seed) in done:
+        if _key(q, label, fold, seed) in done or (only and label not in only):
             continue
         values = {**PRESETS["cpu-small"], **overrides, "method": method, "backbone": backbone, "fold": fold, "seed": seed}
         config = apply_overrides(TrainConfig(), values)
@@ -128,9 +128,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("run", "table"))
     parser.add_argument("--out", type=Path, default=Path("results/choices"))
+    parser.add_argument("--only", action="append", metavar="LABEL",
+                        help="run only the settings with this label (repeatable), e.g. to give the leaders a seed")
     args = parser.parse_args()
     if args.command == "run":
-        run(args.out)
+        run(args.out, args.only)
     else:
         print(table(args.out))
 

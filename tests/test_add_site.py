@@ -68,7 +68,7 @@ def _images(hospital: Path) -> torch.Tensor:
 def test_add_site_with_label_folders_appends_a_slot_and_leaves_known_sites_alone(base_model, hospital, tmp_path):
     out = tmp_path / "with_h"
     result = CliRunner().invoke(app, ["add-site", str(base_model), "--site", f"hosp={hospital}", "--labels",
-                                      "folders", "--out", str(out), "--epochs", "3"])
+                                      "folders", "--out", str(out), "--steps", "30"])
     assert result.exit_code == 0, result.output
     assert "fine-tuned" in result.output and "validation AUC" in result.output
     new, card = models.load(out)
@@ -97,7 +97,7 @@ def test_labels_from_a_csv_are_split_by_patient(base_model, hospital):
     assert not {data.patients[i] for i in train} & {data.patients[i] for i in val}
     assert set(data.labels[val].tolist()) == {0, 1}
     model, card = models.load(base_model)
-    new, new_card, report = add_site(model, card, "h", labelled=data, epochs=2)
+    new, new_card, report = add_site(model, card, "h", labelled=data, steps=10)
     assert report.grouped_by == "patients" and new_card["site_names"][-1] == "h"
     tuned = {id(p) for p in slot_parameters(new, 2)}
     assert tuned and all(id(p) not in tuned for p in slot_parameters(new, 0))
@@ -141,7 +141,7 @@ def test_learning_curve_command_runs_on_a_tiny_setting(site_a_path, site_b_path,
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
-    assert {r["k"] for r in rows} == {0, 2} and {r["method"] for r in rows} == {"adabn", "slot", "all", "scratch"}
+    assert {r["k"] for r in rows} == {0, 2} and {r["method"] for r in rows} == {"adabn", "slot", "slot+head", "all", "scratch"}
     assert all(0.0 <= r["auc"] <= 1.0 and r["n_eval"] > 0 for r in rows)
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: nothing to do
     assert again.returncode == 0 and "0 to run" in again.stdout

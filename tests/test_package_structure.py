@@ -94,3 +94,13 @@ def test_no_function_is_longer_than_a_screen() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert long == []
+
+
+def test_no_merge_conflict_markers_in_sources_or_docs() -> None:
+    repo = ROOT.parents[1]
+    files = [*repo.glob("*.md"), *(repo / "docs").glob("*.md"), *ROOT.rglob("*.py"), *(repo / "tests").glob("*.py"),
+             *(repo / "scripts").glob("*.py")]
+    marked = [f"{path.relative_to(repo)}:{i}" for path in files
+              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+              if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]
+    assert marked == []

@@ -47,6 +47,8 @@ __all__ = [
     "confusion_matrix",
     "bootstrap_ci",
     "paired_ttest",
+    "corrected_resampled_ttest",
+    "holm",
     "collect_probabilities",
     "patients_of",
     "card_loader",
@@ -308,6 +310,43 @@ def paired_ttest(ours: object, other: object) -> PairedTTest:
         warnings.simplefilter("ignore", RuntimeWarning)  # zero variance of the differences
         res = stats.ttest_rel(a, b)
     return PairedTTest(float(res.statistic), float(res.pvalue), int(len(a)))
+
+
+def corrected_resampled_ttest(ours: object, other: object, test_train_ratio: float) -> PairedTTest:
+    """Nadeau and Bengio's corrected resampled t-test (Machine Learning 52, 2003) of matched runs.
+
+    Runs of a cross-validation share most of their training data, so the paired differences are correlated and
+    the plain paired t-test is over-confident. The correction inflates the variance of the mean difference:
+    ``t = mean(d) / sqrt((1 / J + n_test / n_train) * var(d))`` over the ``J`` pairs, with ``J - 1`` degrees of
+    freedom (two-sided p). ``test_train_ratio`` is ``n_test / n_train`` of one run. NaN pairs are left out.
+    """
+    a = np.asarray(ours, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise EvaluationError(f"corrected t-test needs two 1-D arrays of equal length, got {a.shape} and {b.shape}")
+    if not test_train_ratio > 0:
+        raise EvaluationError(f"test_train_ratio must be positive, got {test_train_ratio}")
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    j = len(d)
+    if j < 2:
+        return PairedTTest(float("nan"), float("nan"), j)
+    var = float(np.var(d, ddof=1))
+    if var == 0:
+        return PairedTTest(float("nan"), float("nan"), j)
+    t = float(np.mean(d)) / math.sqrt((1 / j + test_train_ratio) * var)
+    return PairedTTest(t, float(2 * stats.t.sf(abs(t), j - 1)), j)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` for multiple comparisons (NaN stays NaN, not counted)."""
+    finite = [(p, i) for i, p in enumerate(pvalues) if not math.isnan(p)]
+    m = len(finite)
+    out = [float("nan")] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(finite)):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
 
 
 class Probabilities(NamedTuple):

@@ -85,8 +85,8 @@ def _print_report(report, name: str) -> None:
         return
     auc = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
     typer.echo(f"site {name!r}: slot {report.site_index}, AdaBN on {report.images} slices, fine-tuned "
-               f"{report.tuned_parameters} parameters on {report.train} labelled slices for {report.epochs} "
-               f"epochs (best {report.best_epoch}); validation AUC ({report.val} slices, by {report.grouped_by}) "
+               f"{report.tuned_parameters} parameters on {report.train} labelled slices for {report.steps} "
+               f"steps (kept: step {report.best_step}); validation AUC ({report.val} slices, by {report.grouped_by}) "
                f"{auc(report.val_auc_adabn)} after AdaBN -> {auc(report.val_auc)}")
     if not report.known_sites_unchanged:
         typer.echo("note: --train-head changed the shared head, so the known sites' predictions changed too",
@@ -103,8 +103,8 @@ def add_site(
     out: Path = typer.Option(..., "--out", help="Stem of the new model (writes OUT.safetensors and OUT.json)."),
     known: list[str] = typer.Option(None, "--known", help="NAME=PATH of a known site's labelled slices, mixed "
                                     "into the contrastive batches (repeatable; NAME as the model calls it)."),
-    epochs: int = typer.Option(30, "--epochs", min=1),
-    lr: float = typer.Option(1e-3, "--lr"),
+    steps: int = typer.Option(300, "--steps", min=1, help="Optimiser steps of fine-tuning (16 slices each)."),
+    lr: float = typer.Option(1e-2, "--lr", help="Learning rate of the fine-tuned parameters."),
     train_head: bool = typer.Option(False, "--train-head", help="Also fine-tune the shared classifier head "
                                     "(changes the known sites' predictions)."),
     seed: int = typer.Option(0, "--seed"),
@@ -126,7 +126,7 @@ def add_site(
         images, labelled = _new_site_slices(name, root, labels, preprocess)
         known_slices = [_known_site(spec, preprocess) for spec in known or []]
         new, new_card, report = add(net, card, name, images=images, labelled=labelled, known=known_slices,
-                                    epochs=epochs, lr=lr, train_head=train_head, seed=seed)
+                                    steps=steps, lr=lr, train_head=train_head, seed=seed)
         weights, _ = model_lib.save(new, out, new_card)
     except CrossSiteError as e:
         raise fail(e) from None

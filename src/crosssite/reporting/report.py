@@ -48,6 +48,7 @@ from crosssite.reporting.tables import (
     interval_table,
     loso_table,
     ttest_table,
+    claims_table,
 )
 
 __all__ = ["ReportOutput", "build_report", "PATIENT_GROUPING"]
@@ -458,6 +459,8 @@ def build_report(
         Heading("Tables II and III"),
         ttest_table(runs, sites, "baselines"),
         ttest_table(runs, sites, "comparisons"),
+        Heading("The paper's claims"),
+        claims_table(runs, sites),
     ]
     log("ROC figures")
     blocks += _roc_section(runs, sites, fig_dir)

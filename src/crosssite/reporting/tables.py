@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from crosssite.errors import CrossSiteError
-from crosssite.evaluation import bootstrap_ci, paired_ttest
+from crosssite.evaluation import bootstrap_ci, corrected_resampled_ttest, holm, paired_ttest
 from crosssite.ioutil import read_jsonl
 from crosssite.training.methods import PAPER_TABLE_I
 
@@ -43,6 +43,9 @@ __all__ = [
     "table_one",
     "ttest_pvalues",
     "ttest_table",
+    "CLAIMS",
+    "claim_tests",
+    "claims_table",
     "interval_table",
     "loso_table",
     "loso_summary",
@@ -392,6 +395,79 @@ def ttest_table(runs: Sequence[RunResult], sites: Sequence[str], which: str) -> 
         "metric, and only for the redesigned backbone."
     )
     return Table(f"Table {number}. p-values of ours against {against}", header, body, caption)
+
+
+def _row(method: str, backbone: str = "covidnet_redesign") -> PaperRow:
+    return next(r for r in ROWS if r.method == method and r.backbone == backbone)
+
+
+# The paper's claims, each a list of (better, worse) rows whose test AUCs are compared per site.
+CLAIMS: tuple[tuple[str, tuple[tuple[PaperRow, PaperRow], ...]], ...] = (
+    ("the redesign beats the original COVID-Net", ((_row("single"), _row("single", "covidnet")),
+                                                   (_row("joint"), _row("joint", "covidnet")))),
+    ("Single beats Joint", ((_row("single"), _row("joint")),)),
+    ("SepNorm beats Joint", ((_row("sepnorm"), _row("joint")),)),
+    ("the contrastive term adds to SepNorm", ((OURS, _row("sepnorm")),)),
+    ("ours beats every other row", tuple((OURS, r) for r in ROWS if r != OURS)),
+)
+
+
+def _test_train_ratio(runs: Sequence[RunResult]) -> float:
+    """n_test / n_train of one run of the k-fold protocol: 1/k against (1 - 1/k)(1 - val_fraction)."""
+    config = next((r.config for r in runs if r.config), {})
+    k, val = int(config.get("folds", 4)), float(config.get("val_fraction", 0.2))
+    return (1 / k) / ((1 - 1 / k) * (1 - val))
+
+
+def claim_tests(runs: Sequence[RunResult], sites: Sequence[str], alpha: float = 0.05) -> list[dict[str, Any]]:
+    """One entry per (claim, comparison, site): mean AUC difference (better - worse, in %), pairs, the plain
+    paired t-test's p, the corrected resampled t-test's p (Nadeau-Bengio), its Holm adjustment over every entry,
+    and the verdict: confirmed / refuted (Holm-adjusted corrected p < ``alpha``, by the sign of the difference)
+    or undecided. Collapsed runs are left out of the pairs."""
+    ok = [r for r in runs if not r.collapsed]
+    ratio = _test_train_ratio(ok)
+    out = []
+    for claim, pairs in CLAIMS:
+        for better, worse in pairs:
+            for site in sites:
+                a, b = _matched(runs_of(ok, better), runs_of(ok, worse), site, "auc")
+                plain, corrected = paired_ttest(a, b), corrected_resampled_ttest(a, b, ratio)
+                diff = 100.0 * float(np.nanmean(np.subtract(a, b))) if a else float("nan")
+                out.append({"claim": claim, "better": better.label, "worse": worse.label, "site": site,
+                            "diff": diff, "pairs": corrected.n, "p": plain.p, "p_corrected": corrected.p})
+    # Holm over the distinct comparisons (one comparison may serve two claims: ours vs SepNorm)
+    keys = list(dict.fromkeys((e["better"], e["worse"], e["site"]) for e in out))
+    first = {(e["better"], e["worse"], e["site"]): e["p_corrected"] for e in reversed(out)}
+    adjusted_of = dict(zip(keys, holm([first[k] for k in keys])))
+    for entry in out:
+        adjusted = entry["p_holm"] = adjusted_of[(entry["better"], entry["worse"], entry["site"])]
+        significant = not math.isnan(adjusted) and adjusted < alpha
+        entry["verdict"] = ("confirmed" if entry["diff"] > 0 else "refuted") if significant else "undecided"
+    return out
+
+
+def _p(p: float) -> str:
+    return "n/a" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def claims_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
+    """The paper's claims, one line per comparison and site, with the verdict (see `claim_tests`)."""
+    tests = claim_tests(runs, sites)
+    body = [[t["claim"], f"{t['better']} vs {t['worse']}", f"{site_letter(list(sites).index(t['site']))}",
+             "n/a" if math.isnan(t["diff"]) else f"{t['diff']:+.2f}", str(t["pairs"]), _p(t["p"]),
+             _p(t["p_corrected"]), _p(t["p_holm"]), t["verdict"]] for t in tests]
+    header = ["Claim", "comparison", "site", "AUC diff (%)", "pairs", "p (paired t)", "p (corrected)", "p (Holm)",
+              "verdict"]
+    caption = (
+        f"Columns: {_sites_legend(sites)}. Test AUC differences of runs paired by (fold, seed). 'p (paired t)': "
+        "scipy.stats.ttest_rel, as in the paper; 'p (corrected)': Nadeau and Bengio's corrected resampled t-test "
+        f"(variance x (1/J + n_test/n_train), n_test/n_train = {_test_train_ratio(runs):.3f}), since the folds "
+        f"share training data; 'p (Holm)': the corrected p adjusted by Holm over the "
+        f"{len({(t['better'], t['worse'], t['site']) for t in tests})} distinct comparisons. Verdict: "
+        "confirmed / refuted when the Holm-adjusted p is below 0.05 (by the sign of the difference), else "
+        "undecided. Collapsed runs are left out."
+    )
+    return Table("The paper's claims, tested", header, body, caption)
 
 
 def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int = 200, seed: int = 0) -> Table:

@@ -12,8 +12,10 @@ contrastive loss over batches that mix the new site's slices with slices of the 
 their own, frozen slots), which pulls the new site's embeddings toward the known sites' classes. Batch norm
 stays in evaluation mode: the known sites' slots, statistics included, are never touched, so their predictions
 are bit-for-bit those of the original model (``train_head`` trains the shared head and changes them; the report
-says so). Early stopping reads the AUC on a validation part carved from the labels (by patient where the site
-has patient ids), the best epoch's weights are kept, and ``patience`` epochs without a gain stop the run.
+says so). Training is a fixed budget of optimiser steps (300 of 16 slices, learning rate 1e-2 for the slot's
+few parameters), so a small labelled set gets as many updates as a large one; early stopping reads the AUC on a
+validation part carved from the labels (by patient where the site has patient ids) every 25 steps, the best
+weights are kept, and 4 validations without a gain stop the run.
 
 `finetune_baseline` gives the learning curve's two references on the same labelled part: fine-tuning every weight
 of the model (``"all"``), and training the same architecture from scratch (``"scratch"``).
@@ -76,8 +78,8 @@ class AddSiteReport:
     grouped_by: str = "slices"  # "patients" when the validation part was carved by patient
     tuned_parameters: int = 0
     train_head: bool = False
-    epochs: int = 0
-    best_epoch: int = 0
+    steps: int = 0  # optimiser steps run (early stopping may end before the budget)
+    best_step: int = 0  # the step of the kept weights (0: the AdaBN slot itself)
     val_auc: float | None = None  # of the kept weights; None without a validation part with both classes
     val_auc_adabn: float | None = None  # of the AdaBN slot before fine-tuning, on the same validation part
     known_sites_unchanged: bool = True
@@ -175,34 +177,40 @@ def site_auc(model: nn.Module, data: LabelledSlices, site: int | None) -> float 
 
 
 def _fit(model: nn.Module, params: list[nn.Parameter], train: LabelledSlices, val: LabelledSlices, site: int | None,
-         *, known: list[tuple[LabelledSlices, int]], epochs: int, lr: float, batch_size: int, alpha: float,
-         tau: float, patience: int, seed: int, bn_train: bool = False) -> tuple[int, int, float | None]:
-    """Adam on ``params`` only; returns (epochs run, best epoch, best validation AUC); the best weights are kept.
-
-    Batch norm stays in evaluation mode unless ``bn_train`` (training from scratch)."""
+         *, known: list[tuple[LabelledSlices, int]], steps: int, lr: float, batch_size: int, alpha: float,
+         tau: float, patience: int, seed: int, eval_every: int = 25, bn_train: bool = False
+         ) -> tuple[int, int, float | None]:
+    """Adam on ``params`` only, ``steps`` steps of ``batch_size`` slices (reshuffled passes over ``train``, so a
+    10-slice set gets as many updates as a 300-slice one); validation every ``eval_every`` steps, stopping after
+    ``patience`` validations without a gain. Returns (steps run, best step, best validation AUC); the best
+    weights are kept (without a validation part: the last). Batch norm stays in evaluation mode unless
+    ``bn_train`` (training from scratch)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(params, lr=lr)
-    best_auc, best_epoch, best_state = site_auc(model, val, site), 0, copy.deepcopy(model.state_dict())
+    best_auc, best_step, best_state = site_auc(model, val, site), 0, copy.deepcopy(model.state_dict())
     best_score = -math.inf if best_auc is None else best_auc
-    epoch = 0
-    for epoch in range(1, epochs + 1):
+    order, cursor, step = torch.randperm(len(train), generator=generator), 0, 0
+    for step in range(1, steps + 1):
         model.train(bn_train)
-        order = torch.randperm(len(train), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            loss = _loss(model, train.images[idx], train.labels[idx], site, known, len(idx), alpha, tau, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        if cursor + batch_size > len(order):
+            order, cursor = torch.randperm(len(train), generator=generator), 0
+        idx = order[cursor:cursor + batch_size]
+        cursor += batch_size
+        loss = _loss(model, train.images[idx], train.labels[idx], site, known, len(idx), alpha, tau, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % eval_every and step != steps:
+            continue
         auc = site_auc(model, val, site)
-        score = -epoch if auc is None else auc  # no validation part: the last epoch is kept
+        score = step if auc is None else auc  # no validation part: the last weights are kept
         if score > best_score:
-            best_score, best_auc, best_epoch, best_state = score, auc, epoch, copy.deepcopy(model.state_dict())
-        elif auc is not None and epoch - best_epoch >= patience:
+            best_score, best_auc, best_step, best_state = score, auc, step, copy.deepcopy(model.state_dict())
+        elif auc is not None and (step - best_step) >= patience * eval_every:
             break
     model.load_state_dict(best_state)
     model.eval()
-    return epoch, best_epoch, best_auc
+    return step, best_step, best_auc
 
 
 def _loss(model: nn.Module, images: Tensor, labels: Tensor, site: int | None, known: list[tuple[LabelledSlices, int]],
@@ -245,14 +253,14 @@ def add_site(
     images: Tensor | None = None,
     labelled: LabelledSlices | None = None,
     known: Sequence[tuple[LabelledSlices, str]] = (),
-    epochs: int = 30,
-    lr: float = 1e-3,
+    steps: int = 300,
+    lr: float = 1e-2,
     batch_size: int = 16,
     train_head: bool = False,
     alpha: float = 1.0,
     tau: float = 0.05,
     val_fraction: float = 0.25,
-    patience: int = 8,
+    patience: int = 4,
     seed: int = 0,
 ) -> tuple[nn.Module, dict[str, Any], AddSiteReport]:
     """A copy of ``model`` with a slot for site ``name`` and its updated card (see the module docstring).
@@ -272,7 +280,7 @@ def add_site(
     report = AddSiteReport(name=name, site_index=index, mode="adabn", images=len(source),
                            skipped=len(labelled.skipped) if labelled is not None else 0)
     if labelled is not None:
-        _finetune(model, labelled, report, known, names, epochs=epochs, lr=lr, batch_size=batch_size,
+        _finetune(model, labelled, report, known, names, steps=steps, lr=lr, batch_size=batch_size,
                   train_head=train_head, alpha=alpha, tau=tau, val_fraction=val_fraction, patience=patience, seed=seed)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -297,18 +305,18 @@ def _finetune(model: nn.Module, labelled: LabelledSlices, report: AddSiteReport,
     if unknown:
         raise ConfigError(f"known site(s) {', '.join(unknown)} are not sites of the model ({', '.join(names)})")
     report.val_auc_adabn = site_auc(model, val, report.site_index)
-    epochs, best, auc = _fit(model, params, train, val, report.site_index,
-                             known=[(data, names.index(site)) for data, site in known], seed=seed, **fit)
+    done, best, auc = _fit(model, params, train, val, report.site_index,
+                           known=[(data, names.index(site)) for data, site in known], seed=seed, **fit)
     report.mode, report.train, report.val, report.grouped_by = "finetune", len(train), len(val), grouped
     report.tuned_parameters = sum(p.numel() for p in params)
     report.train_head, report.known_sites_unchanged = train_head, not train_head
-    report.epochs, report.best_epoch, report.val_auc = epochs, best, auc
+    report.steps, report.best_step, report.val_auc = done, best, auc
 
 
 def finetune_baseline(
     model: nn.Module, card: dict[str, Any], labelled: LabelledSlices, kind: str, *, images: Tensor | None = None,
-    epochs: int = 30,
-    lr: float = 1e-4, batch_size: int = 16, val_fraction: float = 0.25, patience: int = 8, seed: int = 0,
+    steps: int = 300, lr: float = 1e-4, batch_size: int = 16, val_fraction: float = 0.25, patience: int = 4,
+    seed: int = 0,
 ) -> tuple[nn.Module, int | None]:
     """A reference for the learning curve, on the same labelled part as `add_site`: ``"all"`` fine-tunes every
     weight of (a copy of) ``model`` after AdaBN; ``"scratch"`` trains the card's architecture with one shared BN
@@ -326,6 +334,6 @@ def finetune_baseline(
         site, bn_train, lr = None, True, max(lr, 1e-3)
     else:
         raise ConfigError(f"baseline kind must be 'all' or 'scratch', got {kind!r}")
-    _fit(model, list(model.parameters()), train, val, site, known=[], epochs=epochs, lr=lr, batch_size=batch_size,
+    _fit(model, list(model.parameters()), train, val, site, known=[], steps=steps, lr=lr, batch_size=batch_size,
          alpha=0.0, tau=0.05, patience=patience, seed=seed, bn_train=bn_train)
     return model, site

@@ -1,0 +1,46 @@
+"""Table I v2's statistics: the corrected resampled t-test, Holm's adjustment, and the claims table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from crosssite.evaluation import corrected_resampled_ttest, holm, paired_ttest
+from crosssite.reporting.tables import claim_tests, claims_table, load_results, site_order
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_corrected_ttest_inflates_the_variance_by_the_test_train_ratio() -> None:
+    a = np.array([0.91, 0.93, 0.90, 0.95, 0.92, 0.94])
+    b = np.array([0.89, 0.92, 0.90, 0.91, 0.90, 0.93])
+    d = a - b
+    t = d.mean() / math.sqrt((1 / 6 + 0.5) * d.var(ddof=1))
+    res = corrected_resampled_ttest(a, b, 0.5)
+    assert res.t == pytest.approx(t) and res.n == 6
+    assert res.p == pytest.approx(2 * stats.t.sf(abs(t), 5))
+    assert res.p > paired_ttest(a, b).p  # more cautious than the plain paired test
+    assert math.isnan(corrected_resampled_ttest(a[:1], b[:1], 0.5).p)
+
+
+def test_holm_adjusts_step_down_and_keeps_nan() -> None:
+    assert holm([0.01, 0.04, float("nan"), 0.03]) == pytest.approx([0.03, 0.06, float("nan"), 0.06], nan_ok=True)
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+
+
+def test_claims_table_on_the_first_grid() -> None:
+    runs, _ = load_results(REPO / "results" / "cpu-real" / "results.jsonl")
+    sites = site_order(runs)
+    tests = claim_tests(runs, sites)
+    contrastive = [t for t in tests if t["claim"] == "the contrastive term adds to SepNorm"]
+    assert [t["pairs"] for t in contrastive] == [4, 4]
+    assert all(t["p_holm"] >= t["p_corrected"] >= t["p"] for t in tests if t["pairs"] >= 2)
+    assert {t["verdict"] for t in tests} <= {"confirmed", "refuted", "undecided"}
+    # the original COVID-Net rows of that grid all collapsed: nothing to pair, so undecided
+    original = [t for t in tests if "COVID-Net)" in t["worse"]]
+    assert original and all(t["pairs"] == 0 and t["verdict"] == "undecided" for t in original)
+    assert "Nadeau and Bengio" in claims_table(runs, sites).caption
