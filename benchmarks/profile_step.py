@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from crosssite import models
 from crosssite.data import load_sites
 from crosssite.experiment import PRESETS
 from crosssite.training.config import TrainConfig, apply_overrides, parse_overrides
 from crosssite.training.data import build_run_data
-from crosssite.training.methods import METHODS, model_kwargs
-from crosssite.training.step import make_optimizer, train_step
+from crosssite.training.methods import METHODS
+from crosssite.training.step import build_model, make_optimizer, train_step
 from crosssite.training.validation import evaluate, recalibrate_bn
 
 DATA = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -70,11 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         data = build_run_data(config, sites, Path(tmp) / "split.json", reuse_split=False)
     method, device = METHODS[config.method], torch.device("cpu")
     torch.manual_seed(0)
-    model = models.create_model(config.backbone, image_size=config.image_size,
-                                **model_kwargs(method, config.backbone, num_sites=2, width=config.width,
-                                               block_act=config.block_act, init=config.init))
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config, 2, device)
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model) if config.compile else model
 

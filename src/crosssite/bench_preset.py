@@ -26,15 +26,14 @@ from typing import Any
 
 import torch
 
-from crosssite import models
 from crosssite.bench import forward_flops, matmul_gflops
 from crosssite.data import load_sites
 from crosssite.errors import ConfigError
 from crosssite.training.config import TrainConfig, apply_overrides
 from crosssite.training.data import build_run_data
-from crosssite.training.methods import METHODS, model_kwargs
+from crosssite.training.methods import METHODS
 from crosssite.training.precision import native_bf16, resolve_precision
-from crosssite.training.step import CompiledForward, make_optimizer, train_step
+from crosssite.training.step import CompiledForward, build_model, make_optimizer, train_step
 
 __all__ = ["LEVERS", "preset_config", "measure_path", "run_preset_benchmark"]
 
@@ -63,11 +62,7 @@ def measure_path(config: TrainConfig, data: Any, steps: int, warmup: int) -> dic
     device = torch.device("cuda" if config.device == "cuda" else "cpu")
     method = METHODS[config.method]
     torch.manual_seed(0)
-    model = models.create_model(config.backbone, image_size=config.image_size,
-                                **model_kwargs(method, config.backbone, num_sites=len(data.sites), width=config.width,
-                                               block_act=config.block_act, init=config.init)).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config, len(data.sites), device)
     optimizer = make_optimizer(model, config)
     forward = CompiledForward(model, log=lambda line: None) if config.compile else model
     model.train()

@@ -41,13 +41,13 @@ from crosssite.training import distributed
 from crosssite.training.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
 from crosssite.training.config import TrainConfig, resumed_config, save_config
 from crosssite.training.data import RunData, build_run_data, multi_site_steps
-from crosssite.training.methods import METHODS, Method, model_kwargs
+from crosssite.training.methods import METHODS, Method
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
 from crosssite.training.rundir import (CHECKPOINT, METRICS, MODEL_STEM, PREDICTIONS, json_safe, model_card,
                                        undo_failed_start, write_json, write_predictions, write_run_files, write_sites)
 from crosssite.training.step import CompiledForward, epoch_steps, learning_rate, make_optimizer, resolve_device
 from crosssite.training.precision import resolve_precision
-from crosssite.training.step import train_step
+from crosssite.training.step import build_model, train_step
 from crosssite.training.validation import evaluate, merge_site_runs, recalibrate_bn, run_metrics, validate_epoch
 
 __all__ = ["TrainingError", "TrainingDiverged", "train"]
@@ -160,14 +160,7 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
         write_run_files(out_dir, data, new_split=saved is None)
         save_config(config, out_dir / "config.yaml")
 
-    model = models.create_model(
-        config.backbone,
-        image_size=config.image_size,
-        **model_kwargs(method, config.backbone, num_sites=len(sites), width=config.width, block_act=config.block_act,
-                       init=config.init, mixstyle=config.mixstyle),
-    ).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config, len(sites), device)
     optimizer = make_optimizer(model, config)
     state = RunState()
     if saved is not None:

@@ -24,7 +24,7 @@ from crosssite.training.methods import Method, compute_loss
 from crosssite.training.precision import resolve_precision
 from crosssite.training.schedule import lr_at
 
-__all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device", "make_optimizer", "batch_sites",
+__all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device", "make_optimizer", "batch_sites", "build_model",
            "CompiledForward"]
 
 
@@ -118,6 +118,19 @@ def batch_sites(batch: dict[str, Any], config: TrainConfig, device: torch.device
     if config.static_layout and "site_runs" in batch:
         return models.SiteLayout(batch["site_runs"])
     return batch["site"].to(device, non_blocking=True)
+
+
+def build_model(config: TrainConfig, num_sites: int, device: torch.device) -> nn.Module:
+    """The network ``config`` trains (its method's model options on its backbone), on ``device``, in channels_last
+    memory format when ``config.channels_last``."""
+    from crosssite.training.methods import METHODS, model_kwargs
+
+    model = models.create_model(
+        config.backbone, image_size=config.image_size,
+        **model_kwargs(METHODS[config.method], config.backbone, num_sites=num_sites, width=config.width,
+                       block_act=config.block_act, init=config.init, mixstyle=config.mixstyle),
+    ).to(device)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
