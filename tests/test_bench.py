@@ -59,3 +59,17 @@ def test_bench_flops_are_the_models_forward_flops(result: dict) -> None:
     assert stem < flops < 200 * stem
     x = torch.randn(1, 3, 48, 48)
     assert model.eval()(x, torch.tensor([0])).logits.shape == (1, 2)
+
+
+def test_preset_benchmark_measures_the_engine_step_on_real_sites(data_root, capsys) -> None:
+    from crosssite.bench_preset import main
+
+    result = main(["--preset", "cpu-small", "--steps", "1", "--warmup", "0", "--threads", "1", "--json",
+                   "--data", str(data_root)])
+    paths = result["paths"]
+    assert {"plain", "channels_last", "static_layout", "fused_adam", "fast", "plain (again)"} <= set(paths)
+    for entry in paths.values():
+        assert entry["seconds"] > 0 and entry["images_per_s"] > 0 and 0 < entry["of_fp32_matmul"]
+    assert result["fast_path"]["precision"] == "fp32"  # 0.07 GFLOP per image: below the bf16 threshold
+    assert result["fast_path"]["static_layout"] and result["fast_path"]["fused_adam"]
+    assert '"paths"' in capsys.readouterr().out

@@ -101,20 +101,17 @@ def per_site(x: Tensor, site: Tensor | SiteLayout, fn: Callable[[Tensor, int], T
     contiguous runs (what the multi-site sampler yields) is split into views; any other order is sorted once and
     restored once.
     """
-    if isinstance(site, SiteLayout):
-        if len(site.runs) == 1:
-            return fn(x, site.runs[0][0])
-        chunks = x.split([n for _, n in site.runs])
-        return torch.cat([fn(chunk, s) for chunk, (s, _) in zip(chunks, site.runs)])
-    sites, counts = torch.unique_consecutive(site, return_counts=True)
-    if sites.numel() == 1:
-        return fn(x, int(sites[0]))
-    if torch.unique(sites).numel() == sites.numel():  # every site forms a single contiguous run
-        chunks = x.split(counts.tolist())
-        return torch.cat([fn(chunk, s) for chunk, s in zip(chunks, sites.tolist())])
-    order = torch.argsort(site, stable=True)
-    out = per_site(x.index_select(0, order), site.index_select(0, order), fn)
-    return out.index_select(0, torch.argsort(order))
+    if not isinstance(site, SiteLayout):
+        sites, counts = torch.unique_consecutive(site, return_counts=True)
+        if torch.unique(sites).numel() != sites.numel():  # a site in several runs: sort once, restore once
+            order = torch.argsort(site, stable=True)
+            out = per_site(x.index_select(0, order), site.index_select(0, order), fn)
+            return out.index_select(0, torch.argsort(order))
+        site = SiteLayout(tuple(zip(sites.tolist(), counts.tolist())))
+    if len(site.runs) == 1:
+        return fn(x, site.runs[0][0])
+    chunks = x.split([n for _, n in site.runs])
+    return torch.cat([fn(chunk, s) for chunk, (s, _) in zip(chunks, site.runs)])
 
 
 class SiteModule(nn.Module):

@@ -20,12 +20,12 @@ from crosssite import models
 from crosssite.errors import ConfigError
 from crosssite.training import distributed
 from crosssite.training.config import TrainConfig
-from crosssite.training.methods import Method, compute_loss
+from crosssite.training.methods import METHODS, Method, compute_loss, model_kwargs
 from crosssite.training.precision import resolve_precision
 from crosssite.training.schedule import lr_at
 
-__all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device", "make_optimizer", "batch_sites", "build_model",
-           "CompiledForward"]
+__all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device", "make_optimizer", "batch_sites",
+           "build_model", "CompiledForward"]
 
 
 def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -123,8 +123,6 @@ def batch_sites(batch: dict[str, Any], config: TrainConfig, device: torch.device
 def build_model(config: TrainConfig, num_sites: int, device: torch.device) -> nn.Module:
     """The network ``config`` trains (its method's model options on its backbone), on ``device``, in channels_last
     memory format when ``config.channels_last``."""
-    from crosssite.training.methods import METHODS, model_kwargs
-
     model = models.create_model(
         config.backbone, image_size=config.image_size,
         **model_kwargs(METHODS[config.method], config.backbone, num_sites=num_sites, width=config.width,
