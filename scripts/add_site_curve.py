@@ -11,7 +11,8 @@ slices are those patients' and the AUC is measured on every other slice of B:
 * ``adabn`` (k = 0): a new slot whose statistics are estimated on B's slices, no labels;
 * ``slot``: `add_site` -- the same AdaBN slot, then its parameters fine-tuned on the k patients (cross-entropy +
   the contrastive loss with 400 slices of site A in the batches; 300 steps of 16, lr 1e-2), early stopping on a
-  patient-grouped validation part of them when each class has at least 2 patients;
+  patient-grouped validation part of them when each class has at least 2 patients and the part holds at least
+  20 slices (else every labelled slice trains and the last weights are kept);
 * ``slot+head``: the same with the shared classifier head fine-tuned too (``--train-head``);
 * ``all``: the same, but every weight of the model fine-tuned (lr 1e-4);
 * ``scratch``: the same architecture trained from a fresh initialisation on the k patients alone.

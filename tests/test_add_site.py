@@ -39,13 +39,13 @@ def base_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hospital(site_b_path: Path, tmp_path_factory) -> Path:
-    """24 + 24 real site-B slices in class folders, and labels.csv naming them with their patients."""
+    """48 + 48 real site-B slices in class folders, and labels.csv naming them with their patients."""
     root = tmp_path_factory.mktemp("hospital")
     site = load_site(f"B={site_b_path}")
     rows = []
     for label, folder in ((1, "COVID"), (0, "non-COVID")):
         (root / folder).mkdir()
-        for sample in [s for s in site.samples if s.label == label][:24]:
+        for sample in [s for s in site.samples if s.label == label][:48]:
             target = root / folder / sample.path.name
             shutil.copy(sample.path, target)
             rows.append({"path": f"{folder}/{target.name}", "label": folder, "patient": sample.patient})
@@ -74,7 +74,7 @@ def test_add_site_with_label_folders_appends_a_slot_and_leaves_known_sites_alone
     new, card = models.load(out)
     assert card["site_names"] == ["A", "B", "hosp"] and new.num_sites == 3
     (report,) = card["added_sites"]
-    assert report["mode"] == "finetune" and report["train"] + report["val"] == 48 and report["val"] > 0
+    assert report["mode"] == "finetune" and report["train"] + report["val"] == 96 and report["val"] >= 20
     assert report["known_sites_unchanged"] and report["tuned_parameters"] > 0
     images = _images(hospital)
     before = _known_probabilities(base_model, images)
@@ -91,11 +91,13 @@ def test_add_site_with_label_folders_appends_a_slot_and_leaves_known_sites_alone
 def test_labels_from_a_csv_are_split_by_patient(base_model, hospital):
     site = load_site(("h", hospital / "labels.csv", "csv"))
     data = decode_site(site, Preprocess.from_card(CARD))
-    assert len(data) == 48 and all(p is not None for p in data.patients)
+    assert len(data) == 96 and all(p is not None for p in data.patients)
     train, val, grouped = split_labelled(data, 0.25, seed=0)
     assert grouped == "patients"
     assert not {data.patients[i] for i in train} & {data.patients[i] for i in val}
     assert set(data.labels[val].tolist()) == {0, 1}
+    small = data.subset(np.r_[0:6, 48:54])  # 12 slices: a validation part would be noise
+    assert len(split_labelled(small, 0.25, seed=0)[1]) == 0 and split_labelled(small, 0.25, seed=0)[2] == "none"
     model, card = models.load(base_model)
     new, new_card, report = add_site(model, card, "h", labelled=data, steps=10)
     assert report.grouped_by == "patients" and new_card["site_names"][-1] == "h"
@@ -109,7 +111,7 @@ def test_unlabelled_slices_add_an_adabn_slot(base_model, hospital, tmp_path):
     result = CliRunner().invoke(app, ["add-site", str(base_model), "--site", f"u={unlabelled}", "--out",
                                       str(tmp_path / "with_u")])
     assert result.exit_code == 0, result.output
-    assert "estimated on 24 slices (AdaBN)" in result.output
+    assert "estimated on 48 slices (AdaBN)" in result.output
     new, card = models.load(tmp_path / "with_u")
     assert card["added_sites"][0]["mode"] == "adabn"
     stem_bn = next(m for m in new.modules() if isinstance(m, models.SiteBatchNorm))

@@ -14,8 +14,9 @@ stays in evaluation mode: the known sites' slots, statistics included, are never
 are bit-for-bit those of the original model (``train_head`` trains the shared head and changes them; the report
 says so). Training is a fixed budget of optimiser steps (300 of 16 slices, learning rate 1e-2 for the slot's
 few parameters), so a small labelled set gets as many updates as a large one; early stopping reads the AUC on a
-validation part carved from the labels (by patient where the site has patient ids) every 25 steps, the best
-weights are kept, and 4 validations without a gain stop the run.
+validation part carved from the labels (by patient where the site has patient ids; at least 20 slices, else
+every labelled slice trains and the last weights are kept) every 25 steps, the best weights are kept, and 4
+validations without a gain stop the run.
 
 `finetune_baseline` gives the learning curve's two references on the same labelled part: fine-tuning every weight
 of the model (``"all"``), and training the same architecture from scratch (``"scratch"``).
@@ -109,9 +110,15 @@ def decode_site(site: Site, preprocess: Callable[[np.ndarray], Tensor]) -> Label
     return LabelledSlices(torch.stack(images), torch.tensor(labels, dtype=torch.long), patients, skipped)
 
 
+# Fewer validation slices than this would make early stopping follow noise (a handful of slices ranks the
+# untrained slot as often as the trained one): then every labelled slice trains and the last weights are kept.
+MIN_VALIDATION_SLICES = 20
+
+
 def split_labelled(data: LabelledSlices, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Train / validation indices of the labelled slices, stratified by class and grouped by patient when every
-    slice has one; no validation part (empty) when a class has fewer than 2 slices or groups."""
+    slice has one; no validation part (empty) when a class has fewer than 2 slices or groups, or the part would
+    hold fewer than `MIN_VALIDATION_SLICES` slices."""
     labels = data.labels.numpy()
     n_splits = max(2, int(round(1 / val_fraction)))
     grouped = all(p is not None for p in data.patients)
@@ -125,6 +132,8 @@ def split_labelled(data: LabelledSlices, val_fraction: float, seed: int) -> tupl
     else:
         folds = StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels)
     train, val = next(folds)
+    if len(val) < MIN_VALIDATION_SLICES:
+        return np.arange(len(labels)), np.array([], dtype=np.int64), "none"
     return train, val, "patients" if grouped else "slices"
 
 
