@@ -153,6 +153,8 @@ def table(out: Path, figure: Path | None) -> str:
             elif points:
                 ax.plot(*zip(*points), marker="o", label=m)
         ax.set_xscale("symlog", linthresh=2)
+        ax.set_xticks([k for k in ks if k])
+        ax.set_xticklabels([str(k) for k in ks if k])
         ax.set_xlabel("labelled patients of the new site (k)")
         ax.set_ylabel("AUC on the rest of the site (%)")
         ax.legend()
