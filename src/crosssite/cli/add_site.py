@@ -33,24 +33,22 @@ def _labelled_site(name: str, root: Path, labels: str):
 
 
 def _unlabelled_images(root: Path, preprocess):
-    from crosssite.inference.inputs import collect_inputs
-    from crosssite.inference.predictor import load_slice
+    """Every slice under ``root`` (files, folders, volumes, as `crosssite predict` reads them) as model inputs;
+    the unreadable ones are listed, and none readable is an error."""
+    import sys
 
-    plan = collect_inputs([root])
-    if not plan.items:
-        raise CrossSiteError(f"{root}: no image, DICOM or NIfTI slice found")
-    images, bad = [], []
-    for item in plan.items:
-        x = load_slice(preprocess, item)
-        (bad if isinstance(x, Exception) else images).append(x)
-    for e in bad[:5]:
-        typer.echo(f"skipped: {e}", err=True)
-    if bad:
-        typer.echo(f"skipped {len(bad)} unreadable slice(s) of {len(plan.items)}", err=True)
-    if not images:
-        raise CrossSiteError(f"{root}: none of its {len(plan.items)} slices could be read")
     import torch
 
+    from crosssite.inference.export import calibration_slices
+
+    images, errors = calibration_slices([root], preprocess, limit=sys.maxsize)
+    for e in errors[:5]:
+        typer.echo(f"skipped: {e}", err=True)
+    if errors:
+        typer.echo(f"skipped {len(errors)} unreadable input(s) of {root}", err=True)
+    if not images:
+        raise CrossSiteError(f"{root}: no readable image, DICOM or NIfTI slice found"
+                             + (f" ({len(errors)} unreadable)" if errors else ""))
     return torch.stack(images)
 
 
