@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+from crosssite.bench_preset import PLAIN
 from crosssite.data import load_sites
 from crosssite.experiment import PRESETS, git_commit, machine_info
 from crosssite.training import train
@@ -26,8 +27,7 @@ DATA = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[1]
 SITES = [f"A={DATA / 'sars_cov2_ct'}", f"B={DATA / 'covid_ct'}"]
 # every speed lever of the engine off (issue "Experiments 4x cheaper"): contiguous tensors, the site tensor, Adam's
 # loop, fp32, BN recalibration over a whole epoch's draws in training-sized batches
-PLAIN_PATH = {"channels_last": False, "static_layout": False, "fused_adam": False, "precision": "fp32",
-              "bn_recalibrate_images": 0}
+PLAIN_PATH = {**PLAIN, "bn_recalibrate_images": 0}
 
 # (question, label, method, backbone, overrides): the settings compared. Every run starts from the `cpu-small`
 # preset (64 px, width 0.25, 6 epochs: the cpu preset up to crosssite 0.3) with the overrides applied.
