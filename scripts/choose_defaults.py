@@ -3,8 +3,8 @@
     python scripts/choose_defaults.py run --out results/choices       # resumable: finished runs are skipped
     python scripts/choose_defaults.py table --out results/choices     # Markdown tables of the validation AUCs
 
-Every run is a `crosssite train` on both real sites at the `cpu-small` preset (64 px, width 0.25, 6 epochs) with
-one setting changed; only the validation parts of folds 0 and 1 are read (``metrics.json`` -> ``sites.*.val``), never a
+Every run is a `crosssite train` on both real sites at the `cpu-small` preset (64 px, width 0.25, 6 epochs; the
+``recipe`` question: the `cpu` preset, 16 epochs) with one setting changed; only the validation parts of folds 0 and 1 are read (``metrics.json`` -> ``sites.*.val``), never a
 test fold. Finished runs append one line (validation AUCs, wall time, commit) to ``OUT/choices.jsonl``.
 """
 
@@ -48,8 +48,20 @@ CHOICES: list[tuple[str, str, str, str, dict]] = [
        {"image_size": size, "width": width, "epochs": epochs})
       for size, width, epochs in ((64, 0.25, 6), (64, 0.25, 16), (96, 0.25, 10), (128, 0.25, 8), (160, 0.25, 5),
                                   (64, 0.5, 8))],
+    # issue "Table I v2": crosssite's own recipe, each lever alone on the paper's method at the `cpu` preset (the
+    # same budget: image size, width, epochs and batch unchanged), then the levers that helped, together
+    *[("recipe", label, "sepnorm-contrastive", "covidnet_redesign", overrides) for label, overrides in (
+        ("paper", {}),
+        ("label smoothing 0.1", {"label_smoothing": 0.1}),
+        ("ema 0.998", {"ema_decay": 0.998}),
+        ("scanner aug 0.1", {"augment_scanner": 0.1}),
+        ("tau 0.1", {"tau": 0.1}),
+        ("alpha 0.3", {"alpha": 0.3}),
+        ("mixstyle 0.5", {"mixstyle": 0.5}),
+    )],
 ]
-SEEDS = {"covidnet-lr": (0,), "frame+block_act": (0, 1), "fast-path": (0, 1, 2), "preset": (0, 1)}
+SEEDS = {"covidnet-lr": (0,), "frame+block_act": (0, 1), "fast-path": (0, 1, 2), "preset": (0, 1), "recipe": (0,)}
+BASE = {"recipe": "cpu"}  # the preset each question starts from (every other question: cpu-small)
 FOLDS = {"fast-path": (0,)}  # every other question: folds 0 and 1
 BUDGET_MINUTES = 5.0  # a preset setting slower than this per run is not chosen
 
@@ -64,7 +76,7 @@ def _done(path: Path) -> set[str]:
     return {_key(r["question"], r["label"], r["fold"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
-def run(out: Path, only: list[str] | None = None) -> None:
+def run(out: Path, only: list[str] | None = None, questions: list[str] | None = None) -> None:
     sites = load_sites(SITES)
     results = out / "choices.jsonl"
     done = _done(results)
@@ -72,9 +84,9 @@ def run(out: Path, only: list[str] | None = None) -> None:
             for q, label, m, b, o in CHOICES if seed in SEEDS[q] and fold in FOLDS.get(q, (0, 1))]
     # seed-0 runs of every setting first, so that a partial sweep already answers each question on 2 folds
     for q, label, method, backbone, overrides, fold, seed in plan:
-        if _key(q, label, fold, seed) in done or (only and label not in only):
+        if _key(q, label, fold, seed) in done or (only and label not in only) or (questions and q not in questions):
             continue
-        values = {**PRESETS["cpu-small"], **overrides, "method": method, "backbone": backbone, "fold": fold, "seed": seed}
+        values = {**PRESETS[BASE.get(q, "cpu-small")], **overrides, "method": method, "backbone": backbone, "fold": fold, "seed": seed}
         config = apply_overrides(TrainConfig(), values)
         run_dir = out / "runs" / q / label.replace(", ", "_").replace(" ", "") / f"fold{fold}_seed{seed}"
         print(f"{q}: {label} fold {fold} seed {seed} -> {run_dir}", flush=True)
@@ -137,9 +149,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/choices"))
     parser.add_argument("--only", action="append", metavar="LABEL",
                         help="run only the settings with this label (repeatable), e.g. to give the leaders a seed")
+    parser.add_argument("--question", action="append", metavar="QUESTION",
+                        help="run only this question's settings (repeatable), e.g. recipe")
     args = parser.parse_args()
     if args.command == "run":
-        run(args.out, args.only)
+        run(args.out, args.only, args.question)
     else:
         print(table(args.out))
 

@@ -85,6 +85,11 @@ class TrainConfig:
     contrastive_form: str = "ntxent"
     kt_weight: float = 1.0
     kt_temperature: float = 2.0
+    # the universal head's cross-entropy against (1 - e) one-hot + e / 2 (Szegedy et al., 2016); 0: hard labels
+    label_smoothing: float = 0.0
+    # exponential moving average of the weights (and BN buffers), updated after every optimiser step with this
+    # decay: the averaged model is the one validated, selected and saved (Polyak averaging); 0: off
+    ema_decay: float = 0.0
     # batch-norm statistics: before each validation, recompute every BN running mean / variance as the plain
     # average over the training part seen through the evaluation transform ("precise BN"); off in the paper
     bn_recalibrate: bool = False
@@ -153,6 +158,9 @@ class TrainConfig:
             raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
         if not 0 <= self.augment_scanner <= 1:
             raise ConfigError(f"augment_scanner: must be in [0, 1] (probability per transform), got {self.augment_scanner!r}")
+        for key in ("label_smoothing", "ema_decay"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)!r}")
         if self.lr_min > self.lr:
             raise ConfigError(f"lr_min: must not exceed lr={self.lr}, got {self.lr_min!r}")
 

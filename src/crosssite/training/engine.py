@@ -4,7 +4,9 @@
 
 The run directory's files are written and read by `crosssite.training.rundir`; a step is
 `crosssite.training.step.train_step` (the loss: the method's `compute_loss`); validation, the collapse check and
-BN recalibration are `crosssite.training.validation`. Method `single` trains one run per site in
+BN recalibration are `crosssite.training.validation`. With ``ema_decay`` > 0 the loop keeps an exponential moving
+average of the weights (`step.weight_average`), updated after every step; the average is what is recalibrated,
+validated, selected and saved, and it is checkpointed beside the raw weights. Method `single` trains one run per site in
 ``out_dir/<site name>/`` with the multi-site rows' batch and step count, and merges their metrics.
 
 Resuming: the learning rate is a pure function of the global step, so resuming needs only the counters, the model,
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from crosssite import models
 from crosssite.data import Site, load_sites
@@ -47,7 +50,7 @@ from crosssite.training.rundir import (CHECKPOINT, METRICS, MODEL_STEM, PREDICTI
                                        undo_failed_start, write_json, write_predictions, write_run_files, write_sites)
 from crosssite.training.step import CompiledForward, epoch_steps, learning_rate, make_optimizer, resolve_device
 from crosssite.training.precision import resolve_precision
-from crosssite.training.step import build_model, train_step
+from crosssite.training.step import build_model, train_step, weight_average
 from crosssite.training.validation import evaluate, merge_site_runs, recalibrate_bn, run_metrics, validate_epoch
 
 __all__ = ["TrainingError", "TrainingDiverged", "train"]
@@ -162,16 +165,19 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
 
     model = build_model(config, len(sites), device)
     optimizer = make_optimizer(model, config)
+    ema = weight_average(model, config.ema_decay)
     state = RunState()
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         state = RunState(**saved["state"])
         set_rng_state(saved["rng"])
     forward = distributed.wrap(model, device)
     forward = CompiledForward(forward) if config.compile else forward
 
-    loop = _Loop(config, method, data, model, forward, optimizer, state, device, out_dir, is_main, progress)
+    loop = _Loop(config, method, data, model, forward, optimizer, ema, state, device, out_dir, is_main, progress)
     if not state.finished:
         loop.run()
     return loop.finish()
@@ -188,6 +194,7 @@ class _Loop:
         model: nn.Module,
         forward: nn.Module,
         optimizer: torch.optim.Optimizer,
+        ema: AveragedModel | None,
         state: RunState,
         device: torch.device,
         out_dir: Path,
@@ -195,7 +202,9 @@ class _Loop:
         progress: bool,
     ) -> None:
         self.config, self.method, self.data = config, method, data
-        self.model, self.forward, self.optimizer, self.state = model, forward, optimizer, state
+        self.model, self.forward, self.optimizer, self.ema, self.state = model, forward, optimizer, ema, state
+        # what is validated, selected and saved: the weight average when there is one
+        self.eval_model = ema.module if ema is not None else model
         self.device, self.out_dir, self.is_main, self.progress = device, out_dir, is_main, progress
         self.steps_per_epoch = data.steps_per_epoch
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -209,10 +218,13 @@ class _Loop:
 
     def step(self, batch: dict[str, Tensor], epoch: int) -> dict[str, float]:
         """One optimiser step on a mixed-site batch; returns the loss parts (and ``loss``) as floats."""
-        return train_step(
+        values = train_step(
             self.model, self.forward, self.optimizer, batch, self.method, self.config, self.device,
             lr=self.lr(self.state.global_step), on_diverged=lambda what, values: self.diverged(epoch, what, values),
         )
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return values
 
     def diverged(self, epoch: int, what: str, values: dict[str, float]) -> None:
         s = self.state
@@ -264,8 +276,8 @@ class _Loop:
         if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
             self.check_finite(epoch)
             if self.data.recalibration is not None:
-                recalibrate_bn(self.model, self.data.recalibration, self.device, c)
-            val, scores = validate_epoch(self.model, self.data, self.device, c, epoch)
+                recalibrate_bn(self.eval_model, self.data.recalibration, self.device, c)
+            val, scores = validate_epoch(self.eval_model, self.data, self.device, c, epoch)
             row |= scores
             if row["collapsed"]:
                 bar.print(f"warning: collapsed predictions at epoch {epoch + 1}: the std of P(COVID) over a "
@@ -291,7 +303,7 @@ class _Loop:
 
     def check_finite(self, epoch: int) -> None:
         """Raise `TrainingDiverged` (before anything is saved) if a parameter or buffer is not finite."""
-        bad = non_finite_tensors(self.model)
+        bad = non_finite_tensors(self.model) + (non_finite_tensors(self.eval_model) if self.ema is not None else [])
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             self.diverged(epoch, f"values in {len(bad)} parameter/buffer tensor(s) ({shown})", {})
@@ -304,6 +316,7 @@ class _Loop:
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "state": self.state.to_dict(),
             "rng": rng_state(),
             "sites": [{"name": s.name, "layout": s.layout, "root": str(s.root)} for s in self.data.sites],
@@ -312,7 +325,7 @@ class _Loop:
     def save_best(self, val: dict[str, dict[str, float]], epoch: int) -> None:
         card = model_card(self.config, self.site_names, self.config.method,
                           {"val": val, "epoch": epoch, "selection": "mean validation AUC over sites"}, self.data)
-        models.save(self.model, self.out_dir / MODEL_STEM, card)
+        models.save(self.eval_model, self.out_dir / MODEL_STEM, card)
 
     def finish(self) -> dict[str, Any]:
         """Evaluate the best model on every site's validation and test parts; write metrics and predictions."""

@@ -175,7 +175,7 @@ def compute_loss(
     total = ce + sum over the method's terms and parts of weight * part
     """
     gather = gather or (lambda x: x)
-    parts = {"ce": F.cross_entropy(out.logits.float(), labels)}
+    parts = {"ce": F.cross_entropy(out.logits.float(), labels, label_smoothing=config.label_smoothing)}
     weights = {"ce": 1.0}
     for term in method.terms:
         parts.update(term.fn(out, labels, config, gather))

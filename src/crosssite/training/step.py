@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from crosssite import models
 from crosssite.errors import ConfigError
@@ -25,7 +26,7 @@ from crosssite.training.precision import resolve_precision
 from crosssite.training.schedule import lr_at
 
 __all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device", "make_optimizer", "batch_sites",
-           "build_model", "CompiledForward"]
+           "build_model", "weight_average", "CompiledForward"]
 
 
 def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -129,6 +130,14 @@ def build_model(config: TrainConfig, num_sites: int, device: torch.device) -> nn
                        block_act=config.block_act, init=config.init, mixstyle=config.mixstyle),
     ).to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s parameters and buffers (``torch.optim.swa_utils``), to update
+    with ``.update_parameters(model)`` after every optimiser step; None when ``decay`` is 0."""
+    if decay == 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
