@@ -4,7 +4,8 @@
 
 The run is built as ``crosssite train`` builds it with the preset's settings (`build_run_data` on the two real
 sites under ``$CROSSSITE_DATA`` or ``--data``, `create_model`, `make_optimizer`, `train_step`), so the figure
-includes the real input pipeline (cache read, crop, flip, normalise, collate). Each path is the preset's config
+includes the real input pipeline (cache read, crop, flip, normalise, collate: the batch's loading is inside each timed
+step), or with ``data_on_device`` the slices kept on the device and cut there (`crosssite.data.resident`). Each path is the preset's config
 with the speed levers set: the plain path has every lever off (contiguous tensors, the site tensor, Adam's loop,
 fp32, eager); each lever is then switched on alone; ``fast`` is the engine's defaults on this machine (the levers
 `TrainConfig` turns on, bf16 where `native_bf16` says the hardware has it and the preset is large). Each figure
@@ -28,9 +29,10 @@ import torch
 
 from crosssite.bench import forward_flops, matmul_gflops
 from crosssite.data import load_sites
+from crosssite.data.resident import ResidentLoader
 from crosssite.errors import ConfigError
 from crosssite.training.config import TrainConfig, apply_overrides
-from crosssite.training.data import build_run_data
+from crosssite.training.data import build_run_data, data_on_device
 from crosssite.training.methods import METHODS
 from crosssite.training.precision import native_bf16, resolve_precision
 from crosssite.training.step import CompiledForward, build_model, make_optimizer, train_step
@@ -38,7 +40,8 @@ from crosssite.training.step import CompiledForward, build_model, make_optimizer
 __all__ = ["LEVERS", "preset_config", "measure_path", "run_preset_benchmark"]
 
 DATA = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-PLAIN = {"channels_last": False, "static_layout": False, "fused_adam": False, "precision": "fp32", "compile": False}
+PLAIN = {"channels_last": False, "static_layout": False, "fused_adam": False, "precision": "fp32", "compile": False,
+         "data_on_device": "off"}
 # Each lever alone on top of the plain path.
 LEVERS: dict[str, dict[str, Any]] = {
     "channels_last": {"channels_last": True},
@@ -46,6 +49,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "fused_adam": {"fused_adam": True},
     "bf16": {"precision": "bf16"},
     "compile": {"compile": True},
+    "data_on_device": {"data_on_device": "on"},
 }
 
 
@@ -57,8 +61,11 @@ def preset_config(preset: str, device: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), {**PRESETS[preset], "device": device})
 
 
-def measure_path(config: TrainConfig, data: Any, steps: int, warmup: int) -> dict[str, float]:
-    """Median wall seconds of one engine step of ``config`` (model and optimiser built fresh, seed 0)."""
+def measure_path(config: TrainConfig, data: Any, steps: int, warmup: int,
+                 resident: ResidentLoader | None = None) -> dict[str, float]:
+    """Median wall seconds of one engine step of ``config``, the batch's loading included (model and optimiser
+    built fresh, seed 0); ``resident``: the device-resident twin of ``data.train``, used when `data_on_device`
+    says the config keeps its slices on the device."""
     device = torch.device("cuda" if config.device == "cuda" else "cpu")
     method = METHODS[config.method]
     torch.manual_seed(0)
@@ -66,15 +73,15 @@ def measure_path(config: TrainConfig, data: Any, steps: int, warmup: int) -> dic
     optimizer = make_optimizer(model, config)
     forward = CompiledForward(model, log=lambda line: None) if config.compile else model
     model.train()
-    batches = iter(data.train)
+    batches = iter(resident if resident is not None and data_on_device(config, device) else data.train)
 
     def fail(what: str, values: dict) -> None:
         raise RuntimeError(f"non-finite {what} in the benchmark")
 
     times = []
     for i in range(warmup + steps):
-        batch = next(batches)
         start = time.perf_counter()
+        batch = next(batches)
         train_step(model, forward, optimizer, batch, method, config, device, lr=config.lr, on_diverged=fail)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -95,12 +102,13 @@ def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threa
     specs = [f"sars_cov2_ct={root / 'sars_cov2_ct'}", f"covid_ct={root / 'covid_ct'}"]
     base = preset_config(preset, device)
     sites = load_sites(specs)
+    torch_device = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         data = build_run_data(base, sites, Path(tmp) / "split.json", reuse_split=False)
+    resident = ResidentLoader.from_loader(data.train, torch_device)
     peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     flops = forward_flops(base.width, base.image_size)
     batch = base.batch_per_site * len(sites)
-    torch_device = torch.device(device)
     fast = base.replace(precision=resolve_precision(base, torch_device))
     levers = {k: v for k, v in LEVERS.items() if (k != "compile" or compile) and (k != "bf16" or native_bf16(torch_device))}
     measure_path(base.replace(**PLAIN), data, steps, warmup)  # untimed: caches, allocator and threads warm up
@@ -108,7 +116,7 @@ def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threa
     order = [("plain", PLAIN)] + [(k, PLAIN | v) for k, v in levers.items()] + [("fast", None), ("plain (again)", PLAIN)]
     for name, changes in order:
         config = fast if changes is None else base.replace(**changes)
-        paths[name] = measure_path(config, data, steps, warmup)
+        paths[name] = measure_path(config, data, steps, warmup, resident)
     plain = (paths["plain"]["seconds"] + paths["plain (again)"]["seconds"]) / 2
     for entry in paths.values():
         entry |= {
@@ -124,7 +132,7 @@ def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threa
         "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "device": device, "native_bf16": native_bf16(torch_device)},
         "config": {k: getattr(base, k) for k in ("image_size", "width", "batch_per_site", "method")},
-        "fast_path": {k: getattr(fast, k) for k in PLAIN},
+        "fast_path": {k: getattr(fast, k) for k in PLAIN} | {"data_on_device": data_on_device(fast, torch_device)},
         "forward_gflop_per_image": round(flops / 1e9, 3),
         "matmul_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "steps": steps,

@@ -9,7 +9,8 @@ The modules, in pipeline order:
   reader branch in `read_image`), `expand_inputs` for volumes and series;
 * ``synthetic``: the built-in CT-like sites; ``splits``: folds, validation parts, the official split;
 * ``cache``: `SliceCache`; ``transforms``: crops, flips, normalisation; ``sampler``:
-  `MultiSiteBatchSampler`; ``loaders``: datasets and loaders; ``check``: the ``data check`` report.
+  `MultiSiteBatchSampler`; ``loaders``: datasets and loaders; ``resident``: the loaders' device-resident twins
+  (slices kept on the accelerator as uint8, cropped and flipped there); ``check``: the ``data check`` report.
 """
 
 from crosssite.data.cache import SliceCache, cache_root

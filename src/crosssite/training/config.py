@@ -33,6 +33,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "protocol": ("kfold", "official", "all"),
     "precision": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
+    "data_on_device": ("auto", "on", "off"),
 }
 
 
@@ -118,6 +119,9 @@ class TrainConfig:
     static_layout: bool = True
     fused_adam: bool = True  # Adam's fused kernel (fused=True) instead of the per-parameter loop
     workers: int = 0
+    # every slice kept on the device as uint8 and cropped, flipped and normalised there (crosssite.data.resident);
+    # auto: on CUDA whenever the frame and augmentation allow it
+    data_on_device: str = "auto"
     device: str = "auto"
     # bookkeeping
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
@@ -262,8 +266,8 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 
 
 # Keys that may change when a run is resumed: they change speed or bookkeeping, not what is computed.
-RUNTIME_KEYS = ("workers", "device", "compile", "channels_last", "static_layout", "fused_adam", "log_every",
-                "ckpt_every")
+RUNTIME_KEYS = ("workers", "device", "data_on_device", "compile", "channels_last", "static_layout", "fused_adam",
+                "log_every", "ckpt_every")
 
 
 def resumed_config(config: TrainConfig, saved: dict[str, Any], where: Path) -> TrainConfig:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from crosssite.data import (
@@ -34,11 +35,13 @@ from crosssite.data import (
     train_loader,
     train_transform,
 )
+from crosssite.data.resident import ResidentLoader, resident_reason
 from crosssite.errors import ConfigError
 from crosssite.training.config import TrainConfig
 from crosssite.training.rundir import load_splits
 
-__all__ = ["RunData", "limit_site", "make_splits", "pixel_stats", "multi_site_steps", "build_run_data"]
+__all__ = ["RunData", "limit_site", "make_splits", "pixel_stats", "multi_site_steps", "data_on_device",
+           "build_run_data"]
 
 PARTS = ("train", "val", "test")
 EVAL_BATCH = 128  # slices per validation / test forward (inference mode: large batches cost no extra passes)
@@ -51,9 +54,10 @@ class RunData:
     sites: list[Site]
     splits: list[Split]
     cache: SliceCache
-    train: DataLoader  # batches of `batch_per_site` per site; `train.batch_sampler` is the MultiSiteBatchSampler
-    eval: dict[str, DataLoader]  # "val" / "test": every site's part, in order
-    recalibration: DataLoader | None  # with bn_recalibrate: the training part, drawn as `train` draws it
+    # `DataLoader`s, or their `ResidentLoader` twins when the slices stay on the device (`data_on_device`)
+    train: DataLoader | ResidentLoader  # batches of `batch_per_site` per site; `.batch_sampler`: MultiSiteBatchSampler
+    eval: dict[str, DataLoader | ResidentLoader]  # "val" / "test": every site's part, in order
+    recalibration: DataLoader | ResidentLoader | None  # with bn_recalibrate: the training part, drawn as `train` is
     mean: tuple[float, float, float]  # normalisation, from the training part
     std: tuple[float, float, float]
 
@@ -138,6 +142,17 @@ def _recalibration_sampling(config: TrainConfig, sampling: dict) -> dict:
     return sampling | {"batch_per_site": per_site, "steps_per_epoch": -(-config.bn_recalibrate_images // per_site)}
 
 
+def data_on_device(config: TrainConfig, device: torch.device | None) -> bool:
+    """Whether the run keeps its slices on ``device`` (`crosssite.data.resident`): ``data_on_device="on"`` (an error
+    naming the reason when the frame or augmentation forbid it), ``"off"``, or ``"auto"``: on CUDA when allowed."""
+    reason = resident_reason(config.frame, config.augment and config.augment_scanner > 0)
+    if config.data_on_device == "on":
+        if reason:
+            raise ConfigError(f"data_on_device: 'on' is not possible: {reason}")
+        return device is not None
+    return config.data_on_device == "auto" and reason is None and device is not None and device.type == "cuda"
+
+
 def build_run_data(
     config: TrainConfig,
     sites: list[Site],
@@ -148,8 +163,10 @@ def build_run_data(
     world_size: int = 1,
     progress: bool = False,
     pin_memory: bool = False,
+    device: torch.device | None = None,
 ) -> RunData:
-    """Limit the sites, make (or reload) their splits, decode the cache once, and build the loaders."""
+    """Limit the sites, make (or reload) their splits, decode the cache once, and build the loaders (kept on
+    ``device`` when `data_on_device` says so)."""
     sites = [limit_site(site, config.limit_per_site, config.split_seed) for site in sites]
     splits = load_splits(split_file, sites) if reuse_split else make_splits(sites, config)
     _check_parts(sites, splits, config.protocol)
@@ -176,5 +193,10 @@ def build_run_data(
     recalibration = (train_loader(sites, train_indices, cache, config.image_size, transform=view,
                                   **_recalibration_sampling(config, sampling))
                      if config.bn_recalibrate else None)
+    if data_on_device(config, device):
+        train = ResidentLoader.from_loader(train, device, seed=config.seed + 7919 * rank)
+        evaluation = {part: ResidentLoader.from_loader(loader, device) for part, loader in evaluation.items()}
+        if recalibration is not None:
+            recalibration = ResidentLoader.from_loader(recalibration, device, seed=config.seed)
     return RunData(sites=sites, splits=splits, cache=cache, train=train, eval=evaluation,
                    recalibration=recalibration, mean=mean, std=std)

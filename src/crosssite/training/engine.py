@@ -157,7 +157,7 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
     _seed_everything(config.seed)
     data = build_run_data(
         config, sites, out_dir / "split.json", reuse_split=saved is not None, rank=rank, world_size=world_size,
-        progress=progress, pin_memory=device.type == "cuda",
+        progress=progress, pin_memory=device.type == "cuda", device=device,
     )
     if is_main:
         write_run_files(out_dir, data, new_split=saved is None)
