@@ -133,7 +133,13 @@ def test_add_site_errors_name_the_problem(base_model, hospital, tmp_path):
     joint = runner.invoke(app, ["add-site", str(tmp_path / "joint"), "--site", f"h={hospital}", "--out",
                                 str(tmp_path / "z")])
     assert joint.exit_code != 0 and "site-specific layers" in joint.output
-    assert "Traceback" not in known.output + missing.output + joint.output
+    few = tmp_path / "few"
+    few.mkdir()
+    for png in sorted((hospital / "COVID").iterdir())[:5]:
+        shutil.copy(png, few)
+    too_few = runner.invoke(app, ["add-site", str(base_model), "--site", f"f={few}", "--out", str(tmp_path / "w")])
+    assert too_few.exit_code != 0 and "at least 8 readable slices, got 5" in too_few.output
+    assert "Traceback" not in known.output + missing.output + joint.output + too_few.output
 
 
 def test_learning_curve_command_runs_on_a_tiny_setting(site_a_path, site_b_path, tmp_path):

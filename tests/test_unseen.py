@@ -221,7 +221,10 @@ def test_predict_cli_strategy_ood_columns_and_warning(world: World, tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert "TENT: normalisation re-estimated on 64 images" in result.stderr
     card = json.loads((tmp_path / "tented.json").read_text())
-    assert card["site_names"] == ["a", "b", "c"] and card["adapted_sites"]["c"] == {"method": "TENT", "images": 64}
+    assert card["site_names"] == ["a", "b", "c"]
+    (entry,) = card["added_sites"]  # the record add-site writes, so every added site is listed alike
+    assert {k: entry[k] for k in ("name", "site_index", "mode", "images")} == {"name": "c", "site_index": 2,
+                                                                                "mode": "tent", "images": 64}
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert {r["norm"] for r in rows} == {"tent:64"} and {"ood", "ood_score"} <= set(rows[0])

@@ -38,6 +38,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,7 +59,7 @@ from crosssite.data.io import input_warnings
 from crosssite.errors import CheckpointError, ImageReadError, InferenceError
 from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
 from crosssite.inference.records import DEFAULT_TOP_K, Record, volume_score
-from crosssite.models.adaptation import STRATEGIES, FirstNormShift, ensemble_probabilities, standardise_images
+from crosssite.models.adaptation import MIN_ADAPT_IMAGES, STRATEGIES, FirstNormShift, ensemble_probabilities, standardise_images
 
 __all__ = [
     "MIN_ADAPT_IMAGES",
@@ -72,8 +73,6 @@ __all__ = [
     "Predictor",
 ]
 
-MIN_ADAPT_IMAGES = 8
-"""Fewest readable slices AdaBN accepts: batch statistics of fewer images are too noisy to normalise with."""
 
 OOD_THRESHOLD = 0.75
 """`FirstNormShift` score above which a slice (or a volume, by its slices' mean) is flagged out of
@@ -434,7 +433,10 @@ class Predictor:
             raise InferenceError(f"site name {name!r} is taken; the model already knows: {', '.join(names)}")
         model, n = self.adapted
         card = {**self.card, "site_names": [*names, name]}
-        card["adapted_sites"] = {**card.get("adapted_sites", {}), name: {"method": self.adapted_with, "images": n}}
+        # the same record `crosssite add-site` writes (its unlabelled mode), so a card lists every added site alike
+        entry = {"name": name, "site_index": len(names), "mode": self.adapted_with.lower(), "images": n,
+                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        card["added_sites"] = [*card.get("added_sites", []), entry]
         return save(model, path, card)
 
     # --------------------------------------------------------------------------------------- predicting

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from crosssite.errors import ConfigError
 from crosssite.models.norms import BatchNorm, SiteBatchNorm, _image_batches, adapt_norm
 
-__all__ = ["STRATEGIES", "DEFAULT_STRATEGY", "TENT_EPOCHS", "TENT_LR", "standardise_images", "tent_adapt", "ensemble_probabilities",
+__all__ = ["STRATEGIES", "DEFAULT_STRATEGY", "MIN_ADAPT_IMAGES", "TENT_EPOCHS", "TENT_LR", "standardise_images", "tent_adapt", "ensemble_probabilities",
            "FirstNormShift"]
 
 STRATEGIES = ("adabn", "standardise", "tent", "ensemble")
@@ -37,6 +37,10 @@ DEFAULT_STRATEGY = "standardise"
 a site the model never saw: the strategy with the best leave-one-site-out AUC (docs/RESULTS.md: 58.7 mean AUC over
 the three held-out sites against 47.0 for the mean of the sites' statistics, and the best strategy after plain,
 MixStyle and scanner-augmented training alike)."""
+
+MIN_ADAPT_IMAGES = 8
+"""Fewest readable slices of a new site that AdaBN (predict ``--adapt``, ``add-site``) accepts: batch statistics of
+fewer images are too noisy to normalise with."""
 
 TENT_EPOCHS = 1
 TENT_LR = 1e-3

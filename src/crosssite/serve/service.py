@@ -197,7 +197,7 @@ class Service:
         """The model card as the API shows it: what the model is, how inputs are prepared, how it scored."""
         card = self.direct.card
         keys = ("architecture", "model_args", "method", "site_names", "class_names", "preprocessing",
-                "metrics", "adapted_sites", "quantization", "package_version")
+                "metrics", "added_sites", "quantization", "package_version")
         return {
             "id": self.model_id, "version": self.model_version, "backend": self.backend_name,
             "grad_cam": self.grad_cam, "normalisation": self.direct.norm, "threshold": self.direct.threshold,

@@ -43,6 +43,7 @@ from crosssite.data import Site, read_image
 from crosssite.errors import ConfigError, ImageReadError, SiteError
 from crosssite.losses import supervised_contrastive_loss
 from crosssite.models import SiteModule
+from crosssite.models.adaptation import MIN_ADAPT_IMAGES
 
 __all__ = ["AddSiteReport", "LabelledSlices", "slot_parameters", "decode_site", "split_labelled", "add_site",
            "finetune_baseline", "site_auc"]
@@ -285,6 +286,9 @@ def add_site(
         raise ConfigError("add_site needs the new site's slices: unlabelled images, labelled slices, or both")
     model = copy.deepcopy(model).float().eval()
     source = images if images is not None else labelled.images
+    if len(source) < MIN_ADAPT_IMAGES:
+        raise ConfigError(f"site {name!r}: its slot's statistics need at least {MIN_ADAPT_IMAGES} readable slices, "
+                          f"got {len(source)}")
     index = models.adapt_norm(model, source)
     report = AddSiteReport(name=name, site_index=index, mode="adabn", images=len(source),
                            skipped=len(labelled.skipped) if labelled is not None else 0)
