@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crosssite.gradcam import grad_cam, overlay, save_png
+from crosssite.gradcam import finest_stage, grad_cam, overlay, save_png
 
 
 
@@ -120,3 +120,61 @@ def test_overlay_and_png(tmp_path: Path) -> None:
         assert im.size == (30, 40) and im.mode == "RGB"
     with pytest.raises(ValueError, match="2-D"):
         overlay(np.zeros((4, 4, 3)), cam)
+
+
+class _Staged(torch.nn.Module):
+    """Two stages: a brightness detector at full resolution, then a global pool to one cell (a coarse last map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spot = _BrightSpot()
+
+        class Detect(torch.nn.Module):
+            def forward(inner, x: torch.Tensor, site) -> tuple[torch.Tensor, torch.Tensor]:
+                y = torch.relu(self.spot.conv(x))
+                return y, y
+
+        class Pool(torch.nn.Module):
+            def forward(inner, x: torch.Tensor, site) -> tuple[torch.Tensor, torch.Tensor]:
+                y = x.amax(dim=(2, 3), keepdim=True)
+                return y, y
+
+        self.stages = torch.nn.ModuleList([Detect(), Pool()])
+
+    def forward_features(self, x: torch.Tensor, site) -> torch.Tensor:
+        for stage in self.stages:
+            x, last = stage(x, site)
+        return last
+
+    def forward_head(self, feats: torch.Tensor, site) -> torch.Tensor:
+        return self.spot.forward_head(feats, site)
+
+
+def test_an_earlier_stage_localises_what_a_one_cell_last_map_cannot() -> None:
+    images, where = _squares()
+    model = _Staged()
+    assert grad_cam(model, images, site=0, target=1).cam.max() == 0.0  # the last map is 1 x 1
+    assert finest_stage(model, 32) == 0
+    for p in model.parameters():
+        p.requires_grad_(False)  # frozen weights: the gradient still reaches the stage's output
+    out = grad_cam(model, images, site=0, target=1, stage=0)
+    assert model.spot.site_scale.grad is None
+    for cam, (rows, cols) in zip(out.cam, where):
+        peak = np.unravel_index(int(cam.argmax()), cam.shape)
+        assert rows.start <= peak[0] < rows.stop and cols.start <= peak[1] < cols.stop
+
+
+def test_finest_stage_of_the_redesign_follows_the_input_size() -> None:
+    from crosssite.models import create_model
+
+    model = create_model("covidnet_redesign", num_sites=2, width=0.0625, image_size=64, norm="site")
+    assert finest_stage(model, 224) is None  # 7 x 7 at the paper's size: the last map itself
+    stage = finest_stage(model, 64)  # last map 2 x 2: the deepest stage with at least 7 x 7 cells
+    sides = []
+    hooks = [s.register_forward_hook(lambda m, i, o: sides.append(o[0].shape[-1])) for s in model.stages]
+    model.eval().forward_features(torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long))
+    for h in hooks:
+        h.remove()
+    assert sides[-1] == 2 and sides[stage] >= 7 and all(side < 7 for side in sides[stage + 1:])
+    out = grad_cam(model, torch.randn(2, 3, 64, 64), site=1, stage=stage)
+    assert out.cam.shape == (2, 64, 64) and torch.isfinite(out.cam).all()

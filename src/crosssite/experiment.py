@@ -23,7 +23,7 @@ from typing import Any
 from crosssite.data import Site
 from crosssite.errors import ConfigError
 from crosssite.ioutil import ensure_dir, guard_output, read_jsonl
-from crosssite.training.methods import PAPER_TABLE_I
+from crosssite.training.methods import PAPER_TABLE_I, method_recipe
 from crosssite.training.rundir import read_predictions
 
 __all__ = [
@@ -219,7 +219,7 @@ def run_experiment(
     log(f"experiment {out_dir}: {len(done)} run(s) finished, {len(todo)} to run now")
     ran: list[RunKey] = []
     for i, key in enumerate(todo, 1):
-        values = {**PRESETS[preset], **(overrides or {})}
+        values = {**PRESETS[preset], **method_recipe(key.method), **(overrides or {})}
         values.update(method=key.method, backbone=key.backbone, fold=key.fold, folds=folds, seed=key.seed)
         config = apply_overrides(TrainConfig(), values)
         run_dir = out_dir / "runs" / key.dirname

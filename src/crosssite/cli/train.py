@@ -7,7 +7,8 @@
     crosssite train --nproc 2 --site A=... --site B=... --out runs/ddp
     torchrun --nproc_per_node=2 -m crosssite train --site A=... --site B=... --out runs/ddp   # the same
 
-Configuration precedence: defaults < ``--config`` YAML < ``--method``/``--backbone`` < ``--set``.
+Configuration precedence: defaults < ``--config`` YAML < ``--method``/``--backbone`` (and the method's recipe,
+`crosssite.training.methods.Method.recipe`) < ``--set``.
 ``--resume DIR`` continues the run in DIR from its last checkpoint (a finished run just prints its metrics);
 DIR's ``config.yaml`` and ``sites.json`` stand in for ``--config`` and ``--site``. Any `CrossSiteError` prints
 one line and exits with status 1.
@@ -96,6 +97,7 @@ def _run(
     from crosssite.data import load_sites
     from crosssite.training import load_config, train
     from crosssite.training.config import apply_overrides, parse_overrides
+    from crosssite.training.methods import method_recipe
     from crosssite.training.rundir import read_sites
 
     saved = out / "config.yaml"
@@ -105,7 +107,11 @@ def _run(
         raise CrossSiteError(f"{saved}: not found, so the run in {out} never started and its configuration is "
                              "unknown; start it again without --resume (or give --config)")
     options = {k: v for k, v in (("method", method), ("backbone", backbone)) if v is not None}
-    config = apply_overrides(load_config(config_file), options | parse_overrides(overrides))
+    base = load_config(config_file)
+    # a method's recipe: for --method, or for the default method of a fresh run without a config file (a config
+    # file, the saved one of a resumed run included, holds every value itself); --set still has the last word
+    recipe = method_recipe(method or base.method) if method or config_file is None else {}
+    config = apply_overrides(base, recipe | options | parse_overrides(overrides))
     sites = load_sites(specs) if specs else (read_sites(out) if resume else None)
     if not sites:
         raise CrossSiteError("no site given: use --site NAME=PATH (at least one)")

@@ -29,7 +29,7 @@ import torch
 
 import crosssite
 from crosssite.errors import CrossSiteError
-from crosssite.gradcam import grad_cam
+from crosssite.gradcam import finest_stage, grad_cam
 from crosssite.training.rundir import PREDICTIONS, Prediction, RunDirError, read_predictions
 from crosssite.reporting.figures import GradCamCase, gradcam_figure, roc_figure
 from crosssite.reporting.tables import (
@@ -331,7 +331,7 @@ def _gradcam_for_site(
         return [], [], len(slices), 0.0
     transform = preprocessing_transform(card.get("preprocessing") or {"image_size": 224})  # the model's own
     images = torch.stack([transform(read_image(slices[i].path, slices[i].frame)) for i in chosen])  # (n, 3, S, S)
-    out = grad_cam(model, images, site=names.index(site))
+    out = grad_cam(model, images, site=names.index(site), stage=finest_stage(model, images.shape[-1]))
     gap = float(np.max(np.abs(out.p_covid.double().numpy() - [slices[i].p_covid for i in chosen])))
 
     def case(j: int) -> GradCamCase:
@@ -357,11 +357,15 @@ def _gradcam_section(
         from crosssite.models import load
 
         model, card = load(run_dir)
+        size = int((card.get("preprocessing") or {}).get("image_size", 224))
+        stage = finest_stage(model, size)
+        where = ("the last convolutional feature map" if stage is None else
+                 f"the output of stage {stage + 1} (the last feature map has fewer than 7 x 7 cells at {size} px)")
         blocks.append(
             Paragraph(
-                f"Model of `{run_dir.relative_to(exp_dir).as_posix()}`; Grad-CAM of the predicted class on the last "
-                "convolutional feature map. Among the run's test slices of each site (its `predictions.csv`), the "
-                "most confident correct cases (COVID first) and the most confident failures."
+                f"Model of `{run_dir.relative_to(exp_dir).as_posix()}`; Grad-CAM of the predicted class on {where}. "
+                "Among the run's test slices of each site (its `predictions.csv`), the most confident correct cases "
+                "(COVID first) and the most confident failures."
             )
         )
         for pos, site in enumerate(sites):

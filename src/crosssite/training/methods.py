@@ -37,6 +37,7 @@ __all__ = [
     "PAPER_TABLE_I",
     "register_method",
     "paper_result",
+    "method_recipe",
     "model_kwargs",
     "compute_loss",
     "CONTRASTIVE",
@@ -83,6 +84,9 @@ class Method:
     terms: tuple[LossTerm, ...] = ()  # added to the universal head's cross-entropy
     per_site: bool = False  # one separate model per site
     federated: bool = False  # can run as one Flower client per site (crosssite.federated)
+    # configuration the method trains with (over a preset, under the user's own --set): a recipe such as
+    # label smoothing or a weight average; ((key, value), ...) so the method stays hashable
+    recipe: tuple[tuple[str, Any], ...] = ()
 
     @property
     def contrastive(self) -> bool:
@@ -139,6 +143,11 @@ PAPER_TABLE_I: dict[tuple[str, str], PaperResult] = {
     ("sepnorm", "covidnet_redesign"): PaperResult("SepNorm", (94.57, 83.94), (0.023, 0.009)),
     ("sepnorm-contrastive", "covidnet_redesign"): PaperResult("SepNorm + Contrastive", (96.24, 85.32)),
 }
+
+
+def method_recipe(method: str) -> dict[str, Any]:
+    """The configuration values ``method`` trains with (`Method.recipe`; empty for the paper's rows)."""
+    return dict(METHODS[method].recipe) if method in METHODS else {}
 
 
 def paper_result(method: str, backbone: str) -> PaperResult | None:
