@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from crosssite.data import load_sites
 from crosssite.errors import ConfigError
 from crosssite.models import ModelOutput
-from crosssite.training import METHODS, TrainConfig, train
+from crosssite.training import METHODS, Method, TrainConfig, train
 from crosssite.training import engine
 from crosssite.training.checkpoint import load_checkpoint
 from crosssite.training.methods import compute_loss
@@ -86,3 +87,40 @@ def test_ema_resumes_where_it_stopped(sites, tmp_path: Path, monkeypatch: pytest
     resumed = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert resumed["state"]["global_step"] == reference["state"]["global_step"]
     assert all(torch.equal(resumed["ema"][k], reference["ema"][k]) for k in reference["ema"])
+
+
+TOY = Method("toy-recipe", "sepnorm with a recipe", recipe=(("label_smoothing", 0.2), ("ema_decay", 0.5)))
+
+
+@pytest.fixture()
+def toy(monkeypatch: pytest.MonkeyPatch) -> Method:
+    monkeypatch.setitem(METHODS, TOY.name, TOY)
+    return TOY
+
+
+def test_the_grid_trains_a_method_with_its_recipe_under_the_users_overrides(toy, sites, tmp_path: Path) -> None:
+    from crosssite.experiment import run_experiment
+
+    tiny = {k: v for k, v in TINY.items() if k != "ckpt_every"} | {"epochs": 1, "ema_decay": 0.0}
+    run_experiment(sites, tmp_path, rows=[(toy.name, "covidnet_redesign")], folds=2, overrides=tiny, max_runs=1,
+                   progress=False, log=lambda _: None)
+    saved = yaml.safe_load((tmp_path / "runs" / f"{toy.name}__covidnet_redesign" / "fold0_seed0" / "config.yaml")
+                           .read_text())
+    assert saved["label_smoothing"] == 0.2 and saved["ema_decay"] == 0.0  # the recipe, then the override
+
+
+def test_train_command_applies_the_recipe_of_the_method_it_is_given(toy, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from crosssite.cli import app
+
+    sets = [x for k, v in TINY.items() if k != "epochs" for x in ("--set", f"{k}={v}")]
+    args = ["train", "--site", SPECS[0], "--site", SPECS[1], "--method", toy.name, "--quiet", *sets, "--set", "epochs=1"]
+    result = CliRunner().invoke(app, [*args, "--set", "label_smoothing=0", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["label_smoothing"] == 0.0 and saved["ema_decay"] == 0.5
+    plain = CliRunner().invoke(app, [*args[:5], "--method", "sepnorm", *args[7:], "--out", str(tmp_path / "b")])
+    assert plain.exit_code == 0, plain.output
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert saved["label_smoothing"] == 0.0 and saved["ema_decay"] == 0.0  # the paper's rows carry no recipe
