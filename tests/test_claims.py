@@ -44,3 +44,20 @@ def test_claims_table_on_the_first_grid() -> None:
     original = [t for t in tests if "COVID-Net)" in t["worse"]]
     assert original and all(t["pairs"] == 0 and t["verdict"] == "undecided" for t in original)
     assert "Nadeau and Bengio" in claims_table(runs, sites).caption
+
+
+def test_a_row_beyond_the_papers_is_tested_against_ours() -> None:
+    import dataclasses
+
+    runs, _ = load_results(REPO / "results" / "cpu-real" / "results.jsonl")
+    paper_only = claim_tests(runs, site_order(runs))
+    recipe = [dataclasses.replace(r, method="recipe-x") for r in runs if r.method == "sepnorm"]
+    tests = claim_tests([*runs, *recipe], site_order(runs))
+    (claim,) = {t["claim"] for t in tests} - {t["claim"] for t in paper_only}
+    mine = [t for t in tests if t["claim"] == claim]
+    assert claim == "recipe-x (covidnet_redesign) beats ours" and [t["pairs"] for t in mine] == [4, 4]
+    # the same runs as SepNorm's, so the same differences as "the contrastive term adds to SepNorm", negated
+    adds = [t for t in tests if t["claim"] == "the contrastive term adds to SepNorm"]
+    assert [t["diff"] for t in mine] == pytest.approx([-t["diff"] for t in adds])
+    kept = [(t["p_holm"], s["p_holm"]) for t, s in zip(tests, paper_only) if not math.isnan(s["p_holm"])]
+    assert kept and all(new >= old for new, old in kept)  # one more comparison to correct for
