@@ -1,16 +1,19 @@
 """Pack a trained run's best model as the model shipped in the package (`crosssite.pretrained`).
 
-    python scripts/ship_model.py /tmp/shipped/run --command "crosssite train ..." --commit b04f6d6
+    python scripts/ship_model.py /tmp/shipped/run --command "crosssite train ..." --commit b04f6d6 \
+        [--cv results/cpu-v2/results.jsonl]
 
 Writes ``src/crosssite/pretrained/<SHIPPED_NAME>.safetensors`` (float16 weights) and ``.json`` (the run's card plus
 the training command, commit, licences and the validation AUC of the float16 weights against float32 on the run's
-own validation parts), and refuses the float16 file when it moves any site's validation AUC by 0.5 points or more.
+own validation parts, and, with ``--cv``, the cross-validated test AUC of the same method and backbone in a grid's
+``results.jsonl``: mean and std over its finished runs, with their count), and refuses the float16 file when it moves any site's validation AUC by 0.5 points or more.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -29,11 +32,25 @@ LICENCES = {
 }
 
 
+def cross_validated(results: Path, card: dict) -> dict:
+    """Test AUC (%) per site of the grid's finished, not collapsed runs of the card's method and backbone."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    mine = [r for r in rows if r["method"] == card["method"] and r["backbone"] == card["architecture"]
+            and not r.get("collapsed")]
+    if not mine:
+        return {"grid": str(results), "runs": 0, "note": "no finished run of this recipe yet"}
+    aucs = {site: [100 * r["sites"][site]["auc"] for r in mine] for site in mine[0]["sites"]}
+    return {"grid": str(results), "runs": len(mine), "folds_seeds": sorted([r["fold"], r["seed"]] for r in mine),
+            "test_auc_mean": {s: round(statistics.mean(v), 2) for s, v in aucs.items()},
+            "test_auc_std": {s: round(statistics.stdev(v), 2) if len(v) > 1 else None for s, v in aucs.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("--command", required=True, help="The training command, recorded in the card.")
     parser.add_argument("--commit", required=True)
+    parser.add_argument("--cv", type=Path, help="A grid's results.jsonl holding runs of the same recipe.")
     args = parser.parse_args()
     model, card = models.load(args.run / "model")
     config = TrainConfig(**card["train_config"])
@@ -52,7 +69,7 @@ def main() -> None:
         "weights_dtype": "float16",
         "validation_auc_float32": {s: m["auc"] for s, m in full.items()},
         "validation_auc_float16": {s: m["auc"] for s, m in rounded.items()},
-        "cross_validated_estimate": "pending: Table I v2 (4 folds x 3 seeds of this recipe) has not run yet",
+        "cross_validated_estimate": cross_validated(args.cv, card) if args.cv else "pending: no grid given",
         "licence": LICENCES,
         "intended_use": "research on multi-site COVID-19 CT classification; not for diagnosis",
     }
