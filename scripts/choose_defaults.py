@@ -65,6 +65,9 @@ CHOICES: list[tuple[str, str, str, str, dict]] = [
         ("tau 0.1 + label smoothing 0.1", {"tau": 0.1, "label_smoothing": 0.1}),
         # round 3: the two best levers together; the three leaders (paper, tau 0.1, lr 1e-3) get seed 1
         ("tau 0.1 + lr 1e-3", {"tau": 0.1, "lr": 1e-3}),
+        # round 4: every image standardised on its own inside the network (what the default unseen-site strategy
+        # does at test time, here in training too)
+        ("standardise input", {"standardise_input": True}),
     )],
 ]
 SEEDS = {"covidnet-lr": (0,), "frame+block_act": (0, 1), "fast-path": (0, 1, 2), "preset": (0, 1), "recipe": (0, 1)}

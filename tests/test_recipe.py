@@ -124,3 +124,37 @@ def test_train_command_applies_the_recipe_of_the_method_it_is_given(toy, tmp_pat
     assert plain.exit_code == 0, plain.output
     saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
     assert saved["label_smoothing"] == 0.0 and saved["ema_decay"] == 0.0  # the paper's rows carry no recipe
+
+
+def test_a_standardising_model_ignores_each_images_intensity_scale(tmp_path: Path) -> None:
+    from crosssite import models
+
+    torch.manual_seed(0)
+    kwargs = dict(num_sites=2, width=0.0625, image_size=32, norm="site")
+    images, site = torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 1])
+    scale, shift = torch.tensor([2.5, 0.5, 1.0, 4.0]).view(4, 1, 1, 1), torch.tensor([-0.7, 0.3, 0.0, 2.0]).view(4, 1, 1, 1)
+
+    def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # batch statistics (train-mode BN): an untrained net's output then varies with its input
+            return model.train()(x, site).logits
+
+    model = models.create_model("covidnet_redesign", standardise_input=True, **kwargs)
+    reference = logits(model, images)
+    assert (reference[0] - reference[1]).abs().max() > 1e-2
+    torch.testing.assert_close(logits(model, scale * images + shift), reference, atol=1e-4, rtol=1e-4)
+    models.save(model, tmp_path / "m", {"method": "sepnorm"})
+    loaded, card = models.load(tmp_path / "m")
+    assert card["model_args"]["standardise_input"] is True
+    torch.testing.assert_close(logits(loaded, scale * images + shift), reference, atol=1e-4, rtol=1e-4)
+    plain = models.create_model("covidnet_redesign", **kwargs)
+    assert "standardise_input" not in plain.model_kwargs  # older cards stay as they were
+    assert (logits(plain, scale * images + shift) - logits(plain, images)).abs().max() > 1e-2
+
+
+def test_standardise_input_reaches_the_trained_model(sites, tmp_path: Path) -> None:
+    config = TrainConfig(**{**TINY, "epochs": 1}, method="sepnorm", standardise_input=True)
+    train(config, sites, tmp_path, progress=False)
+    from crosssite import models
+
+    model, card = models.load(tmp_path / "model")
+    assert model.standardise_input and card["model_args"]["standardise_input"] is True

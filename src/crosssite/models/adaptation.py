@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from crosssite.errors import ConfigError
-from crosssite.models.norms import BatchNorm, SiteBatchNorm, _image_batches, adapt_norm
+from crosssite.models.norms import BatchNorm, SiteBatchNorm, _image_batches, adapt_norm, standardise_images
 
 __all__ = ["STRATEGIES", "DEFAULT_STRATEGY", "MIN_ADAPT_IMAGES", "TENT_EPOCHS", "TENT_LR", "standardise_images", "tent_adapt", "ensemble_probabilities",
            "FirstNormShift"]
@@ -44,13 +44,6 @@ fewer images are too noisy to normalise with."""
 
 TENT_EPOCHS = 1
 TENT_LR = 1e-3
-
-
-def standardise_images(images: Tensor, eps: float = 1e-6) -> Tensor:
-    """(B, C, H, W) -> each image and channel shifted and scaled to mean 0, standard deviation 1."""
-    mean = images.mean(dim=(2, 3), keepdim=True)
-    std = images.std(dim=(2, 3), keepdim=True, unbiased=False)
-    return (images - mean) / std.clamp_min(eps)
 
 
 def _entropy(logits: Tensor) -> Tensor:

@@ -53,7 +53,8 @@ from torch import Tensor, nn
 
 from crosssite.errors import ConfigError
 from crosssite.models.adapters import AdapterLayer, get_adapter_layer
-from crosssite.models.norms import BatchNorm, NoNorm, NormLayer, SiteLayout, SiteModule, Sites, get_norm_layer, per_site
+from crosssite.models.norms import (BatchNorm, NoNorm, NormLayer, SiteLayout, SiteModule, Sites, get_norm_layer, per_site,
+                                    standardise_images)
 from crosssite.models.registry import ModelConfig, model_config, register_model
 
 __all__ = ["ModelOutput", "ConvNormAct", "PEPX", "DenseStage", "MixStyle", "LinearNormAct", "MLPHead", "SiteHeads", "CovidNet"]
@@ -269,6 +270,8 @@ class CovidNet(nn.Module):
         pool: ``"avg"`` (adaptive average pool to 2x2, the redesign) or ``"flatten"`` (the original).
         init: ``"default"`` (PyTorch's) or ``"fan_in"`` (see the module docstring).
         mixstyle: probability of `MixStyle` after the stem and after stages 1 and 2 in training (0: off).
+        standardise_input: standardise every input image on its own first (`standardise_images`), in training and
+            inference alike, so no site's intensity scale reaches the network.
         image_size: input side the ``"flatten"`` head is sized for; unused by ``"avg"``.
         depths, stage_chs, stem_chs, head_hidden, proj_hidden, proj_dim: sizes at width 1.
     """
@@ -287,6 +290,7 @@ class CovidNet(nn.Module):
         pool: str = "avg",
         init: str = "default",
         mixstyle: float = 0.0,
+        standardise_input: bool = False,
         image_size: int = 224,
         depths: Sequence[int] = (3, 4, 6, 3),
         stage_chs: Sequence[int] = (256, 512, 1024, 2048),
@@ -301,7 +305,8 @@ class CovidNet(nn.Module):
         self.num_classes = num_classes
         self.model_kwargs = dict(num_classes=num_classes, width=width, block_act=block_act, norm=norm, adapter=adapter,
                                  aux_heads=aux_heads, projection=projection, init=init, mixstyle=mixstyle,
-                                 image_size=image_size)
+                                 image_size=image_size) | ({"standardise_input": True} if standardise_input else {})
+        self.standardise_input = standardise_input  # in model_kwargs only when set: older cards stay as they were
         norm_layer = get_norm_layer(norm, num_sites)
         adapter_layer = get_adapter_layer(adapter, num_sites)
         act_layer = nn.ReLU if block_act == "relu" else nn.Identity
@@ -387,6 +392,8 @@ class CovidNet(nn.Module):
     def forward_features(self, x: Tensor, site: Sites = None) -> Tensor:
         """The last PEPX block's output (B, C, h, w) (7x7x2048 at width 1 and 224 px)."""
         site = self._check_site(site, x.shape[0])
+        if self.standardise_input:
+            x = standardise_images(x)
         x = self.mixstyle(self.stem_pool(self.stem(x, site)))  # (B, 64, H/4, W/4)
         for i, stage in enumerate(self.stages):
             x, last = stage(x, site)

@@ -40,6 +40,7 @@ from crosssite.errors import ConfigError
 
 __all__ = [
     "NORMS",
+    "standardise_images",
     "SiteLayout",
     "Sites",
     "SiteModule",
@@ -351,3 +352,11 @@ def adapt_norm(model: nn.Module, images: Tensor | Iterable, *, batch_size: int =
             batch = batch.to(device)
             model(batch, torch.full((batch.shape[0],), new_site, dtype=torch.long, device=device))
     return new_site
+
+
+def standardise_images(images: Tensor, eps: float = 1e-6) -> Tensor:
+    """(B, C, H, W) -> each image and channel shifted and scaled to mean 0, standard deviation 1 (over its pixels):
+    what a scanner's window, level and contrast change is undone, whichever site the image comes from."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    std = images.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return (images - mean) / std.clamp_min(eps)

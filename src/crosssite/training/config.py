@@ -51,6 +51,9 @@ class TrainConfig:
     init: str = "auto"
     # MixStyle (Zhou et al., ICLR 2021) probability after the stem and stages 1-2 in training (0: off)
     mixstyle: float = 0.0
+    # every input image standardised on its own inside the network (models.norms.standardise_images), in training and
+    # at inference: the site's intensity scale never reaches it
+    standardise_input: bool = False
     image_size: int = 224
     # how a slice becomes a square (crosssite.data.transforms): "pad" / "resize" keep the whole slice in view
     # ("pad", the default, chosen on validation: docs/METHODS.md), "crop" keeps a central square of a

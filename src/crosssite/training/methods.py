@@ -157,13 +157,15 @@ def paper_result(method: str, backbone: str) -> PaperResult | None:
 
 def model_kwargs(
     method: Method, backbone: str, *, num_sites: int, width: float, block_act: str, init: str = "auto",
-    mixstyle: float = 0.0,
+    mixstyle: float = 0.0, standardise_input: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of `crosssite.models.create_model` for ``method`` on ``backbone`` (``init="auto"``: the
     backbone's own initialisation; a backbone without norms ignores the method's norm)."""
     kwargs: dict[str, Any] = {} if init == "auto" else {"init": init}
     if mixstyle:
         kwargs["mixstyle"] = mixstyle
+    if standardise_input:
+        kwargs["standardise_input"] = True
     return kwargs | {
         "num_sites": num_sites,
         "num_classes": 2,

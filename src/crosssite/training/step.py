@@ -127,7 +127,8 @@ def build_model(config: TrainConfig, num_sites: int, device: torch.device) -> nn
     model = models.create_model(
         config.backbone, image_size=config.image_size,
         **model_kwargs(METHODS[config.method], config.backbone, num_sites=num_sites, width=config.width,
-                       block_act=config.block_act, init=config.init, mixstyle=config.mixstyle),
+                       block_act=config.block_act, init=config.init, mixstyle=config.mixstyle,
+                       standardise_input=config.standardise_input),
     ).to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
