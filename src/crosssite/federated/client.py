@@ -60,7 +60,8 @@ def build_site_model(config: TrainConfig) -> nn.Module:
     client starts from the same weights)."""
     torch.manual_seed(config.seed)
     kwargs = model_kwargs(METHODS[config.method], config.backbone, num_sites=1, width=config.width,
-                          block_act=config.block_act)
+                          block_act=config.block_act, init=config.init, mixstyle=config.mixstyle,
+                          standardise_input=config.standardise_input)
     return models.create_model(config.backbone, image_size=config.image_size, **kwargs)
 
 
