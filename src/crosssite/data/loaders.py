@@ -6,7 +6,7 @@ position in the list of sites given), ``index`` long (B,) (the sample's index in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from crosssite.data.sites import Sample, Site
 from crosssite.data.transforms import DEFAULT_FRAME, eval_transform, short_side_for, train_transform
 from crosssite.errors import SiteError
 
-__all__ = ["SliceDataset", "build_cache", "train_loader", "eval_loader", "collate_site_runs"]
+__all__ = ["SliceDataset", "build_cache", "train_loader", "eval_loader", "collate_site_runs", "site_runs"]
 
 
 def _as_indices(sites: Sequence[Site], indices: Sequence[Sequence[int] | None] | None) -> list[np.ndarray]:
@@ -103,14 +103,19 @@ def collate_site_runs(items: list[dict[str, torch.Tensor | int]]) -> dict:
     (the multi-site sampler yields each site's items as one contiguous run), read from the items, not from a
     tensor. The training step passes it to the model as a `crosssite.models.SiteLayout`."""
     batch = default_collate(items)
+    batch["site_runs"] = site_runs(int(item["site"]) for item in items)
+    return batch
+
+
+def site_runs(sites: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """``((site, count), ...)`` of the consecutive equal entries of ``sites``, as Python ints."""
     runs: list[list[int]] = []
-    for item in items:
-        if runs and runs[-1][0] == item["site"]:
+    for site in sites:
+        if runs and runs[-1][0] == site:
             runs[-1][1] += 1
         else:
-            runs.append([int(item["site"]), 1])
-    batch["site_runs"] = tuple((s, n) for s, n in runs)
-    return batch
+            runs.append([site, 1])
+    return tuple((s, n) for s, n in runs)
 
 
 def _loader_kwargs(workers: int, seed: int, pin_memory: bool) -> dict:

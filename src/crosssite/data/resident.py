@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from crosssite.data.loaders import SliceDataset
+from crosssite.data.loaders import SliceDataset, site_runs
 from crosssite.data.sampler import MultiSiteBatchSampler
 from crosssite.data.transforms import EvalTransform, TrainTransform
 
@@ -44,17 +44,6 @@ def resident_reason(frame: str, scanner: bool) -> str | None:
     if scanner:
         return "scanner-style augmentation (augment_scanner > 0) runs on numpy slices on the CPU"
     return None
-
-
-def _site_runs(sites: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """``((site, count), ...)`` of consecutive equal entries, as Python ints (what `collate_site_runs` gives)."""
-    runs: list[list[int]] = []
-    for s in sites.tolist():
-        if runs and runs[-1][0] == s:
-            runs[-1][1] += 1
-        else:
-            runs.append([s, 1])
-    return tuple((s, n) for s, n in runs)
 
 
 class ResidentLoader:
@@ -100,7 +89,6 @@ class ResidentLoader:
         self.sites = torch.from_numpy(dataset.site_of_item).to(device)
         self.indices = torch.from_numpy(dataset.index_of_item).to(device)
         self.generator = torch.Generator(device=device)
-        self._epoch = 0
 
     @classmethod
     def from_loader(cls, loader: DataLoader, device: torch.device, seed: int = 0) -> ResidentLoader:
@@ -118,29 +106,30 @@ class ResidentLoader:
 
     def _batches(self) -> Iterator[Sequence[int]]:
         if self.batch_sampler is not None:
-            self._epoch = self.batch_sampler.epoch
             yield from self.batch_sampler
         else:
             for start in range(0, len(self.dataset), self.batch_size):
                 yield range(start, min(start + self.batch_size, len(self.dataset)))
 
     def __iter__(self) -> Iterator[dict]:
-        start = self.batch_sampler.start_step if self.batch_sampler is not None else 0
+        sampler = self.batch_sampler
+        start, epoch = (sampler.start_step, sampler.epoch) if sampler is not None else (0, 0)
         for step, items in enumerate(self._batches(), start):
             items_np = np.asarray(items, dtype=np.int64)
             rows = torch.from_numpy(items_np).to(self.device)
-            grey = self.crop(rows, step) if self.train else self.pixels.index_select(0, rows)
+            grey = self.crop(rows, epoch, step) if self.train else self.pixels.index_select(0, rows)
             yield {
                 "image": self.normalise(grey),
                 "label": self.labels.index_select(0, rows),
                 "site": self.sites.index_select(0, rows),
                 "index": self.indices.index_select(0, rows),
-                "site_runs": _site_runs(self.dataset.site_of_item[items_np]),
+                "site_runs": site_runs(self.dataset.site_of_item[items_np].tolist()),
             }
 
-    def crop(self, rows: Tensor, step: int) -> Tensor:
-        """uint8 (B, s, s): for each slice a random ``s = image_size`` square, flipped at random (one gather)."""
-        self.generator.manual_seed(zlib.crc32(f"{self.seed}/{self._epoch}/{step}".encode()))
+    def crop(self, rows: Tensor, epoch: int, step: int) -> Tensor:
+        """uint8 (B, s, s): for each slice a random ``s = image_size`` square, flipped at random (one gather), drawn
+        from ``(seed, epoch, step)``."""
+        self.generator.manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{step}".encode()))
         b, side, s = len(rows), self.pixels.shape[1], self.image_size
         offsets = torch.randint(side - s + 1, (2, b, 1), device=self.device, generator=self.generator)
         ramp = torch.arange(s, device=self.device).expand(b, s)
