@@ -40,7 +40,8 @@ def test_bench_reports_every_workload_against_the_plain_path(result: dict) -> No
         for name, entry in paths.items():
             assert entry["peak_rss_gb"] > 0
             if name != "plain":
-                assert entry["speedup"] == pytest.approx(plain["seconds"] / entry["seconds"], rel=0.02)
+                # the report rounds the speed-up to 2 decimals: below 0.25 that alone is more than 2%
+                assert entry["speedup"] == pytest.approx(plain["seconds"] / entry["seconds"], rel=0.02, abs=0.005)
             for dtype in ("fp32", "bf16"):
                 assert entry[f"of_{dtype}_matmul"] == pytest.approx(
                     entry["gflops"] / result["matmul_gflops"][dtype], rel=0.02, abs=2e-3)
