@@ -112,7 +112,8 @@ def run(out: Path, tiny: bool) -> None:
             info = {"steps": report.steps, "best_step": report.best_step, "val": report.val}
         else:
             new, site = finetune_baseline(model, card, labelled, method, images=b.images, steps=steps, seed=draw)
-        line = {"k": k, "draw": draw, "method": method, "auc": site_auc(new, rest, site), "n_labelled": len(labelled),
+        auc = site_auc(new, rest, site, card.get("tta", "none"))
+        line = {"k": k, "draw": draw, "method": method, "auc": auc, "n_labelled": len(labelled),
                 "n_eval": len(rest), "wall_s": round(time.perf_counter() - start, 1), "git_commit": git_commit(),
                 **info}
         print(json.dumps(line), flush=True)

@@ -85,7 +85,7 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
 
 def test_method_table_covers_table_one() -> None:
     assert set(METHODS) == {"single", "joint", "sepnorm", "sepnorm-contrastive", "series-adapter",
-                            "parallel-adapter", "ms-net"}
+                            "parallel-adapter", "ms-net", "crosssite"}  # the paper's seven, and crosssite's recipe
     def kw(m: str, b: str = "covidnet_redesign") -> dict:
         return model_kwargs(METHODS[m], b, num_sites=2, width=1.0, block_act="none")
 

@@ -358,6 +358,21 @@ class Probabilities(NamedTuple):
     p_covid: np.ndarray  # (N,) float64, softmax(logits)[:, 1]
 
 
+def _p_covid(model: torch.nn.Module, image: torch.Tensor, site: torch.Tensor,
+             site_override: int | Literal["mean", "ensemble"] | None, num_sites: int) -> torch.Tensor:
+    """P(COVID) (B,) of one batch under `collect_probabilities`' ``site_override``."""
+    from crosssite.models.adaptation import ensemble_probabilities
+
+    if site_override == ENSEMBLE:
+        return ensemble_probabilities(model, image, num_sites)
+    if site_override == MEAN_STATISTICS:
+        site = None
+    elif site_override is not None:
+        site = torch.full_like(site, site_override)
+    out = model(image, site)
+    return torch.softmax(getattr(out, "logits", out).float(), dim=1)[:, 1]  # logits (B, 2)
+
+
 @torch.inference_mode()
 def collect_probabilities(
     model: torch.nn.Module,
@@ -367,6 +382,7 @@ def collect_probabilities(
     *,
     num_sites: int = 0,
     standardise: bool = False,
+    tta: str = "none",
 ) -> Probabilities:
     """Run `model` in eval mode over `loader` (dict batches: image, label, site, index) and collect P(COVID).
 
@@ -376,8 +392,11 @@ def collect_probabilities(
             `"mean"` passes `site=None`, the mean of the known sites' statistics; `"ensemble"` averages
             P(COVID) over the statistics of sites ``0 .. num_sites - 1``.
         standardise: standardise each image on its own first (`crosssite.models.adaptation.standardise_images`).
+        tta: test-time augmentation (`crosssite.data.TTA_MODES`): ``"flip"`` averages P(COVID) over each image
+            and its left-right mirror.
     """
-    from crosssite.models.adaptation import ensemble_probabilities, standardise_images
+    from crosssite.data import TTA_MODES, tta_average
+    from crosssite.models.adaptation import standardise_images
 
     if site_override not in (None, MEAN_STATISTICS, ENSEMBLE) and not isinstance(site_override, int):
         raise EvaluationError(
@@ -385,6 +404,8 @@ def collect_probabilities(
         )
     if site_override == ENSEMBLE and num_sites < 1:
         raise EvaluationError("site_override='ensemble' needs num_sites >= 1 (the known sites)")
+    if tta not in TTA_MODES:
+        raise EvaluationError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {"index": [], "site": [], "label": [], "p_covid": []}
@@ -394,18 +415,7 @@ def collect_probabilities(
             if standardise:
                 image = standardise_images(image)
             site = batch["site"].to(device)
-            if site_override == ENSEMBLE:
-                p = ensemble_probabilities(model, image, num_sites)
-            else:
-                if site_override == MEAN_STATISTICS:
-                    model_site = None
-                elif site_override is not None:
-                    model_site = torch.full_like(site, site_override)
-                else:
-                    model_site = site
-                out = model(image, model_site)
-                logits = getattr(out, "logits", out)  # (B, 2)
-                p = torch.softmax(logits.float(), dim=1)[:, 1]
+            p = tta_average(lambda x: _p_covid(model, x, site, site_override, num_sites), image, tta)
             parts["p_covid"].append(p.cpu().double().numpy())
             parts["index"].append(batch["index"].cpu().numpy().astype(np.int64))
             parts["site"].append(batch["site"].cpu().numpy().astype(np.int64))
@@ -563,6 +573,7 @@ def evaluate_model(
     alpha: float = 0.05,
     seed: int = 0,
     strategies: Sequence[str] = (),
+    tta: str = "none",
 ) -> list[SiteEvaluation]:
     """Evaluate `model` on sites it was trained on (`known`) and on sites it never saw (`external`).
 
@@ -573,6 +584,7 @@ def evaluate_model(
         external: site name -> loader; evaluated once per strategy of `norm_strategies`.
         strategies: extra test-time strategies for the external sites (`norm_strategies`' ``extra``):
             ``standardise``, ``tent`` (TENT, Wang et al. ICLR 2021, on a copy), ``ensemble``.
+        tta: test-time augmentation of every prediction (`collect_probabilities`; the model card's ``tta``).
     Returns:
         One `SiteEvaluation` per known site, then per external site and strategy.
     """
@@ -583,7 +595,7 @@ def evaluate_model(
                 f"site {name!r} is not one the model was trained on ({', '.join(site_names)}); "
                 "evaluate it as an external site"
             )
-        probs = collect_probabilities(model, loader, device, site_override=site_names.index(name))
+        probs = collect_probabilities(model, loader, device, site_override=site_names.index(name), tta=tta)
         results.append(
             evaluate_predictions(
                 name, probs.label, probs.p_covid, strategy="own", description="the site's own statistics",
@@ -600,7 +612,7 @@ def evaluate_model(
                 target = copy.deepcopy(model)
                 override = (tent_adapt if key == "tent" else adapt_norm)(target, loader)
             probs = collect_probabilities(target, loader, device, site_override=override,
-                                          num_sites=len(site_names), standardise=key == "standardise")
+                                          num_sites=len(site_names), standardise=key == "standardise", tta=tta)
             results.append(
                 evaluate_predictions(
                     name, probs.label, probs.p_covid, strategy=key, description=description,

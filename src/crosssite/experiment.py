@@ -283,7 +283,8 @@ def run_loso(
             model, card = load(run_dir / "model")
             loader = card_loader(held, card, None, batch_size=64)
             evaluations = evaluate_model(model, list(card["site_names"]), {}, {held.name: loader},
-                                         strategies=LOSO_STRATEGIES, n_boot=500, seed=seed)
+                                         strategies=LOSO_STRATEGIES, n_boot=500, seed=seed,
+                                         tta=str(card.get("tta", "none")))
             wall = round(time.perf_counter() - start, 1)
             for e in evaluations:
                 _append_line(results, {

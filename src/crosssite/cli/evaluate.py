@@ -142,7 +142,7 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
     out = []
     for r in evaluate_model(m.model, m.site_names, known, ext, device=device,
                             threshold=float(m.card.get("threshold", 0.5)), n_boot=bootstrap, seed=seed,
-                            strategies=strategies):
+                            strategies=strategies, tta=str(m.card.get("tta", "none"))):
         part = "all" if all_images or m.run_dir is None or r.strategy != "own" else "test"
         default = r.site in ext and r.strategy == DEFAULT_STRATEGY  # what predict / serve use on an unseen site
         out.append((r, r.to_dict() | {"model": label, "part": part, "default": default}))

@@ -152,6 +152,23 @@ def _strategy(adapt_flag: bool, strategy: str | None, site: str | None, save_ada
     return adapt
 
 
+def _show(predictor: Any, model: Path, records: list[Any], out: Path | None) -> None:
+    """The rows as a table on the terminal, or written to ``out`` (.csv / .json) with what produced them."""
+    from crosssite.inference import write_records
+
+    header = f"model {model}: normalisation {predictor.norm}, threshold {predictor.threshold:g}"
+    if predictor.tta != "none":
+        header += f", test-time augmentation {predictor.tta}"
+    if out is None:
+        _print_records(records, header)
+        return
+    meta = {"model": str(model), "norm": predictor.norm, "threshold": predictor.threshold, "tta": predictor.tta,
+            "top_k": predictor.top_k, "class_names": list(predictor.class_names),
+            "ood_threshold": predictor.ood_threshold}
+    write_records(out, records, meta)
+    typer.echo(f"{header}; wrote {len(records)} rows to {out}", err=True)
+
+
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(..., metavar="[MODEL] INPUT...", help="Optional model file (stem, "
@@ -173,11 +190,14 @@ def predict(
     out: Path | None = typer.Option(None, "--out", help="Write every row to FILE.csv or FILE.json."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per forward pass."),
     top_k: int = typer.Option(5, "--top-k", min=0, help="Slices averaged into a volume's score (0: all)."),
+    tta: str | None = typer.Option(None, "--tta", metavar="MODE",
+                                   help="Test-time augmentation: none, or flip (average each slice with its "
+                                        "left-right mirror). Default: the model's own (its card's tta)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse inputs that would be predicted with a warning "
                                 "(DICOM not CT, localizer or non-axial slice, image below the minimum size)."),
 ) -> None:
     """Predict P(COVID) for slices, DICOM series and NIfTI volumes, with per-volume scores."""
-    from crosssite.inference import Predictor, failed, write_records
+    from crosssite.inference import Predictor, failed
 
     try:
         model, inputs = split_model_argument(paths)
@@ -188,7 +208,7 @@ def predict(
             if folder is not None:
                 ensure_dir(folder, f"the {what} folder")  # before any work: a bad output path fails at once
         predictor = Predictor.from_file(model, site=site, adapt=adapt, batch_size=batch_size, top_k=top_k or None,
-                                        strict=strict)
+                                        strict=strict, tta=tta)
         records = predictor.predict(inputs, cam_dir=cam)
         if adapt in ("adabn", "tent"):
             what = "AdaBN" if adapt == "adabn" else "TENT"
@@ -196,15 +216,7 @@ def predict(
         if save_adapted is not None:
             weights, _ = predictor.save_adapted(save_adapted, adapt_name)
             typer.echo(f"saved the adapted model (new site {adapt_name!r}) to {weights}", err=True)
-        header = f"model {model}: normalisation {predictor.norm}, threshold {predictor.threshold:g}"
-        if out is not None:
-            meta = {"model": str(model), "norm": predictor.norm, "threshold": predictor.threshold,
-                    "top_k": top_k or None, "class_names": list(predictor.class_names),
-                    "ood_threshold": predictor.ood_threshold}
-            write_records(out, records, meta)
-            typer.echo(f"{header}; wrote {len(records)} rows to {out}", err=True)
-        else:
-            _print_records(records, header)
+        _show(predictor, model, records, out)
     except CrossSiteError as e:
         raise fail(e) from None
     _report_problems(records)

@@ -50,6 +50,7 @@ from crosssite.data.transforms import (
     FRAMES,
     EvalTransform,
     Normalise,
+    TTA_MODES,
     TrainTransform,
     eval_transform,
     resize_short_side,
@@ -57,15 +58,16 @@ from crosssite.data.transforms import (
     preprocessing_transform,
     short_side_for,
     train_transform,
+    tta_average,
 )
 
 __all__ = [
     "CLASS_ALIASES", "CLASS_NAMES", "DEFAULT_FRAME", "DEFAULT_MEAN", "FRAMES", "frame_slice", "preprocessing_transform", "DEFAULT_STD", "LAYOUTS", "LUNG_WINDOW",
     "EvalTransform", "ImageInfo", "MultiSiteBatchSampler", "Normalise", "Sample", "Site", "SliceCache",
-    "SliceDataset", "SliceRef", "Split", "SyntheticParams", "TrainTransform",
+    "SliceDataset", "SliceRef", "Split", "SyntheticParams", "TrainTransform", "TTA_MODES",
     "build_cache", "cache_root", "check_sites", "class_of_name", "detect_layout", "eval_loader",
     "eval_transform", "expand_inputs", "inspect_image", "load_manifest", "load_site", "load_sites",
     "all_data_split", "make_folds", "num_frames", "official_split",
     "oversample_factors", "parse_site_spec", "read_image", "read_volume", "resize_short_side",
-    "short_side_for", "split_fold", "synthetic_site", "train_loader", "train_transform",
+    "short_side_for", "split_fold", "synthetic_site", "train_loader", "train_transform", "tta_average",
 ]

@@ -21,17 +21,22 @@ With ``scanner > 0`` the training transform first applies scanner-style augmenta
 Both end with float conversion, the grey slice repeated to three channels and per-channel normalisation
 (`Normalise`): output float32 (3, image_size, image_size). Each transform is a geometric part, ``crop``
 (uint8 in, uint8 out), followed by ``normalise``.
+
+Test-time augmentation (`tta_average`): ``"flip"`` averages a model's output over the evaluation view and its
+left-right mirror, the flip the training augmentation draws; ``"none"`` uses the evaluation view alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
 from crosssite.data.augment import ScannerAugment
+from crosssite.errors import ConfigError
 
 __all__ = [
     "DEFAULT_MEAN",
@@ -48,6 +53,8 @@ __all__ = [
     "Normalise",
     "TrainTransform",
     "EvalTransform",
+    "TTA_MODES",
+    "tta_average",
     "preprocessing_transform",
     "train_transform",
     "eval_transform",
@@ -284,3 +291,20 @@ def train_transform(image_size: int = 224, **kwargs) -> TrainTransform:
 def eval_transform(image_size: int = 224, **kwargs) -> EvalTransform:
     """The evaluation transform at ``image_size`` (see `EvalTransform`)."""
     return EvalTransform(image_size, **kwargs)
+
+
+TTA_MODES = ("none", "flip")  # test-time augmentation: the evaluation view alone, or averaged with its mirror
+_P = TypeVar("_P")
+
+
+def tta_average(probabilities: Callable[[torch.Tensor], _P], images: torch.Tensor, tta: str = "none") -> _P:
+    """``probabilities(images)`` averaged over the views of test-time augmentation ``tta`` (`TTA_MODES`):
+    ``"none"``, the images as given; ``"flip"``, the images and their left-right mirrors (B, C, H, W flipped
+    along W). The images as given run last, so a forward hook that keeps the latest pass (the out-of-distribution
+    score, `crosssite.models.adaptation.FirstNormShift`) describes them."""
+    if tta == "none":
+        return probabilities(images)
+    if tta == "flip":
+        mirrored = probabilities(images.flip(-1))
+        return (mirrored + probabilities(images)) / 2
+    raise ConfigError(f"tta: {tta!r} is not one of {', '.join(TTA_MODES)}")

@@ -26,6 +26,10 @@ Normalisation of an unseen hospital's images (site-specific BN):
 
 A model without site-specific modules has one shared normalisation ("shared") whatever the choice.
 
+Test-time augmentation: ``tta="flip"`` averages P(COVID) over each slice and its left-right mirror
+(`crosssite.data.tta_average`), for crosssite model files and ONNX exports alike; the default is the model card's
+``tta``, the setting the model was validated and selected with.
+
 Out-of-distribution flag: every slice gets ``ood_score``, its distance at the first batch-norm layer to the
 closest known site (`crosssite.models.adaptation.FirstNormShift`), and a volume the mean over its slices;
 ``ood`` is set where the score exceeds the card's ``ood_threshold`` or `OOD_THRESHOLD`.
@@ -49,11 +53,13 @@ from torch import nn
 from crosssite.data import (
     CLASS_NAMES,
     DEFAULT_FRAME,
+    TTA_MODES,
     DEFAULT_MEAN,
     DEFAULT_STD,
     eval_transform,
     preprocessing_transform,
     read_image,
+    tta_average,
 )
 from crosssite.data.io import input_warnings
 from crosssite.errors import CheckpointError, ImageReadError, InferenceError
@@ -271,6 +277,8 @@ class Predictor:
             ``warning`` (a DICOM whose Modality is not CT, a localizer or non-axial slice, a tiny image).
         ood_threshold: `FirstNormShift` score above which a slice / volume is flagged ``ood``; default the
             card's ``ood_threshold`` or `OOD_THRESHOLD`.
+        tta: test-time augmentation (`crosssite.data.TTA_MODES`); default the card's ``tta`` (``"none"`` where it
+            has none).
     """
 
     def __init__(
@@ -288,6 +296,7 @@ class Predictor:
         source: object = "model",
         strict: bool = False,
         ood_threshold: float | None = None,
+        tta: str | None = None,
     ) -> None:
         adapt = resolve_strategy(adapt)
         if site is not None and adapt:
@@ -312,6 +321,9 @@ class Predictor:
         self.ood_threshold = float(card.get("ood_threshold", OOD_THRESHOLD) if ood_threshold is None else ood_threshold)
         if not self.ood_threshold > 0:
             raise InferenceError(f"ood_threshold must be positive, got {self.ood_threshold}")
+        self.tta = str(card.get("tta", "none") if tta is None else tta)
+        if self.tta not in TTA_MODES:
+            raise InferenceError(f"{source}: test-time augmentation {self.tta!r} is not one of {', '.join(TTA_MODES)}")
         self._warnings: dict[Path, list[str]] = {}  # per input file, for the current `predict` call
         self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN / TENT
         self.adapted_with = ""  # "AdaBN" or "TENT", once adapted
@@ -500,10 +512,12 @@ class Predictor:
             # the distance to the known sites, read in the forward pass at the first norm layer's input
             with FirstNormShift(None if raw_shift is not None else model, len(self.site_names)) as shift:
                 if cam_dir is None:
-                    p = self.backend.probabilities(images)
+                    p = tta_average(self.backend.probabilities, images, self.tta)
                 else:
-                    p, maps = self.backend.grad_cam(images)
+                    p, maps = self.backend.grad_cam(images)  # the maps are of the slices as given
                     cams = self._save_cams(cam_dir, start, [items[i] for i in good], images, maps)
+                    if self.tta != "none":
+                        p = tta_average(self.backend.probabilities, images, self.tta)
             shift = raw_shift or shift
             scores = [None] * len(good) if shift.scores is None else [float(v) for v in shift.scores]
             for i, pi, cam, score in zip(good, p, cams, scores):

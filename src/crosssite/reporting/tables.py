@@ -22,7 +22,7 @@ import numpy as np
 from crosssite.errors import CrossSiteError
 from crosssite.evaluation import bootstrap_ci, corrected_resampled_ttest, holm, paired_ttest
 from crosssite.ioutil import read_jsonl
-from crosssite.training.methods import PAPER_TABLE_I
+from crosssite.training.methods import METHODS, PAPER_TABLE_I
 
 __all__ = [
     "ReportError",
@@ -238,7 +238,15 @@ def rows_for(runs: Iterable[RunResult]) -> list[PaperRow]:
     """The paper's rows in its order, then a row for every other (method, backbone) the runs hold (a method
     added to `crosssite.training.METHODS`), without paper numbers."""
     extra = sorted({(r.method, r.backbone) for r in runs} - {(row.method, row.backbone) for row in ROWS})
-    return [*ROWS, *(PaperRow(m, b, f"{m} ({b})", None) for m, b in extra)]
+    return [*ROWS, *(PaperRow(m, b, _label(m, b), None) for m, b in extra)]
+
+
+def _label(method: str, backbone: str) -> str:
+    """A non-paper row's name: its method's `label` (the redesign implied), else ``method (backbone)``."""
+    registered = METHODS.get(method)
+    if registered is not None and registered.label and backbone == "covidnet_redesign":
+        return registered.label
+    return f"{method} ({backbone})"
 
 
 def runs_of(runs: Iterable[RunResult], row: PaperRow) -> list[RunResult]:

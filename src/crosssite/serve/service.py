@@ -201,7 +201,7 @@ class Service:
         return {
             "id": self.model_id, "version": self.model_version, "backend": self.backend_name,
             "grad_cam": self.grad_cam, "normalisation": self.direct.norm, "threshold": self.direct.threshold,
-            "top_k": self.direct.top_k, **{k: card.get(k) for k in keys}, "notice": NOTICE,
+            "tta": self.direct.tta, "top_k": self.direct.top_k, **{k: card.get(k) for k in keys}, "notice": NOTICE,
         }
 
     # ------------------------------------------------------------------------------------- predicting
@@ -293,6 +293,7 @@ class Service:
             "model": {"id": self.model_id, "version": self.model_version, "backend": self.backend_name},
             "normalisation": self.direct.norm,
             "threshold": self.direct.threshold,
+            "tta": self.direct.tta,
             "class_names": list(self.direct.class_names),
             "files": [r.to_dict() for r in results],
             "counts": {

@@ -39,7 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from torch import Tensor, nn
 
 from crosssite import models
-from crosssite.data import Site, read_image
+from crosssite.data import Site, read_image, tta_average
 from crosssite.errors import ConfigError, ImageReadError, SiteError
 from crosssite.losses import supervised_contrastive_loss
 from crosssite.models import SiteModule
@@ -166,21 +166,23 @@ def _augment(images: Tensor, generator: torch.Generator) -> Tensor:
 
 
 @torch.inference_mode()
-def site_probabilities(model: nn.Module, images: Tensor, site: int | None, batch_size: int = 128) -> np.ndarray:
-    """P(COVID) of ``images`` through slot ``site`` (None: a single-site model's only norm)."""
+def site_probabilities(model: nn.Module, images: Tensor, site: int | None, batch_size: int = 128,
+                       tta: str = "none") -> np.ndarray:
+    """P(COVID) of ``images`` through slot ``site`` (None: a single-site model's only norm), with test-time
+    augmentation ``tta`` (`crosssite.data.tta_average`: the model card's)."""
     model.eval()
     out = []
     for chunk in images.split(batch_size):
         sites = None if site is None else torch.full((len(chunk),), site, dtype=torch.long)
-        out.append(torch.softmax(model(chunk, sites).logits.float(), 1)[:, 1])
+        out.append(tta_average(lambda x: torch.softmax(model(x, sites).logits.float(), 1)[:, 1], chunk, tta))
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def site_auc(model: nn.Module, data: LabelledSlices, site: int | None) -> float | None:
+def site_auc(model: nn.Module, data: LabelledSlices, site: int | None, tta: str = "none") -> float | None:
     """AUC of slot ``site`` on ``data`` (None when ``data`` lacks a class)."""
     if len(data) == 0 or len(set(data.labels.tolist())) < 2:
         return None
-    return float(roc_auc_score(data.labels.numpy(), site_probabilities(model, data.images, site)))
+    return float(roc_auc_score(data.labels.numpy(), site_probabilities(model, data.images, site, tta=tta)))
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -188,16 +190,16 @@ def site_auc(model: nn.Module, data: LabelledSlices, site: int | None) -> float 
 
 def _fit(model: nn.Module, params: list[nn.Parameter], train: LabelledSlices, val: LabelledSlices, site: int | None,
          *, known: list[tuple[LabelledSlices, int]], steps: int, lr: float, batch_size: int, alpha: float,
-         tau: float, patience: int, seed: int, eval_every: int = 25, bn_train: bool = False
+         tau: float, patience: int, seed: int, eval_every: int = 25, bn_train: bool = False, tta: str = "none"
          ) -> tuple[int, int, float | None]:
     """Adam on ``params`` only, ``steps`` steps of ``batch_size`` slices (reshuffled passes over ``train``, so a
     10-slice set gets as many updates as a 300-slice one); validation every ``eval_every`` steps, stopping after
     ``patience`` validations without a gain. Returns (steps run, best step, best validation AUC); the best
     weights are kept (without a validation part: the last). Batch norm stays in evaluation mode unless
-    ``bn_train`` (training from scratch)."""
+    ``bn_train`` (training from scratch). Validation predicts with test-time augmentation ``tta``."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(params, lr=lr)
-    best_auc, best_step, best_state = site_auc(model, val, site), 0, copy.deepcopy(model.state_dict())
+    best_auc, best_step, best_state = site_auc(model, val, site, tta), 0, copy.deepcopy(model.state_dict())
     best_score = -math.inf if best_auc is None else best_auc
     order, cursor, step = torch.randperm(len(train), generator=generator), 0, 0
     for step in range(1, steps + 1):
@@ -212,7 +214,7 @@ def _fit(model: nn.Module, params: list[nn.Parameter], train: LabelledSlices, va
         optimizer.step()
         if step % eval_every and step != steps:
             continue
-        auc = site_auc(model, val, site)
+        auc = site_auc(model, val, site, tta)
         score = step if auc is None else auc  # no validation part: the last weights are kept
         if score > best_score:
             best_score, best_auc, best_step, best_state = score, auc, step, copy.deepcopy(model.state_dict())
@@ -294,7 +296,8 @@ def add_site(
                            skipped=len(labelled.skipped) if labelled is not None else 0)
     if labelled is not None:
         _finetune(model, labelled, report, known, names, steps=steps, lr=lr, batch_size=batch_size,
-                  train_head=train_head, alpha=alpha, tau=tau, val_fraction=val_fraction, patience=patience, seed=seed)
+                  train_head=train_head, alpha=alpha, tau=tau, val_fraction=val_fraction, patience=patience, seed=seed,
+                  tta=str(card.get("tta", "none")))
     for p in model.parameters():
         p.requires_grad_(True)
     new_card = dict(card, site_names=names + [name])
@@ -317,7 +320,7 @@ def _finetune(model: nn.Module, labelled: LabelledSlices, report: AddSiteReport,
     unknown = [site for _, site in known if site not in names]
     if unknown:
         raise ConfigError(f"known site(s) {', '.join(unknown)} are not sites of the model ({', '.join(names)})")
-    report.val_auc_adabn = site_auc(model, val, report.site_index)
+    report.val_auc_adabn = site_auc(model, val, report.site_index, fit["tta"])
     done, best, auc = _fit(model, params, train, val, report.site_index,
                            known=[(data, names.index(site)) for data, site in known], seed=seed, **fit)
     report.mode, report.train, report.val, report.grouped_by = "finetune", len(train), len(val), grouped
@@ -348,5 +351,5 @@ def finetune_baseline(
     else:
         raise ConfigError(f"baseline kind must be 'all' or 'scratch', got {kind!r}")
     _fit(model, list(model.parameters()), train, val, site, known=[], steps=steps, lr=lr, batch_size=batch_size,
-         alpha=0.0, tau=0.05, patience=patience, seed=seed, bn_train=bn_train)
+         alpha=0.0, tau=0.05, patience=patience, seed=seed, bn_train=bn_train, tta=str(card.get("tta", "none")))
     return model, site

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from crosssite.data import FRAMES
+from crosssite.data import FRAMES, TTA_MODES
 from crosssite.errors import ConfigError, TrainingError
 from crosssite.models import is_model, list_models
 from crosssite.ioutil import atomic_write_text
@@ -34,6 +34,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "data_on_device": ("auto", "on", "off"),
+    "tta": TTA_MODES,
 }
 
 
@@ -103,6 +104,10 @@ class TrainConfig:
     # a validation whose P(COVID) varies less than this (standard deviation over a site's validation part)
     # flags the run as collapsed: its numbers are noise around the class prior, not a result
     collapse_std: float = 1e-3
+    # test-time augmentation of every validation, test and (through the model card) later prediction:
+    # "flip" averages P(COVID) over each slice and its left-right mirror (crosssite.data.tta_average); "none": the
+    # slice alone (the paper)
+    tta: str = "none"
     # data and protocol
     seed: int = 0  # model initialisation, batch order, augmentation
     split_seed: int = 0  # folds and the limit_per_site subset (kept fixed across seeds)

@@ -87,6 +87,7 @@ class Method:
     # configuration the method trains with (over a preset, under the user's own --set): a recipe such as
     # label smoothing or a weight average; ((key, value), ...) so the method stays hashable
     recipe: tuple[tuple[str, Any], ...] = ()
+    label: str = ""  # its row's name in reports (default: the name); the paper's rows use the paper's labels
 
     @property
     def contrastive(self) -> bool:
@@ -118,6 +119,12 @@ for _method in (
     Method("parallel-adapter", "site-specific BN + site-specific 1x1 adapters in parallel", adapter="parallel"),
     Method("ms-net", "site-specific BN + auxiliary heads per site with online knowledge transfer", aux_heads=True,
            terms=(KNOWLEDGE_TRANSFER,)),
+    # crosssite's recipe (Table I v2's tenth row): the paper's method, every validation, test and later prediction
+    # averaged over the slice and its left-right mirror; the one lever that gained on the validation parts under
+    # the same budget (docs/RESULTS.md, "Looking for crosssite's own recipe")
+    Method("crosssite", "the paper's method (site-specific BN + contrastive loss), each prediction averaged with "
+           "the slice's mirror", projection=True, terms=(CONTRASTIVE,), recipe=(("tta", "flip"),),
+           label="crosssite: SepNorm + Contrastive + flip TTA"),
 ):
     register_method(_method)
 

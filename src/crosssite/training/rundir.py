@@ -215,6 +215,7 @@ def model_card(
                           "eval_resize": _FRAME_TEXT[config.frame]},
         "train_config": config.to_dict(),
         "method": method,
+        "tta": config.tta,
         "threshold": 0.5,
         "metrics": json_safe(metrics),
     }

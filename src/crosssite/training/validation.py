@@ -3,7 +3,8 @@
 Every `eval_every` epochs (and after the last) the engine validates on each site's validation part -- with
 ``bn_recalibrate``, after its batch-norm statistics are recomputed on the training part (`recalibrate_bn`) -- and
 keeps the best mean AUC over sites (`selection_metric`). A validation whose P(COVID) barely varies over a site
-(`prediction_spread` below ``collapse_std``) marks the run as collapsed (`collapsed_sites`).
+(`prediction_spread` below ``collapse_std``) marks the run as collapsed (`collapsed_sites`). With ``tta="flip"``
+every validation and test prediction is averaged with the slice's mirror, so selection sees what is reported.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def evaluate(
     if len(data.eval[part].dataset) == 0:
         return {site.name: dict.fromkeys(METRICS, float("nan")) for site in data.sites}, []
     with autocast(config, device):
-        probs = collect_probabilities(model, data.eval[part], device)
+        probs = collect_probabilities(model, data.eval[part], device, tta=config.tta)
     metrics, rows = {}, []
     for s, site in enumerate(data.sites):
         mine = probs.site == s
