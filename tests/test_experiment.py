@@ -44,6 +44,7 @@ def test_every_run_writes_one_complete_line(experiment_dir: Path) -> None:
         assert row["site_order"] == ["near", "far"]
         assert row["site_info"]["near"]["has_patients"] is True
         assert row["git_commit"] and row["machine"]["cpu_count"] >= 1 and row["wall_s"] > 0
+        assert row["machine"]["cpu"] not in ("", "unknown")  # the CPU's model name: wall times are quoted with it
         assert row["config"]["image_size"] == 32 and row["config"]["fold"] == row["fold"]
         for name in ("near", "far"):
             site = row["sites"][name]

@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -52,6 +51,7 @@ from crosssite.data import eval_transform, read_image
 from crosssite.inference.export import missing_onnx_packages
 from crosssite.losses import supervised_contrastive_loss
 from crosssite.models import create_model
+from crosssite.training.precision import cpu_model
 
 # A real slice for the latency figure: site A under $CROSSSITE_DATA, or ../shared/data beside the repository.
 DATA_ROOT = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -295,7 +295,7 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     inference_levers = levers[1:] + onnx_levers
     result: dict = {
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

@@ -130,10 +130,13 @@ def machine_info() -> dict[str, Any]:
     """What the run ran on: enough to compare wall times honestly."""
     import torch
 
+    from crosssite.training.precision import cpu_model
+
     info: dict[str, Any] = {
         "host": platform.node(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -230,7 +230,7 @@ def _protocol_section(runs: Sequence[RunResult], sites: Sequence[str]) -> list[B
 
 def _machine_text(machine: Any) -> str:
     if isinstance(machine, dict):
-        device = machine.get("gpu") or machine.get("processor") or "?"
+        device = machine.get("gpu") or machine.get("cpu") or machine.get("processor") or "?"
         return f"{machine.get('host', '?')} ({device}, {machine.get('cpu_count', '?')} CPUs)"
     return str(machine)
 

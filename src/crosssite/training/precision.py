@@ -19,7 +19,7 @@ import torch
 if TYPE_CHECKING:
     from crosssite.training.config import TrainConfig
 
-__all__ = ["BF16_MIN_GFLOP", "native_bf16", "forward_gflop", "resolve_precision"]
+__all__ = ["BF16_MIN_GFLOP", "cpu_model", "native_bf16", "forward_gflop", "resolve_precision"]
 
 # Forward GFLOP per image from which bf16 autocast is chosen on hardware with native bf16 (measured:
 # docs/PERFORMANCE.md, `crosssite bench --preset`).
@@ -27,15 +27,27 @@ BF16_MIN_GFLOP = 1.0
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key : value`` of /proc/cpuinfo (None where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if line.split(":", 1)[0].strip() == key:
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _cpu_flags() -> frozenset[str]:
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows: wall times are quoted with it."""
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def native_bf16(device: torch.device) -> bool:
