@@ -76,6 +76,17 @@ def test_client_fit_trains_locally_and_keeps_its_batch_norms(client: SiteClient)
     assert card["site_names"] == ["a"] and card["method"] == "federated-fedbn (sepnorm)"
 
 
+def test_a_client_keeps_its_slices_on_the_device_when_asked(tmp_path: Path) -> None:
+    from crosssite.data.resident import ResidentLoader
+
+    (site,) = load_sites([_site("a", 0.0, n=24)])
+    client = SiteClient(TrainConfig(**TINY, data_on_device="on"), site, tmp_path, "fedbn")
+    assert isinstance(client.data.train, ResidentLoader)  # the CPU is a device too: "on" is not ignored
+    assert all(isinstance(loader, ResidentLoader) for loader in client.data.eval.values())
+    arrays, n, _ = client.fit(client.get_parameters({}), _round(1))
+    assert n == len(client.data.splits[0].train) and all(np.isfinite(a).all() for a in arrays)
+
+
 def test_fedprox_term_pulls_local_weights_to_the_global_ones(client: SiteClient) -> None:
     received = client.get_parameters({})
     distance = {}

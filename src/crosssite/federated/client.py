@@ -86,7 +86,7 @@ class SiteClient(NumPyClient):
         if key not in _DATA:
             split_file = self.dir / "split.json"
             new_split = not split_file.is_file()
-            data = build_run_data(self.config, [self.site], split_file, reuse_split=not new_split)
+            data = build_run_data(self.config, [self.site], split_file, reuse_split=not new_split, device=self.device)
             write_run_files(self.dir, data, new_split=new_split, prefix=f"{self.site.name}: ")
             if new_split:
                 save_config(self.config, self.dir / "config.yaml")
