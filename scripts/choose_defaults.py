@@ -68,6 +68,11 @@ CHOICES: list[tuple[str, str, str, str, dict]] = [
         # round 4: every image standardised on its own inside the network (what the default unseen-site strategy
         # does at test time, here in training too)
         ("standardise input", {"standardise_input": True}),
+        # round 5: the batch-norm recalibration before each validation, the suspect of the fast path's site-B
+        # drop ("Accuracy of the training fast path"): one epoch's draws in training batches (crosssite <= 0.3),
+        # and none at all (the paper)
+        ("recalibrate over one epoch", {"bn_recalibrate_images": 0}),
+        ("no recalibration", {"bn_recalibrate": False}),
     )],
 ]
 SEEDS = {"covidnet-lr": (0,), "frame+block_act": (0, 1), "fast-path": (0, 1, 2), "preset": (0, 1), "recipe": (0, 1)}
@@ -109,7 +114,7 @@ def run(out: Path, only: list[str] | None = None, questions: list[str] | None = 
             "val_auc": {name: s["val"]["auc"] for name, s in metrics["sites"].items()},
             "val_p_std": {name: s.get("val_p_std") for name, s in metrics["sites"].items()},
             "collapsed": metrics.get("collapsed", False), "git_commit": git_commit(),
-            "cpu": machine_info()["processor"],
+            "cpu": machine_info()["cpu"],
         }
         with open(results, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
