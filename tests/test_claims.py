@@ -61,3 +61,31 @@ def test_a_row_beyond_the_papers_is_tested_against_ours() -> None:
     assert [t["diff"] for t in mine] == pytest.approx([-t["diff"] for t in adds])
     kept = [(t["p_holm"], s["p_holm"]) for t, s in zip(tests, paper_only) if not math.isnan(s["p_holm"])]
     assert kept and all(new >= old for new, old in kept)  # one more comparison to correct for
+
+
+def test_rows_are_ranked_on_validation_over_the_pairs_they_share() -> None:
+    import dataclasses
+    import json
+
+    from crosssite.reporting.tables import validation_ranking, validation_table
+
+    path = REPO / "results" / "cpu-real" / "results.jsonl"
+    runs, _ = load_results(path)
+    sites = site_order(runs)
+    ranked, pairs = validation_ranking(runs, sites)
+    collapsed = {r.key for r in runs if r.collapsed}
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    for row, mean, per_site in ranked:  # the recorded validation AUCs, averaged per site and then over sites
+        mine = [r for r in raw if (r["method"], r["backbone"]) == (row.method, row.backbone)
+                and (r["method"], r["backbone"], r["fold"], r["seed"]) not in collapsed]
+        assert per_site == pytest.approx([100 * np.mean([r["val"][s]["auc"] for r in mine]) for s in sites])
+        assert mean == pytest.approx(np.mean(per_site))
+    assert pairs == 4 and [m for _, m, _ in ranked] == sorted((m for _, m, _ in ranked), reverse=True)
+    assert all("COVID-Net)" not in row.label for row, _, _ in ranked)  # collapsed in every run: not ranked
+    # a row with one pair only: every row is then compared on that pair
+    best = ranked[0][0]
+    extra = [dataclasses.replace(r, method="recipe-x", val_auc={s: 1.0 for s in sites})
+             for r in runs if r.method == best.method and r.backbone == best.backbone][:1]
+    reranked, pairs = validation_ranking([*runs, *extra], sites)
+    assert pairs == 1 and reranked[0][0].method == "recipe-x" and reranked[0][1] == pytest.approx(100.0)
+    assert validation_table([*runs, *extra], sites).body[0][0] == "**recipe-x (covidnet_redesign)**"

@@ -22,6 +22,8 @@ from crosssite.reporting.tables import (
     table_one,
     ttest_pvalues,
     ttest_table,
+    validation_ranking,
+    validation_table,
 )
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "gradcam_figure",
     "load_results",
     "mean_roc",
+    "validation_ranking",
+    "validation_table",
     "roc_figure",
     "site_order",
     "summarise",

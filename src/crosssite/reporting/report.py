@@ -49,6 +49,7 @@ from crosssite.reporting.tables import (
     loso_table,
     ttest_table,
     claims_table,
+    validation_table,
 )
 
 __all__ = ["ReportOutput", "build_report", "PATIENT_GROUPING"]
@@ -465,6 +466,8 @@ def build_report(
         ttest_table(runs, sites, "comparisons"),
         Heading("The paper's claims"),
         claims_table(runs, sites),
+        Heading("Which row to train"),
+        validation_table(runs, sites),
     ]
     log("ROC figures")
     blocks += _roc_section(runs, sites, fig_dir)

@@ -121,6 +121,7 @@ class RunResult:
     site_order: tuple[str, ...] = ()  # optional: the sites in the order they were given
     site_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # optional: layout, has_patients per site
     collapsed: bool = False  # the engine flagged its validation predictions as collapsed (a near-constant output)
+    val_auc: dict[str, float] = field(default_factory=dict)  # optional: the selected checkpoint's validation AUC
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -189,6 +190,8 @@ def _parse_line(text: str, where: str) -> RunResult:
         site_order=tuple(raw.get("site_order") or ()),
         site_info=dict(raw.get("site_info") or {}),
         collapsed=_collapsed(raw, sites),
+        val_auc={name: _metric_value((v or {}).get("auc"), f"{where}: validation of {name!r}")
+                 for name, v in (raw.get("val") or {}).items()},
     )
 
 
@@ -344,6 +347,42 @@ def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
         f"{PAPER_SITES[1]} (COVID-CT)."
     )
     return Table("Table I. COVID-19 CT classification per site (mean ± std)", header, body, caption)
+
+
+def validation_ranking(runs: Sequence[RunResult], sites: Sequence[str]
+                       ) -> tuple[list[tuple[PaperRow, float, list[float]]], int]:
+    """The rows ranked on validation, best first, as (row, mean over sites of the mean validation AUC in %, the
+    per-site means), and the number of (fold, seed) pairs the means are over. Each run's validation AUC is its
+    selected checkpoint's, on its own validation part: a choice made here reads no test fold. Rows are compared on
+    the pairs they all have, so a partial grid ranks like with like; collapsed runs and runs without validation on
+    every site are left out."""
+    with_val = {row: [r for r in runs_of(runs, row) if not r.collapsed and all(s in r.val_auc for s in sites)]
+                for row in rows_for(runs)}
+    with_val = {row: mine for row, mine in with_val.items() if mine}
+    common = set.intersection(*({(r.fold, r.seed) for r in mine} for mine in with_val.values())) if with_val else set()
+    ranked = []
+    for row, mine in with_val.items():
+        per_site = [float(np.mean([100 * r.val_auc[s] for r in mine if (r.fold, r.seed) in common])) for s in sites]
+        if common:
+            ranked.append((row, float(np.mean(per_site)), per_site))
+    return sorted(ranked, key=lambda item: -item[1]), len(common)
+
+
+def validation_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
+    """The rows ranked by mean validation AUC over sites: the row `crosssite train` and the shipped model take."""
+    ranked, pairs = validation_ranking(runs, sites)
+    header = ["Method", *(f"{site_letter(i)} val AUC" for i in range(len(sites))), "mean", "test AUC mean"]
+    body = []
+    for i, (row, mean, per_site) in enumerate(ranked):
+        test = np.mean([summarise(runs, row, s, "auc")[0] for s in sites])
+        label = f"**{row.label}**" if i == 0 else row.label
+        body.append([label, *(f"{v:.2f}" for v in per_site), f"{mean:.2f}", f"{test:.2f}"])
+    caption = (f"Columns: {_sites_legend(sites)}. Mean over the {pairs} (fold, seed) pairs every ranked row has of the "
+               "validation AUC of each run's selected checkpoint (its own validation part, never a test fold), in %; "
+               "'mean' averages the sites. The first row is the one to train: chosen on validation alone, so its "
+               "Table I test AUC stays an honest estimate (the last column, Table I's mean over sites, is shown, not "
+               "used). Validation AUCs are optimistic: each is the best of its run's epochs.")
+    return Table("Which row to train: the rows ranked on validation", header, body, caption)
 
 
 def _matched(ours: Sequence[RunResult], other: Sequence[RunResult], site: str, metric: str) -> tuple[list, list]:
