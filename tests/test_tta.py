@@ -80,7 +80,7 @@ def test_config_checks_tta() -> None:
 
 @pytest.fixture(scope="module")
 def flip_run(tmp_path_factory: pytest.TempPathFactory, site_a_path: Path, site_b_path: Path) -> Path:
-    """A tiny run of the `crosssite` method on 24 real slices per site: its recipe is ``tta="flip"``."""
+    """A tiny run of the `crosssite` method on 24 real slices per site: its recipe has ``tta="flip"``."""
     sites = load_sites([f"sars_cov2_ct={site_a_path}", f"covid_ct={site_b_path}"])
     config = TrainConfig(**method_recipe("crosssite"), method="crosssite", image_size=32, width=0.0625,
                          batch_per_site=4, folds=2, epochs=4, limit_per_site=24, lr=1e-2)
@@ -130,12 +130,12 @@ def test_grad_cam_keeps_the_flip_averaged_probability(model_path: Path, real: tu
     np.testing.assert_allclose(ood, [r.ood_score for r in plain], rtol=1e-5)  # scored on the slices as given
 
 
-def test_the_crosssite_method_is_the_papers_method_with_flip_averaging() -> None:
+def test_the_crosssite_method_is_the_papers_method_without_recalibration_and_with_flip_averaging() -> None:
     ours, mine = METHODS["sepnorm-contrastive"], METHODS["crosssite"]
     assert (mine.norm, mine.projection, mine.terms, mine.adapter, mine.aux_heads) == (
         ours.norm, ours.projection, ours.terms, ours.adapter, ours.aux_heads)
-    assert method_recipe("crosssite") == {"tta": "flip"}
+    assert method_recipe("crosssite") == {"tta": "flip", "bn_recalibrate": False}
     from crosssite.reporting.tables import rows_for
 
     runs = [SimpleNamespace(method="crosssite", backbone="covidnet_redesign")]  # rows_for reads these two only
-    assert rows_for(runs)[-1].label == "crosssite: SepNorm + Contrastive + flip TTA"
+    assert rows_for(runs)[-1].label == "crosssite: SepNorm + Contrastive, no recalibration, flip TTA"
