@@ -88,4 +88,10 @@ def test_rows_are_ranked_on_validation_over_the_pairs_they_share() -> None:
              for r in runs if r.method == best.method and r.backbone == best.backbone][:1]
     reranked, pairs = validation_ranking([*runs, *extra], sites)
     assert pairs == 1 and reranked[0][0].method == "recipe-x" and reranked[0][1] == pytest.approx(100.0)
-    assert validation_table([*runs, *extra], sites).body[0][0] == "**recipe-x (covidnet_redesign)**"
+    assert validation_table([*runs, *extra], sites).body[0][0] == "**recipe-x (covidnet_redesign)** (chosen)"
+    # a per-site row on top is shown but not chosen: the chosen row is the best one that trains one model
+    single = [dataclasses.replace(r, method="single", backbone="covidnet_redesign", val_auc={s: 1.0 for s in sites})
+              for r in extra]
+    body = validation_table([*runs, *single], sites).body
+    assert body[0][:2] == ["Single (Redesign)", "no, one per site"]
+    assert body[1][0].endswith("(chosen)") and body[1][1] == "yes"
