@@ -53,9 +53,9 @@ from torch import nn
 from crosssite.data import (
     CLASS_NAMES,
     DEFAULT_FRAME,
-    TTA_MODES,
     DEFAULT_MEAN,
     DEFAULT_STD,
+    TTA_MODES,
     eval_transform,
     preprocessing_transform,
     read_image,
