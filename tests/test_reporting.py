@@ -57,6 +57,7 @@ def _make_rows() -> list[dict]:
                     "method": method, "backbone": backbone, "fold": fold, "seed": seed,
                     "run_dir": f"runs/{method}__{backbone}/fold{fold}_seed{seed}",
                     "sites": {s: _site_result(rng, q, 40 + 10 * i) for i, s in enumerate(SITES)},
+                    "val": {s: {"auc": 0.5 + q / 4 - 0.01 * fold} for s in SITES},  # ranks rows as QUALITY does
                     "config": {"folds": 2, "seed": seed, "image_size": 32, "width": 0.0625, "epochs": 1,
                                "val_fraction": 0.2, "protocol": "kfold", "batch_per_site": 4, "lr": 1e-4},
                     "git_commit": "abc123", "machine": {"host": "test", "cpu_count": 2, "processor": "x86_64"},
@@ -171,6 +172,18 @@ def test_ttest_tables_match_scipy(experiment: tuple[Path, list[dict]]) -> None:
     assert sepnorm[1] == "0/0" and sepnorm[2] == "n/a"
 
 
+def test_validation_ranking_needs_validation_on_every_site(experiment: tuple[Path, list[dict]]) -> None:
+    from crosssite.reporting import validation_table
+
+    exp, rows = experiment
+    for row in rows:
+        del row["val"]["covid_ct"]  # e.g. results written before runs recorded validation for both sites
+    (exp / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs, _ = load_results(exp / "results.jsonl")
+    table = validation_table(runs, site_order(runs))
+    assert table.body == [] and "nothing to rank" in table.caption
+
+
 def test_report_files_without_models(experiment: tuple[Path, list[dict]], tmp_path: Path) -> None:
     exp, _ = experiment
     out = build_report(exp, tmp_path / "report")
@@ -188,6 +201,10 @@ def test_report_files_without_models(experiment: tuple[Path, list[dict]], tmp_pa
     for row in ROWS:
         assert f"| {row.label} |" in md
     assert "figures/roc_siteA_sars_cov2_ct.png" in md
+    # ranked on validation over the one pair every row has (MS-Net has one run); Single is shown, never chosen
+    assert "| **SepNorm + Contrastive** (chosen) | yes | 95.00 | 95.00 | 95.00 |" in md
+    assert "| MS-Net | yes | 87.50 |" in md and "| Single (Redesign) | no, one per site |" in md
+    assert "Mean over the 1 (fold, seed) pairs" in md
     html = out.html.read_text()
     assert html.count("data:image/png;base64,") == 2
     assert "src='figures" not in html and "<link" not in html and "<script" not in html

@@ -380,6 +380,9 @@ def validation_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     """The rows ranked by mean validation AUC over sites; the best row that trains one model on every site is the
     one `crosssite train` defaults to and the shipped model is trained with."""
     ranked, pairs = validation_ranking(runs, sites)
+    if not ranked:
+        return Table("Which row to train: the rows ranked on validation", ["Method"], [],
+                     "No (fold, seed) pair has a validation AUC on every site in every row's runs: nothing to rank.")
     chosen = next((row for row, _, _ in ranked if one_model(row)), None)
     header = ["Method", "one model", *(f"{site_letter(i)} val AUC" for i in range(len(sites))), "mean",
               "test AUC mean"]
