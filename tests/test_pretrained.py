@@ -54,12 +54,15 @@ def test_the_first_path_is_a_model_only_when_it_names_one(tmp_path: Path, site_a
 def test_models_lists_the_shipped_and_the_local_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CROSSSITE_MODELS", str(tmp_path))
     model = create_model("covidnet_redesign", num_sites=1, width=0.0625)
-    save(model, tmp_path / "hospital" / "mine", {"site_names": ["x"], "metrics": {"val": {"x": {"auc": 0.9}}}})
+    save(model, tmp_path / "hospital" / "mine", {"site_names": ["x"], "metrics": {"val": {"x": {"auc": 0.9}}},
+                                                "tta": "flip"})
     result = CliRunner().invoke(app, ["models", "--json"])
     assert result.exit_code == 0, result.output
     listing = json.loads(result.output)
     assert [m["name"] for m in listing["shipped"]] == [shipped_model().name]
     (local,) = listing["local"]
     assert local["name"] == "mine" and local["sites"] == ["x"] and local["val_auc"] == {"x": 0.9}
+    assert local["tta"] == "flip" and listing["shipped"][0]["tta"] == "none"
     text = CliRunner().invoke(app, ["models"]).output
     assert "shipped" in text and "local" in text and "val AUC x 90.0" in text
+    assert "sites x  tta flip" in text and text.count("tta ") == 1  # shown where the model averages the mirror

@@ -34,7 +34,8 @@ def models(
             continue
         aucs = ", ".join(f"{s} {100 * a:.1f}" for s, a in (entry.get("val_auc") or {}).items() if a is not None)
         sites = ",".join(entry.get("sites") or []) or "-"
-        typer.echo(f"{tag:8} {entry['name']}  {entry.get('format')}  {entry['size_mb']} MB  sites {sites}"
+        tta = f"  tta {entry['tta']}" if entry.get("tta", "none") != "none" else ""
+        typer.echo(f"{tag:8} {entry['name']}  {entry.get('format')}  {entry['size_mb']} MB  sites {sites}{tta}"
                    + (f"  val AUC {aucs}" if aucs else "") + f"  {entry['path']}")
     if not shipped + local:
         typer.echo(f"no models found (the shipped model is missing; none under {models_dir()})")
