@@ -74,7 +74,7 @@ def run(out: Path, tiny: bool) -> None:
     import torch
 
     from crosssite import models
-    from crosssite.data import load_site
+    from crosssite.data import card_tta, load_site
     from crosssite.experiment import git_commit
     from crosssite.inference.predictor import Preprocess
     from crosssite.training.add_site import add_site, decode_site, finetune_baseline, site_auc
@@ -112,7 +112,7 @@ def run(out: Path, tiny: bool) -> None:
             info = {"steps": report.steps, "best_step": report.best_step, "val": report.val}
         else:
             new, site = finetune_baseline(model, card, labelled, method, images=b.images, steps=steps, seed=draw)
-        auc = site_auc(new, rest, site, card.get("tta", "none"))
+        auc = site_auc(new, rest, site, card_tta(card))
         line = {"k": k, "draw": draw, "method": method, "auc": auc, "n_labelled": len(labelled),
                 "n_eval": len(rest), "wall_s": round(time.perf_counter() - start, 1), "git_commit": git_commit(),
                 **info}

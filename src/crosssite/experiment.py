@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from crosssite.data import Site
+from crosssite.data import Site, card_tta
 from crosssite.errors import ConfigError
 from crosssite.ioutil import ensure_dir, guard_output, read_jsonl
 from crosssite.training.methods import PAPER_TABLE_I, method_recipe
@@ -287,7 +287,7 @@ def run_loso(
             loader = card_loader(held, card, None, batch_size=64)
             evaluations = evaluate_model(model, list(card["site_names"]), {}, {held.name: loader},
                                          strategies=LOSO_STRATEGIES, n_boot=500, seed=seed,
-                                         tta=str(card.get("tta", "none")))
+                                         tta=card_tta(card))
             wall = round(time.perf_counter() - start, 1)
             for e in evaluations:
                 _append_line(results, {

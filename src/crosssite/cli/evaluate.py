@@ -126,6 +126,7 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
                   strategies: Sequence[str] = ()) -> list[tuple[Any, dict]]:
     """Every (evaluation, JSON row) of model ``m`` on its known sites (test parts, or every image with --all) and
     on the external sites under each normalisation strategy (and each extra test-time ``strategies``)."""
+    from crosssite.data import card_tta
     from crosssite.evaluation import card_loader, evaluate_model
     from crosssite.models.adaptation import DEFAULT_STRATEGY
 
@@ -142,7 +143,7 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
     out = []
     for r in evaluate_model(m.model, m.site_names, known, ext, device=device,
                             threshold=float(m.card.get("threshold", 0.5)), n_boot=bootstrap, seed=seed,
-                            strategies=strategies, tta=str(m.card.get("tta", "none"))):
+                            strategies=strategies, tta=card_tta(m.card)):
         part = "all" if all_images or m.run_dir is None or r.strategy != "own" else "test"
         default = r.site in ext and r.strategy == DEFAULT_STRATEGY  # what predict / serve use on an unseen site
         out.append((r, r.to_dict() | {"model": label, "part": part, "default": default}))

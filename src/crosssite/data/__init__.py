@@ -52,6 +52,7 @@ from crosssite.data.transforms import (
     Normalise,
     TTA_MODES,
     TrainTransform,
+    card_tta,
     eval_transform,
     resize_short_side,
     frame_slice,
@@ -69,5 +70,5 @@ __all__ = [
     "eval_transform", "expand_inputs", "inspect_image", "load_manifest", "load_site", "load_sites",
     "all_data_split", "make_folds", "num_frames", "official_split",
     "oversample_factors", "parse_site_spec", "read_image", "read_volume", "resize_short_side",
-    "short_side_for", "split_fold", "synthetic_site", "train_loader", "train_transform", "tta_average",
+    "short_side_for", "split_fold", "synthetic_site", "train_loader", "train_transform", "tta_average", "card_tta",
 ]

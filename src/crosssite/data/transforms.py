@@ -54,6 +54,7 @@ __all__ = [
     "TrainTransform",
     "EvalTransform",
     "TTA_MODES",
+    "card_tta",
     "tta_average",
     "preprocessing_transform",
     "train_transform",
@@ -295,6 +296,11 @@ def eval_transform(image_size: int = 224, **kwargs) -> EvalTransform:
 
 TTA_MODES = ("none", "flip")  # test-time augmentation: the evaluation view alone, or averaged with its mirror
 _P = TypeVar("_P")
+
+
+def card_tta(card: dict) -> str:
+    """The test-time augmentation a model card records (``"none"`` for a card from before crosssite had it)."""
+    return str(card.get("tta", "none"))
 
 
 def tta_average(probabilities: Callable[[torch.Tensor], _P], images: torch.Tensor, tta: str = "none") -> _P:

@@ -5,7 +5,8 @@ returns ``probabilities`` (B, num_classes) (softmax of the logits; P(COVID) is c
 normalisation of site-specific modules is fixed at export: a known site's, or the mean of the known sites'
 ("mean-of-sites"). Everything `Predictor` needs besides the graph -- preprocessing (image size, mean,
 std), class names, threshold, the normalisation used, the source model's site names, its test-time augmentation
-(which `Predictor` applies by running the graph on the mirrored slices too) -- is stored in the ONNX file itself, as JSON under the metadata key ``crosssite``, so the ``.onnx`` file is enough to deploy.
+(which `Predictor` applies by running the graph on the mirrored slices too) -- is stored in the ONNX file itself,
+as JSON under the metadata key ``crosssite``, so the ``.onnx`` file is enough to deploy.
 
 Exporter: PyTorch's TorchScript-based exporter (``dynamo=False``). The ``torch.export``-based exporter,
 PyTorch's default, needs the ``onnxscript`` package, which crosssite does not depend on. The exporter's
@@ -42,6 +43,7 @@ import torch
 from torch import nn
 
 import crosssite
+from crosssite.data import card_tta
 from crosssite.errors import ImageReadError
 from crosssite.ioutil import atomic_write
 from crosssite.inference.inputs import collect_inputs
@@ -141,7 +143,7 @@ def export_onnx(
         "preprocessing": pre.to_dict(),
         "class_names": card.get("class_names"),
         "threshold": card.get("threshold", 0.5),
-        "tta": card.get("tta", "none"),  # applied by the predictor around the graph: it runs the mirror too
+        "tta": card_tta(card),  # applied by the predictor around the graph: it runs the mirror too
         "norm": norm,
         "site_names": site_names_of(card),
         "source_model": str(model_path),

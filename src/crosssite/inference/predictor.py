@@ -56,6 +56,7 @@ from crosssite.data import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     TTA_MODES,
+    card_tta,
     eval_transform,
     preprocessing_transform,
     read_image,
@@ -321,7 +322,7 @@ class Predictor:
         self.ood_threshold = float(card.get("ood_threshold", OOD_THRESHOLD) if ood_threshold is None else ood_threshold)
         if not self.ood_threshold > 0:
             raise InferenceError(f"ood_threshold must be positive, got {self.ood_threshold}")
-        self.tta = str(card.get("tta", "none") if tta is None else tta)
+        self.tta = card_tta(card) if tta is None else tta
         if self.tta not in TTA_MODES:
             raise InferenceError(f"{source}: test-time augmentation {self.tta!r} is not one of {', '.join(TTA_MODES)}")
         self._warnings: dict[Path, list[str]] = {}  # per input file, for the current `predict` call

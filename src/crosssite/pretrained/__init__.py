@@ -45,6 +45,8 @@ def models_dir() -> Path:
 def describe(path: Path) -> dict[str, Any]:
     """Name, file, size, sites, architecture, method, test-time augmentation and validation AUC of one model file
     (its card read, not the weights); an unreadable card gives an ``error`` entry instead."""
+    from crosssite.data import card_tta  # torch comes with it: only when a model is described
+
     path = Path(path)
     entry: dict[str, Any] = {"name": path.stem, "path": str(path), "size_mb": round(path.stat().st_size / 2**20, 2)}
     card_path = path.with_suffix(".json")
@@ -60,7 +62,7 @@ def describe(path: Path) -> dict[str, Any]:
         "format": "safetensors",
         "architecture": card.get("architecture"),
         "method": card.get("method"),
-        "tta": card.get("tta", "none"),
+        "tta": card_tta(card),
         "sites": card.get("site_names"),
         "val_auc": {site: m.get("auc") for site, m in val.items() if isinstance(m, dict)},
         "licence": card.get("licence"),

@@ -39,7 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from torch import Tensor, nn
 
 from crosssite import models
-from crosssite.data import Site, read_image, tta_average
+from crosssite.data import Site, card_tta, read_image, tta_average
 from crosssite.errors import ConfigError, ImageReadError, SiteError
 from crosssite.losses import supervised_contrastive_loss
 from crosssite.models import SiteModule
@@ -297,7 +297,7 @@ def add_site(
     if labelled is not None:
         _finetune(model, labelled, report, known, names, steps=steps, lr=lr, batch_size=batch_size,
                   train_head=train_head, alpha=alpha, tau=tau, val_fraction=val_fraction, patience=patience, seed=seed,
-                  tta=str(card.get("tta", "none")))
+                  tta=card_tta(card))
     for p in model.parameters():
         p.requires_grad_(True)
     new_card = dict(card, site_names=names + [name])
@@ -351,5 +351,5 @@ def finetune_baseline(
     else:
         raise ConfigError(f"baseline kind must be 'all' or 'scratch', got {kind!r}")
     _fit(model, list(model.parameters()), train, val, site, known=[], steps=steps, lr=lr, batch_size=batch_size,
-         alpha=0.0, tau=0.05, patience=patience, seed=seed, bn_train=bn_train, tta=str(card.get("tta", "none")))
+         alpha=0.0, tau=0.05, patience=patience, seed=seed, bn_train=bn_train, tta=card_tta(card))
     return model, site
