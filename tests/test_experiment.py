@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from crosssite.cli import app
 from crosssite.data import load_sites
-from crosssite.experiment import RunKey, finished_keys, grid, run_experiment
+from crosssite.experiment import RunKey, claim_run, finished_keys, grid, run_experiment
 from crosssite.reporting import build_report
 
 TINY = {"image_size": 32, "width": 0.0625, "epochs": 1, "batch_per_site": 4, "eval_every": 1, "ckpt_every": 0}
@@ -70,6 +70,36 @@ def test_finished_runs_are_skipped_and_a_deleted_line_reruns(experiment_dir: Pat
     again = [r for r in _lines(results) if RunKey(r["method"], r["backbone"], r["fold"], r["seed"]) == key][0]
     # the finished run is resumed from its checkpoint, not retrained: the same test predictions come back
     assert again["sites"]["far"]["p_covid"] == dropped["sites"]["far"]["p_covid"]
+
+
+def test_a_run_another_runner_holds_is_left_to_it_and_said(tmp_path: Path) -> None:
+    first, second = RunKey("joint", "covidnet_redesign", 0, 0), RunKey("joint", "covidnet_redesign", 1, 0)
+    logs: list[str] = []
+    with claim_run(tmp_path / "runs" / first.dirname) as mine:
+        assert mine
+        ran = run_experiment(load_sites(SITES), tmp_path, rows=ROWS[:1], folds=2, overrides=TINY, progress=False,
+                             log=logs.append)
+    assert ran == [second] and finished_keys(tmp_path / "results.jsonl") == {second}
+    assert any(line.startswith("1 run(s) left") and "joint fold 0 seed 0" in line for line in logs)
+    # the claim ends with its holder: the next call runs the run
+    assert run_experiment(load_sites(SITES), tmp_path, rows=ROWS[:1], folds=2, overrides=TINY, progress=False,
+                          log=lambda _: None) == [first]
+
+
+def test_runner_processes_share_a_grid_and_run_every_key_once(tmp_path: Path) -> None:
+    import torch
+
+    logs: list[str] = []
+    ran = run_experiment(load_sites(SITES), tmp_path, rows=ROWS, folds=2, overrides=TINY, workers=2,
+                         progress=False, log=logs.append)
+    lines = _lines(tmp_path / "results.jsonl")
+    keys = [RunKey(r["method"], r["backbone"], r["fold"], r["seed"]) for r in lines]
+    assert len(keys) == len(set(keys)) == 4 and sorted(ran) == sorted(keys)
+    threads = max(1, torch.get_num_threads() // 2)
+    assert f"2 runner processes, {threads} torch thread(s) each" in logs
+    assert {r["machine"]["torch_threads"] for r in lines} == {threads}  # each runner trained on its share
+    assert run_experiment(load_sites(SITES), tmp_path, rows=ROWS, folds=2, overrides=TINY, workers=2,
+                          progress=False, log=lambda _: None) == []
 
 
 def test_report_writes_every_table_and_figure(experiment_dir: Path) -> None:

@@ -3,25 +3,32 @@
 Every finished run appends one JSON line to ``DIR/results.jsonl`` holding each site's test metrics and
 test-part predictions, the resolved configuration, the git commit, the machine and the wall time. A run
 whose key (method, backbone, fold, seed) already has a line is skipped, so a grid grows across many
-invocations; a run interrupted half-way resumes from its own last checkpoint.
+invocations; a run interrupted half-way resumes from its own last checkpoint. Each run is claimed (an exclusive
+lock beside its folder, released when its process ends, however it ends) while it trains, so several runners may
+share one grid: a run another runner holds is left to it. ``workers=N`` starts N such runners at once, each with
+a share of the torch threads (on 2 cores, two single-thread runners train about 1.4x the images per second of one
+two-thread runner: docs/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from crosssite.data import Site, card_tta
-from crosssite.errors import ConfigError
+from crosssite.errors import ConfigError, CrossSiteError
 from crosssite.ioutil import ensure_dir, guard_output, read_jsonl
 from crosssite.training.methods import PAPER_TABLE_I, method_recipe
 from crosssite.training.rundir import read_predictions
@@ -30,6 +37,7 @@ __all__ = [
     "PRESETS",
     "PAPER_ROWS",
     "RunKey",
+    "claim_run",
     "grid",
     "finished_keys",
     "machine_info",
@@ -190,6 +198,35 @@ def _results_line(key: RunKey, preset: str, out_dir: Path, run_dir: Path, sites:
     }
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every run of one `run_experiment` call shares (sent to worker processes)."""
+
+    sites: tuple[Site, ...]
+    out_dir: Path
+    preset: str
+    folds: int
+    overrides: dict[str, Any]
+
+
+@contextmanager
+def claim_run(run_dir: Path) -> Iterator[bool]:
+    """Hold the run at ``run_dir`` for this process: yields True while an exclusive lock on its claim file
+    (``.NAME.claim`` beside the folder) is held, False when another runner holds it. The operating system drops
+    the lock when its process ends, so a killed runner never leaves a stale claim."""
+    path = ensure_dir(run_dir.parent, "the experiment's runs folder") / f".{run_dir.name}.claim"
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_experiment(
     sites: Sequence[Site],
     out_dir: Path,
@@ -201,15 +238,16 @@ def run_experiment(
     only_folds: Sequence[int] | None = None,
     overrides: dict[str, Any] | None = None,
     max_runs: int | None = None,
+    workers: int = 1,
     progress: bool = True,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> list[RunKey]:
-    """Run every unfinished (method, backbone, fold, seed) of the grid; returns the keys run this call."""
-    from crosssite.training import TrainConfig, train
-    from crosssite.training.config import apply_overrides
-
+    """Run every unfinished (method, backbone, fold, seed) of the grid, in `grid` order, skipping runs another
+    runner holds; ``workers`` > 1 shares them among that many runner processes. Returns the keys run this call."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if workers < 1:
+        raise ConfigError(f"workers: must be at least 1, got {workers}")
     rows = list(rows) if rows is not None else [(m, b) for m, b, _ in PAPER_ROWS]
     out_dir = Path(out_dir)
     results = out_dir / "results.jsonl"
@@ -219,22 +257,84 @@ def run_experiment(
     ]
     if max_runs is not None:
         todo = todo[:max_runs]
-    log(f"experiment {out_dir}: {len(done)} run(s) finished, {len(todo)} to run now")
+    log(f"experiment {out_dir}: {len(done)} run(s) finished, {len(todo)} to run now"
+        + (f" by {workers} runners" if workers > 1 and todo else ""))
+    job = _Job(tuple(sites), out_dir, preset, folds, overrides or {})
+    if workers == 1 or len(todo) < 2:
+        return _run_keys(job, todo, progress, log)
+    _run_workers(job, todo, min(workers, len(todo)), log)
+    finished = finished_keys(results)
+    return [k for k in todo if k in finished]
+
+
+def _run_keys(job: _Job, todo: Sequence[RunKey], progress: bool, log: Callable[[str], None],
+              quiet_skips: bool = False) -> list[RunKey]:
+    """Train the runs of ``todo`` that are neither finished nor held by another runner; one results line each."""
+    from crosssite.training import TrainConfig, train
+    from crosssite.training.config import apply_overrides
+
+    results = job.out_dir / "results.jsonl"
     ran: list[RunKey] = []
+    left: list[RunKey] = []
     for i, key in enumerate(todo, 1):
-        values = {**PRESETS[preset], **method_recipe(key.method), **(overrides or {})}
-        values.update(method=key.method, backbone=key.backbone, fold=key.fold, folds=folds, seed=key.seed)
-        config = apply_overrides(TrainConfig(), values)
-        run_dir = out_dir / "runs" / key.dirname
-        log(f"[{i}/{len(todo)}] {key.method} / {key.backbone} fold {key.fold} seed {key.seed} -> {run_dir}")
-        resumed = run_dir.exists()
-        start = time.perf_counter()
-        metrics = train(config, list(sites), run_dir, resume=True, progress=progress)
-        wall = time.perf_counter() - start
-        line = _results_line(key, preset, out_dir, run_dir, sites, metrics, config)
-        _append_line(results, line | {"resumed": resumed, "wall_s": round(wall, 1)})
-        ran.append(key)
+        run_dir = job.out_dir / "runs" / key.dirname
+        with claim_run(run_dir) as mine:
+            if not mine:
+                left.append(key)
+                continue
+            if key in finished_keys(results):  # finished by another runner since this call began
+                continue
+            values = {**PRESETS[job.preset], **method_recipe(key.method), **job.overrides}
+            values.update(method=key.method, backbone=key.backbone, fold=key.fold, folds=job.folds, seed=key.seed)
+            config = apply_overrides(TrainConfig(), values)
+            log(f"[{i}/{len(todo)}] {key.method} / {key.backbone} fold {key.fold} seed {key.seed} -> {run_dir}")
+            resumed = run_dir.exists()
+            start = time.perf_counter()
+            metrics = train(config, list(job.sites), run_dir, resume=True, progress=progress)
+            wall = time.perf_counter() - start
+            line = _results_line(key, job.preset, job.out_dir, run_dir, job.sites, metrics, config)
+            _append_line(results, line | {"resumed": resumed, "wall_s": round(wall, 1)})
+            ran.append(key)
+    if left and not quiet_skips:
+        log(f"{len(left)} run(s) left to the runner(s) that hold them: "
+            + ", ".join(f"{k.method} fold {k.fold} seed {k.seed}" for k in left))
     return ran
+
+
+def _worker(index: int, threads: int, job: _Job, todo: list[RunKey]) -> None:
+    """One runner process of `run_experiment(workers=N)`: ``threads`` torch threads, its lines prefixed."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        _run_keys(job, todo, False, lambda text: print(f"[runner {index}] {text}", flush=True), quiet_skips=True)
+    except CrossSiteError as e:
+        print(f"[runner {index}] error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _run_workers(job: _Job, todo: list[RunKey], workers: int, log: Callable[[str], None]) -> None:
+    """Start ``workers`` runner processes on ``todo`` (each takes the next run nobody holds) and wait for all."""
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)
+    log(f"{workers} runner processes, {threads} torch thread(s) each")
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    procs = [context.Process(target=_worker, args=(i, threads, job, todo), name=f"runner-{i}")
+             for i in range(1, workers + 1)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    except BaseException:  # Ctrl-C or a kill: stop every runner (each run resumes from its checkpoint next time)
+        for proc in procs:
+            proc.terminate()
+        raise
+    failed = [f"runner {i} (exit status {p.exitcode})" for i, p in enumerate(procs, 1) if p.exitcode != 0]
+    if failed:
+        raise CrossSiteError(f"{', '.join(failed)} stopped with an error (printed above); the grid resumes from "
+                             "the finished runs and checkpoints when the command is run again")
 
 
 # ----------------------------------------------------------------------------------- leave one site out
