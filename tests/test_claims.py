@@ -95,3 +95,20 @@ def test_rows_are_ranked_on_validation_over_the_pairs_they_share() -> None:
     body = validation_table([*runs, *single], sites).body
     assert body[0][:2] == ["Single (Redesign)", "no, one per site"]
     assert body[1][0].endswith("(chosen)") and body[1][1] == "yes"
+
+
+def test_a_claim_is_confirmed_only_when_every_comparison_is() -> None:
+    from crosssite.reporting.tables import claim_verdicts, verdict_table
+
+    def entry(claim: str, site: str, verdict: str) -> dict:
+        return {"claim": claim, "site": site, "verdict": verdict}
+
+    tests = [entry("c1", "A", "confirmed"), entry("c1", "A", "confirmed"), entry("c1", "B", "confirmed"),
+             entry("c1", "B", "undecided"), entry("c2", "A", "confirmed"), entry("c2", "A", "refuted"),
+             entry("c2", "B", "undecided")]
+    assert claim_verdicts(tests, ["A", "B"]) == [("c1", {"A": "confirmed", "B": "undecided"}),
+                                                 ("c2", {"A": "refuted", "B": "undecided"})]
+    runs, _ = load_results(REPO / "results" / "cpu-real" / "results.jsonl")
+    table = verdict_table(runs, site_order(runs))
+    assert [row[0] for row in table.body][:2] == ["the redesign beats the original COVID-Net", "Single beats Joint"]
+    assert all(v == "undecided" for row in table.body for v in row[1:])  # the first grid: 4 pairs decide nothing

@@ -50,6 +50,7 @@ from crosssite.reporting.tables import (
     ttest_table,
     claims_table,
     validation_table,
+    verdict_table,
 )
 
 __all__ = ["ReportOutput", "build_report", "PATIENT_GROUPING"]
@@ -465,6 +466,7 @@ def build_report(
         ttest_table(runs, sites, "baselines"),
         ttest_table(runs, sites, "comparisons"),
         Heading("The paper's claims"),
+        verdict_table(runs, sites),
         claims_table(runs, sites),
         Heading("Which row to train"),
         validation_table(runs, sites),

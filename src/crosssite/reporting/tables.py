@@ -46,6 +46,8 @@ __all__ = [
     "CLAIMS",
     "claim_tests",
     "claims_table",
+    "claim_verdicts",
+    "verdict_table",
     "interval_table",
     "loso_table",
     "loso_summary",
@@ -536,6 +538,31 @@ def claims_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
         "undecided. Collapsed runs are left out."
     )
     return Table("The paper's claims, tested", header, body, caption)
+
+
+def claim_verdicts(tests: Sequence[dict[str, Any]], sites: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """Each claim's verdict per site from its comparisons (`claim_tests`): confirmed when every comparison is,
+    refuted when any is, else undecided."""
+    out = []
+    for claim in dict.fromkeys(t["claim"] for t in tests):
+        per_site = {}
+        for site in sites:
+            verdicts = [t["verdict"] for t in tests if t["claim"] == claim and t["site"] == site]
+            per_site[site] = ("refuted" if "refuted" in verdicts else
+                              "confirmed" if verdicts and set(verdicts) == {"confirmed"} else "undecided")
+        out.append((claim, per_site))
+    return out
+
+
+def verdict_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
+    """One line per claim: its verdict on each site (`claim_verdicts` over `claim_tests`)."""
+    tests = claim_tests(runs, sites)
+    body = [[claim, *(per_site[s] for s in sites)] for claim, per_site in claim_verdicts(tests, sites)]
+    header = ["Claim", *(site_letter(i) for i in range(len(sites)))]
+    caption = (f"Columns: {_sites_legend(sites)}. A claim is confirmed on a site when every comparison it "
+               "makes there is (the table below: Holm-adjusted corrected p < 0.05, in its direction), refuted "
+               "when any comparison goes significantly the other way, and undecided otherwise.")
+    return Table("The paper's claims: verdicts", header, body, caption)
 
 
 def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int = 200, seed: int = 0) -> Table:
