@@ -267,3 +267,17 @@ def test_site_order_and_paper_columns_follow_recorded_layouts(tmp_path: Path) ->
     assert site_order(runs) == ["hospital_a", "hospital_b"]
     first = table_one(runs, site_order(runs)).body[0]
     assert first[0] == "Single (COVID-Net)" and first[7] == "84.08" and first[13] == "71.09"
+
+
+def test_busy_hours_count_overlapping_runs_once_and_skip_gaps() -> None:
+    import dataclasses
+
+    from crosssite.reporting.report import busy_hours
+    from crosssite.reporting.tables import load_results
+
+    (run, *_), _ = load_results(Path(__file__).resolve().parents[1] / "results" / "cpu-real" / "results.jsonl")
+    at = lambda text, wall: dataclasses.replace(run, finished_at=f"2026-12-01T{text}+00:00", wall_s=wall)  # noqa: E731
+    # 10:00-11:00 and 10:30-11:30 side by side (1.5 h), a gap, then 13:00-13:30 alone
+    runs = [at("11:00:00", 3600.0), at("11:30:00", 3600.0), at("13:30:00", 1800.0)]
+    assert busy_hours(runs) == pytest.approx(2.0)
+    assert busy_hours(runs[:1] * 2) == pytest.approx(1.0)  # the same interval twice counts once

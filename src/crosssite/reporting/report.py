@@ -237,10 +237,23 @@ def _machine_text(machine: Any) -> str:
     return str(machine)
 
 
+def busy_hours(runs: Sequence[RunResult]) -> float:
+    """Hours during which at least one run was training: the union of the runs' (finish - wall time, finish)
+    intervals, so runners side by side count once and the gaps between invocations not at all."""
+    spans = sorted((end - r.wall_s, end) for r in runs if np.isfinite(r.wall_s) and r.finished_at
+                   for end in [datetime.fromisoformat(r.finished_at).timestamp()])
+    total, reach = 0.0, -np.inf
+    for start, end in spans:
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total / 3600
+
+
 def _runs_section(runs: Sequence[RunResult], notes: Sequence[str]) -> list[Block]:
     walls = [r.wall_s for r in runs if np.isfinite(r.wall_s)]
     wall_text = (
-        f"median {statistics.median(walls) / 60:.1f} min per run, {sum(walls) / 3600:.2f} h in all"
+        f"median {statistics.median(walls) / 60:.1f} min per run, {sum(walls) / 3600:.2f} h summed over runs, "
+        f"{busy_hours(runs):.2f} h elapsed while any run trained (runners side by side counted once)"
         if walls
         else "not recorded"
     )
