@@ -1,6 +1,7 @@
 """How much do trained models rely on site B's file-format cue (every COVID slice PNG, 202 of 397 non-COVID JPEG)?
 
     python scripts/format_shortcut.py results/choices/runs --site B     # every predictions.csv below the folder
+    python scripts/format_shortcut.py results/cpu-v2/runs --site covid_ct --by-row   # one line per grid row
 
 For each run's test part of the site: the AUC on every slice, the AUC on the PNG slices alone (the cue removed:
 both classes PNG), and the mean P(COVID) of the non-COVID slices by format. A model that reads the format gives
@@ -47,18 +48,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
     parser.add_argument("--site", default="B")
+    parser.add_argument("--by-row", action="store_true",
+                        help="one line per first folder under ROOT (a grid's row), the mean over its runs")
     args = parser.parse_args()
-    print("| run | AUC all | AUC PNG only | non-COVID PNG in test | mean P non-COVID PNG | mean P non-COVID JPEG |")
+    first = "row (runs)" if args.by_row else "run"
+    print(f"| {first} | AUC all | AUC PNG only | non-COVID PNG in test | mean P non-COVID PNG | mean P non-COVID JPEG |")
     print("|---|---:|---:|---:|---:|---:|")
-    found = []
+    groups: dict[str, list[dict[str, float]]] = {}
     for run, rows in _runs(args.root, args.site):
-        r = analyse(rows)
-        found.append(r)
-        print(f"| {run.relative_to(args.root)} | {100 * r['auc_all']:.2f} | {100 * r['auc_png']:.2f} | "
-              f"{r['n_png_noncovid']} | {r['p_noncovid_png']:.3f} | {r['p_noncovid_jpeg']:.3f} |")
-    if found:
-        mean = {k: statistics.mean(r[k] for r in found) for k in found[0]}
-        print(f"| mean of {len(found)} | {100 * mean['auc_all']:.2f} | {100 * mean['auc_png']:.2f} | "
+        name = run.relative_to(args.root).parts[0] if args.by_row else str(run.relative_to(args.root))
+        groups.setdefault(name, []).append(analyse(rows))
+    if args.by_row:
+        groups = {f"{name} ({len(found)})": found for name, found in groups.items()}
+    found = [r for rs in groups.values() for r in rs]
+    for name, rs in [*groups.items(), *([(f"mean of {len(found)}", found)] if found else [])]:
+        mean = {k: statistics.mean(r[k] for r in rs) for k in rs[0]}
+        print(f"| {name} | {100 * mean['auc_all']:.2f} | {100 * mean['auc_png']:.2f} | "
               f"{mean['n_png_noncovid']:.0f} | {mean['p_noncovid_png']:.3f} | {mean['p_noncovid_jpeg']:.3f} |")
 
 
