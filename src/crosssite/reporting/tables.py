@@ -48,6 +48,10 @@ __all__ = [
     "claims_table",
     "claim_verdicts",
     "verdict_table",
+    "validation_ranking",
+    "validation_table",
+    "chosen_row",
+    "one_model",
     "interval_table",
     "loso_table",
     "loso_summary",
@@ -378,6 +382,12 @@ def one_model(row: PaperRow) -> bool:
     return method is None or not method.per_site
 
 
+def chosen_row(runs: Sequence[RunResult], sites: Sequence[str]) -> PaperRow | None:
+    """The row `crosssite train` defaults to and the shipped model is trained with: the best-ranked on validation
+    (`validation_ranking`) that trains one model on every site (`one_model`); None when nothing can be ranked."""
+    return next((row for row, _, _ in validation_ranking(runs, sites)[0] if one_model(row)), None)
+
+
 def validation_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     """The rows ranked by mean validation AUC over sites; the best row that trains one model on every site is the
     one `crosssite train` defaults to and the shipped model is trained with."""
@@ -385,7 +395,7 @@ def validation_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     if not ranked:
         return Table("Which row to train: the rows ranked on validation", ["Method"], [],
                      "No (fold, seed) pair has a validation AUC on every site in every row's runs: nothing to rank.")
-    chosen = next((row for row, _, _ in ranked if one_model(row)), None)
+    chosen = chosen_row(runs, sites)
     header = ["Method", "one model", *(f"{site_letter(i)} val AUC" for i in range(len(sites))), "mean",
               "test AUC mean"]
     body = []
