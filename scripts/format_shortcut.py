@@ -56,7 +56,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     groups: dict[str, list[dict[str, float]]] = {}
     for run, rows in _runs(args.root, args.site):
-        name = run.relative_to(args.root).parts[0] if args.by_row else str(run.relative_to(args.root))
+        where = run.relative_to(args.root)
+        name = (where.parts[0] if where.parts else args.root.name) if args.by_row else str(where)
         groups.setdefault(name, []).append(analyse(rows))
     if args.by_row:
         groups = {f"{name} ({len(found)})": found for name, found in groups.items()}

@@ -4,7 +4,8 @@
 
 For every run of ``results.jsonl`` whose folder is present: the median over its epochs of ``images_per_s``,
 grouped by the run's torch threads (``machine.torch_threads``); with R runners side by side, each of T threads,
-the machine trains R times the per-runner figure. Single's runs (one model per site, a folder each) have no
+the machine trains about R times the per-runner figure (a resumed run's epochs may mix thread counts, and a
+runner left alone at a grid's end trains faster than beside another). Single's runs (one model per site, a folder each) have no
 ``log.csv`` of their own and are not counted.
 """
 
@@ -23,6 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     groups: dict[int, list[float]] = {}
     for text in (args.experiment / "results.jsonl").read_text().splitlines():
+        if not text.strip():
+            continue
         run = json.loads(text)
         log = args.experiment / run["run_dir"] / "log.csv"
         if not log.exists():
@@ -30,7 +33,8 @@ def main() -> None:
         with open(log, newline="") as fh:
             rates = [float(r["images_per_s"]) for r in csv.DictReader(fh) if r.get("images_per_s")]
         if rates:
-            groups.setdefault(int(run["machine"]["torch_threads"]), []).append(statistics.median(rates))
+            threads = int(run.get("machine", {}).get("torch_threads", 0))  # 0: not recorded
+            groups.setdefault(threads, []).append(statistics.median(rates))
     print("| torch threads per runner | runs | median images/s per runner (range) |")
     print("|---:|---:|---|")
     for threads, rates in sorted(groups.items()):

@@ -139,3 +139,32 @@ def test_an_undefined_metric_is_kept_as_null_and_read_back_as_nan(tmp_path: Path
     (tmp_path / "results.jsonl").write_text(json.dumps(line) + "\n")
     (run,), _ = load_results(tmp_path / "results.jsonl")
     assert math.isnan(run.sites["A"].metrics["precision"]) and run.sites["A"].metrics["auc"] == 0.6
+
+
+def test_a_terminated_grid_stops_its_runners_and_frees_their_runs(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    sets = [f"--set={k}={v}" for k, v in {**TINY, "epochs": 200}.items()]
+    command = [sys.executable, "-m", "crosssite", "experiment", "--site", SITES[0], "--site", SITES[1],
+               "--methods", "joint,sepnorm", "--folds", "2", "--out", str(tmp_path), "--workers", "2", "--no-report",
+               "--quiet", *sets]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout is not None
+    started = 0
+    for line in proc.stdout:  # wait until both runners train
+        started += line.startswith("[runner ") and "->" in line
+        if started == 2:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted" in out
+    held = sorted(tmp_path.glob("runs/*/.*.claim"))
+    assert len(held) == 2
+    for claim in held:  # both runners are gone: every run they held can be claimed again
+        with claim_run(claim.parent / claim.name[1:-len(".claim")]) as mine:
+            assert mine
+    assert not (tmp_path / "results.jsonl").exists()  # neither run was finished

@@ -1,4 +1,4 @@
 from crosssite.cli import main
 
-if __name__ == "__main__":  # not when a worker process (multiprocessing spawn) imports it
+if __name__ == "__main__":
     main()

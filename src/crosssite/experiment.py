@@ -17,8 +17,10 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -87,8 +89,18 @@ def grid(rows: Sequence[tuple[str, str]], folds: int, seeds: Sequence[int]) -> I
 
 
 def finished_keys(results: Path) -> set[RunKey]:
-    """Keys of the runs that already have a line in ``results``."""
-    return {RunKey(row["method"], row["backbone"], int(row["fold"]), int(row["seed"])) for row in read_jsonl(results)}
+    """Keys of the runs that already have a line in ``results`` (read under a shared lock: a line another runner
+    is appending is never read half-way)."""
+    if not Path(results).is_file():
+        return set()
+    with open(results, "rb") as fh:
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            text = fh.read().decode("utf-8")
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return {RunKey(row["method"], row["backbone"], int(row["fold"]), int(row["seed"])) for row in rows}
 
 
 def _append_line(results: Path, row: dict[str, Any]) -> None:
@@ -215,7 +227,9 @@ def claim_run(run_dir: Path) -> Iterator[bool]:
     (``.NAME.claim`` beside the folder) is held, False when another runner holds it. The operating system drops
     the lock when its process ends, so a killed runner never leaves a stale claim."""
     path = ensure_dir(run_dir.parent, "the experiment's runs folder") / f".{run_dir.name}.claim"
-    with open(path, "a") as fh:
+    with guard_output(path, "the run's claim file"):
+        fh = open(path, "a")
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -257,19 +271,20 @@ def run_experiment(
     ]
     if max_runs is not None:
         todo = todo[:max_runs]
+    workers = min(workers, len(todo)) if todo else 1
     log(f"experiment {out_dir}: {len(done)} run(s) finished, {len(todo)} to run now"
-        + (f" by {workers} runners" if workers > 1 and todo else ""))
+        + (f" by {workers} runners" if workers > 1 else ""))
     job = _Job(tuple(sites), out_dir, preset, folds, overrides or {})
-    if workers == 1 or len(todo) < 2:
+    if workers == 1:
         return _run_keys(job, todo, progress, log)
-    _run_workers(job, todo, min(workers, len(todo)), log)
-    finished = finished_keys(results)
-    return [k for k in todo if k in finished]
+    ran = set(_run_workers(job, todo, workers, log))
+    return [k for k in todo if k in ran]
 
 
 def _run_keys(job: _Job, todo: Sequence[RunKey], progress: bool, log: Callable[[str], None],
-              quiet_skips: bool = False) -> list[RunKey]:
-    """Train the runs of ``todo`` that are neither finished nor held by another runner; one results line each."""
+              quiet_skips: bool = False, stop: Callable[[], bool] | None = None) -> list[RunKey]:
+    """Train the runs of ``todo`` that are neither finished nor held by another runner; one results line each.
+    ``stop`` is asked before each run (a runner process stops when its parent is gone)."""
     from crosssite.training import TrainConfig, train
     from crosssite.training.config import apply_overrides
 
@@ -277,6 +292,9 @@ def _run_keys(job: _Job, todo: Sequence[RunKey], progress: bool, log: Callable[[
     ran: list[RunKey] = []
     left: list[RunKey] = []
     for i, key in enumerate(todo, 1):
+        if stop is not None and stop():
+            log("stopping: the command that started this runner has ended")
+            break
         run_dir = job.out_dir / "runs" / key.dirname
         with claim_run(run_dir) as mine:
             if not mine:
@@ -301,40 +319,75 @@ def _run_keys(job: _Job, todo: Sequence[RunKey], progress: bool, log: Callable[[
     return ran
 
 
-def _worker(index: int, threads: int, job: _Job, todo: list[RunKey]) -> None:
-    """One runner process of `run_experiment(workers=N)`: ``threads`` torch threads, its lines prefixed."""
+def _worker(index: int, threads: int, job: _Job, todo: list[RunKey], done: Any) -> None:
+    """One runner process of `run_experiment(workers=N)`: ``threads`` torch threads, its lines prefixed, the keys
+    it ran put on ``done``; it stops between runs once its parent is gone, and quietly on an interrupt."""
     import torch
 
+    def say(text: str) -> None:
+        print(f"[runner {index}] {text}", flush=True)
+
     torch.set_num_threads(threads)
+    # the parent's stop request is an interrupt, even where the runner was started with SIGINT ignored (a
+    # background job of a shell script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    parent = multiprocessing.parent_process()
     try:
-        _run_keys(job, todo, False, lambda text: print(f"[runner {index}] {text}", flush=True), quiet_skips=True)
+        ran = _run_keys(job, todo, False, say, quiet_skips=True,
+                        stop=lambda: parent is not None and not parent.is_alive())
+    except KeyboardInterrupt:
+        say("interrupted: its run resumes from its last checkpoint next time")
+        sys.exit(130)
     except CrossSiteError as e:
         print(f"[runner {index}] error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    done.put(ran)
 
 
-def _run_workers(job: _Job, todo: list[RunKey], workers: int, log: Callable[[str], None]) -> None:
-    """Start ``workers`` runner processes on ``todo`` (each takes the next run nobody holds) and wait for all."""
+def _raise_exit(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run_workers(job: _Job, todo: list[RunKey], workers: int, log: Callable[[str], None]) -> list[RunKey]:
+    """Start ``workers`` runner processes on ``todo`` (each takes the next run nobody holds), wait for all and
+    return the keys they ran. An interrupt or a SIGTERM / SIGHUP of this process is passed on to the runners as
+    an interrupt (each finishes its write and stops; its run resumes from its checkpoint next time)."""
     import torch
 
     threads = max(1, torch.get_num_threads() // workers)
     log(f"{workers} runner processes, {threads} torch thread(s) each")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    procs = [context.Process(target=_worker, args=(i, threads, job, todo), name=f"runner-{i}")
+    done = context.SimpleQueue()
+    procs = [context.Process(target=_worker, args=(i, threads, job, todo, done), name=f"runner-{i}")
              for i in range(1, workers + 1)]
-    for proc in procs:
-        proc.start()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
     try:
         for proc in procs:
-            proc.join()
-    except BaseException:  # Ctrl-C or a kill: stop every runner (each run resumes from its checkpoint next time)
+            proc.start()
         for proc in procs:
-            proc.terminate()
+            proc.join()
+    except BaseException:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
         raise
-    failed = [f"runner {i} (exit status {p.exitcode})" for i, p in enumerate(procs, 1) if p.exitcode != 0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    ran: list[RunKey] = []
+    while not done.empty():
+        ran += done.get()
+    failed = [f"runner {i} (" + (f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit status {p.exitcode}")
+              + ")" for i, p in enumerate(procs, 1) if p.exitcode != 0]
     if failed:
-        raise CrossSiteError(f"{', '.join(failed)} stopped with an error (printed above); the grid resumes from "
+        raise CrossSiteError(f"{', '.join(failed)} stopped early (its messages are above); the grid resumes from "
                              "the finished runs and checkpoints when the command is run again")
+    return ran
 
 
 # ----------------------------------------------------------------------------------- leave one site out
