@@ -90,7 +90,7 @@ def test_runner_processes_share_a_grid_and_run_every_key_once(tmp_path: Path) ->
     import torch
 
     logs: list[str] = []
-    ran = run_experiment(load_sites(SITES), tmp_path, rows=ROWS, folds=2, overrides=TINY, workers=2,
+    ran = run_experiment(load_sites(SITES), tmp_path, rows=ROWS, folds=2, overrides=TINY, runners=2,
                          progress=False, log=logs.append)
     lines = _lines(tmp_path / "results.jsonl")
     keys = [RunKey(r["method"], r["backbone"], r["fold"], r["seed"]) for r in lines]
@@ -98,7 +98,7 @@ def test_runner_processes_share_a_grid_and_run_every_key_once(tmp_path: Path) ->
     threads = max(1, torch.get_num_threads() // 2)
     assert f"2 runner processes, {threads} torch thread(s) each" in logs
     assert {r["machine"]["torch_threads"] for r in lines} == {threads}  # each runner trained on its share
-    assert run_experiment(load_sites(SITES), tmp_path, rows=ROWS, folds=2, overrides=TINY, workers=2,
+    assert run_experiment(load_sites(SITES), tmp_path, rows=ROWS, folds=2, overrides=TINY, runners=2,
                           progress=False, log=lambda _: None) == []
 
 
@@ -149,7 +149,7 @@ def test_a_terminated_grid_stops_its_runners_and_frees_their_runs(tmp_path: Path
 
     sets = [f"--set={k}={v}" for k, v in {**TINY, "epochs": 200}.items()]
     command = [sys.executable, "-m", "crosssite", "experiment", "--site", SITES[0], "--site", SITES[1],
-               "--methods", "joint,sepnorm", "--folds", "2", "--out", str(tmp_path), "--workers", "2", "--no-report",
+               "--methods", "joint,sepnorm", "--folds", "2", "--out", str(tmp_path), "--runners", "2", "--no-report",
                "--quiet", *sets]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -5,7 +5,7 @@ test-part predictions, the resolved configuration, the git commit, the machine a
 whose key (method, backbone, fold, seed) already has a line is skipped, so a grid grows across many
 invocations; a run interrupted half-way resumes from its own last checkpoint. Each run is claimed (an exclusive
 lock beside its folder, released when its process ends, however it ends) while it trains, so several runners may
-share one grid: a run another runner holds is left to it. ``workers=N`` starts N such runners at once, each with
+share one grid: a run another runner holds is left to it. ``runners=N`` starts N such runners at once, each with
 a share of the torch threads (on 2 cores, two single-thread runners train about 1.4x the images per second of one
 two-thread runner: docs/RESULTS.md).
 """
@@ -252,16 +252,16 @@ def run_experiment(
     only_folds: Sequence[int] | None = None,
     overrides: dict[str, Any] | None = None,
     max_runs: int | None = None,
-    workers: int = 1,
+    runners: int = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[RunKey]:
     """Run every unfinished (method, backbone, fold, seed) of the grid, in `grid` order, skipping runs another
-    runner holds; ``workers`` > 1 shares them among that many runner processes. Returns the keys run this call."""
+    runner holds; ``runners`` > 1 shares them among that many runner processes. Returns the keys run this call."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    if workers < 1:
-        raise ConfigError(f"workers: must be at least 1, got {workers}")
+    if runners < 1:
+        raise ConfigError(f"runners: must be at least 1, got {runners}")
     rows = list(rows) if rows is not None else [(m, b) for m, b, _ in PAPER_ROWS]
     out_dir = Path(out_dir)
     results = out_dir / "results.jsonl"
@@ -271,13 +271,13 @@ def run_experiment(
     ]
     if max_runs is not None:
         todo = todo[:max_runs]
-    workers = min(workers, len(todo)) if todo else 1
+    runners = min(runners, len(todo)) if todo else 1
     log(f"experiment {out_dir}: {len(done)} run(s) finished, {len(todo)} to run now"
-        + (f" by {workers} runners" if workers > 1 else ""))
+        + (f" by {runners} runners" if runners > 1 else ""))
     job = _Job(tuple(sites), out_dir, preset, folds, overrides or {})
-    if workers == 1:
+    if runners == 1:
         return _run_keys(job, todo, progress, log)
-    ran = set(_run_workers(job, todo, workers, log))
+    ran = set(_run_runners(job, todo, runners, log))
     return [k for k in todo if k in ran]
 
 
@@ -320,7 +320,7 @@ def _run_keys(job: _Job, todo: Sequence[RunKey], progress: bool, log: Callable[[
 
 
 def _worker(index: int, threads: int, job: _Job, todo: list[RunKey], done: Any) -> None:
-    """One runner process of `run_experiment(workers=N)`: ``threads`` torch threads, its lines prefixed, the keys
+    """One runner process of `run_experiment(runners=N)`: ``threads`` torch threads, its lines prefixed, the keys
     it ran put on ``done``; it stops between runs once its parent is gone, and quietly on an interrupt."""
     import torch
 
@@ -348,18 +348,18 @@ def _raise_exit(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _run_workers(job: _Job, todo: list[RunKey], workers: int, log: Callable[[str], None]) -> list[RunKey]:
-    """Start ``workers`` runner processes on ``todo`` (each takes the next run nobody holds), wait for all and
+def _run_runners(job: _Job, todo: list[RunKey], runners: int, log: Callable[[str], None]) -> list[RunKey]:
+    """Start ``runners`` runner processes on ``todo`` (each takes the next run nobody holds), wait for all and
     return the keys they ran. An interrupt or a SIGTERM / SIGHUP of this process is passed on to the runners as
     an interrupt (each finishes its write and stops; its run resumes from its checkpoint next time)."""
     import torch
 
-    threads = max(1, torch.get_num_threads() // workers)
-    log(f"{workers} runner processes, {threads} torch thread(s) each")
+    threads = max(1, torch.get_num_threads() // runners)
+    log(f"{runners} runner processes, {threads} torch thread(s) each")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     done = context.SimpleQueue()
     procs = [context.Process(target=_worker, args=(i, threads, job, todo, done), name=f"runner-{i}")
-             for i in range(1, workers + 1)]
+             for i in range(1, runners + 1)]
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
     try:

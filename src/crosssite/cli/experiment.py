@@ -70,7 +70,7 @@ def experiment(
     seeds: int = typer.Option(1, min=1, help="Independent runs per fold (seeds 0..N-1)."),
     fold: list[int] = typer.Option(None, "--fold", help="Run only these folds (repeatable)."),
     max_runs: int = typer.Option(None, help="Stop after this many runs (the grid resumes next time)."),
-    workers: int = typer.Option(1, min=1, help="Runner processes sharing the grid, each with an equal share of the "
+    runners: int = typer.Option(1, min=1, help="Runner processes sharing the grid, each with an equal share of the "
                                 "torch threads (on 2 cores, 2 single-thread runners train about 1.4x the images "
                                 "per second of one). Progress bars are off with more than one."),
     set_: list[str] = typer.Option(None, "--set", help="key=value overriding the preset, e.g. epochs=5."),
@@ -89,8 +89,8 @@ def experiment(
         sites = load_sites(site)
         overrides = parse_overrides(set_ or [])
         if protocol == "loso":
-            if workers > 1:
-                raise CrossSiteError("--workers: only the kfold protocol runs as several runners")
+            if runners > 1:
+                raise CrossSiteError("--runners: only the kfold protocol runs as several runners")
             method = "sepnorm-contrastive" if methods == "all" else rows[0][0]
             run_loso(sites, out, preset=preset, method=method, seeds=range(seeds), overrides=overrides,
                      progress=not quiet)
@@ -102,7 +102,7 @@ def experiment(
             return
         run_experiment(
             sites, out, preset=preset, rows=rows, folds=folds, seeds=range(seeds), only_folds=fold or None,
-            overrides=overrides, max_runs=max_runs, workers=workers, progress=not quiet,
+            overrides=overrides, max_runs=max_runs, runners=runners, progress=not quiet,
         )
         if report:
             from crosssite.reporting import build_report
