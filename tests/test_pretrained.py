@@ -55,14 +55,16 @@ def test_models_lists_the_shipped_and_the_local_models(tmp_path: Path, monkeypat
     monkeypatch.setenv("CROSSSITE_MODELS", str(tmp_path))
     model = create_model("covidnet_redesign", num_sites=1, width=0.0625)
     save(model, tmp_path / "hospital" / "mine", {"site_names": ["x"], "metrics": {"val": {"x": {"auc": 0.9}}},
-                                                "tta": "flip"})
+                                                "tta": "none"})
     result = CliRunner().invoke(app, ["models", "--json"])
     assert result.exit_code == 0, result.output
     listing = json.loads(result.output)
     assert [m["name"] for m in listing["shipped"]] == [shipped_model().name]
     (local,) = listing["local"]
     assert local["name"] == "mine" and local["sites"] == ["x"] and local["val_auc"] == {"x": 0.9}
-    assert local["tta"] == "flip" and listing["shipped"][0]["tta"] == "none"
+    shipped_card = json.loads(shipped_model().with_suffix(".json").read_text())
+    assert local["tta"] == "none" and listing["shipped"][0]["tta"] == shipped_card["tta"] == "flip"
     text = CliRunner().invoke(app, ["models"]).output
     assert "shipped" in text and "local" in text and "val AUC x 90.0" in text
-    assert "sites x  tta flip" in text and text.count("tta ") == 1  # shown where the model averages the mirror
+    # tta is shown where the model averages the mirror (the shipped one), not where it does not (the local one)
+    assert "sites x  val AUC" in text and "tta flip" in text and text.count("tta ") == 1
