@@ -158,3 +158,21 @@ def test_standardise_input_reaches_the_trained_model(sites, tmp_path: Path) -> N
 
     model, card = models.load(tmp_path / "model")
     assert model.standardise_input and card["model_args"]["standardise_input"] is True
+
+
+def test_train_defaults_to_the_row_table_i_v2_picks_with_its_recipe(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from crosssite.cli import app
+    from crosssite.reporting.tables import chosen_row, load_results, site_order
+
+    runs, _ = load_results(Path(__file__).resolve().parents[1] / "results" / "cpu-v2" / "results.jsonl")
+    chosen = chosen_row(runs, site_order(runs))
+    assert chosen is not None and TrainConfig().method == chosen.method  # the default follows the committed grid
+    sets = [x for k, v in TINY.items() if k != "epochs" for x in ("--set", f"{k}={v}")]
+    result = CliRunner().invoke(app, ["train", "--site", SPECS[0], "--site", SPECS[1], "--quiet", *sets,
+                                      "--set", "epochs=1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method"] == chosen.method
+    assert all(saved[key] == value for key, value in METHODS[chosen.method].recipe)  # and its recipe with it

@@ -37,8 +37,9 @@ __all__ = ["train_command"]
 @app.command("train")
 def train_command(
     site: list[str] = typer.Option(None, "--site", help="NAME=PATH[:LAYOUT] (repeat for each site)."),
-    method: str = typer.Option(None, "--method", help="single, joint, sepnorm, sepnorm-contrastive (default), "
-                               "series-adapter, parallel-adapter, ms-net."),
+    method: str = typer.Option(None, "--method", help="crosssite (default: the paper's method with crosssite's "
+                               "recipe, the row Table I v2 picks on validation), sepnorm-contrastive (the paper's), "
+                               "single, joint, sepnorm, series-adapter, parallel-adapter, ms-net."),
     backbone: str = typer.Option(None, "--backbone", help="covidnet_redesign (default) or covidnet."),
     out: Path = typer.Option(None, "--out", help="Run directory (required unless --resume)."),
     config: Path = typer.Option(None, "--config", help="YAML file of config keys."),
