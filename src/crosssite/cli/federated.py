@@ -38,7 +38,8 @@ def _config(config_file: Path | None, method: str | None, overrides: list[str]) 
     from crosssite.training import load_config
     from crosssite.training.config import apply_overrides, parse_overrides
 
-    options = {"method": method} if method else {}
+    # the paper's method by default: `crosssite train`'s default (crosssite's recipe) has no federated form
+    options = {"method": method or "sepnorm-contrastive"} if method or config_file is None else {}
     return apply_overrides(load_config(config_file), options | parse_overrides(overrides))
 
 
