@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -71,15 +72,22 @@ def _free_port() -> int:
 
 
 def _run_two(out: Path, resume: bool = False, stop_after: int | None = None) -> list[list[float]]:
-    """Train in 2 spawned processes; the losses each rank logged."""
-    context = mp.spawn(_worker, args=(2, _free_port(), str(out), resume, stop_after), nprocs=2, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"2-process training did not finish within {TIMEOUT_S} s")
-    return [json.loads((out / f"losses_rank{rank}.json").read_text()) for rank in range(2)]
+    """Train in 2 spawned processes; the losses each rank logged. A fresh start that hangs (a rare stall of the
+    two processes' rendezvous on the port `_free_port` found, seen once in a full suite on 2 cores) is started
+    once more on another port; a second hang fails."""
+    for attempt in range(1 if resume else 2):
+        context = mp.spawn(_worker, args=(2, _free_port(), str(out), resume, stop_after), nprocs=2, join=False)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                break
+        else:
+            return [json.loads((out / f"losses_rank{rank}.json").read_text()) for rank in range(2)]
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+    pytest.fail(f"2-process training did not finish within {TIMEOUT_S} s")
 
 
 @pytest.fixture(scope="module")
