@@ -382,10 +382,14 @@ def one_model(row: PaperRow) -> bool:
     return method is None or not method.per_site
 
 
+def _first_one_model(ranked: Sequence[tuple[PaperRow, float, list[float]]]) -> PaperRow | None:
+    return next((row for row, _, _ in ranked if one_model(row)), None)
+
+
 def chosen_row(runs: Sequence[RunResult], sites: Sequence[str]) -> PaperRow | None:
     """The row `crosssite train` defaults to and the shipped model is trained with: the best-ranked on validation
     (`validation_ranking`) that trains one model on every site (`one_model`); None when nothing can be ranked."""
-    return next((row for row, _, _ in validation_ranking(runs, sites)[0] if one_model(row)), None)
+    return _first_one_model(validation_ranking(runs, sites)[0])
 
 
 def validation_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
@@ -395,7 +399,7 @@ def validation_table(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     if not ranked:
         return Table("Which row to train: the rows ranked on validation", ["Method"], [],
                      "No (fold, seed) pair has a validation AUC on every site in every row's runs: nothing to rank.")
-    chosen = chosen_row(runs, sites)
+    chosen = _first_one_model(ranked)  # `chosen_row`, from the ranking already made
     header = ["Method", "one model", *(f"{site_letter(i)} val AUC" for i in range(len(sites))), "mean",
               "test AUC mean"]
     body = []
