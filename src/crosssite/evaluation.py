@@ -411,7 +411,7 @@ def collect_probabilities(
     parts: dict[str, list[np.ndarray]] = {"index": [], "site": [], "label": [], "p_covid": []}
     try:
         for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
+            image = batch["image"].to(device, next(model.parameters()).dtype, non_blocking=True)
             if standardise:
                 image = standardise_images(image)
             site = batch["site"].to(device)

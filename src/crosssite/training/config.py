@@ -31,7 +31,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule_per": ("step", "epoch"),
     "contrastive_form": ("ntxent", "eq4"),
     "protocol": ("kfold", "official", "all"),
-    "precision": ("auto", "fp32", "bf16"),
+    "precision": ("auto", "fp32", "bf16", "fp64"),
     "device": ("auto", "cpu", "cuda"),
     "data_on_device": ("auto", "on", "off"),
     "tta": TTA_MODES,
@@ -121,7 +121,8 @@ class TrainConfig:
     skip_bad: bool = False
     # speed (docs/PERFORMANCE.md): none of these changes what is computed beyond floating-point rounding
     # "bf16": autocast to bfloat16; "auto" (resolved when the run starts, stored resolved): bf16 where the device
-    # has native bf16 and the network is large (crosssite.training.precision), else fp32
+    # has native bf16 and the network is large (crosssite.training.precision), else fp32; "fp64": weights and
+    # inputs in float64, the reference arithmetic whose rounding no CPU kind's kernels can amplify (tests)
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False  # torch.compile (inductor) the model; falls back to eager with one line if it fails

@@ -169,7 +169,7 @@ def _synchronised_batch_norm(slot: nn.Module, x: Tensor, momentum: float | None,
         return nn.functional.batch_norm(x, slot.running_mean, slot.running_var, slot.weight, slot.bias,
                                         False, 0.0, eps)
     dims = [0, *range(2, x.dim())]
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 / fp16 in float32; float64 stays float64
     mean_r = xf.mean(dim=dims)
     m2_r = (xf - _expand(mean_r, x)).square().sum(dim=dims)
     stats = _stack(torch.stack([mean_r, m2_r]))  # (world_size, 2, C)

@@ -26,7 +26,7 @@ from crosssite.training.precision import resolve_precision
 from crosssite.training.schedule import lr_at
 
 __all__ = ["learning_rate", "train_step", "epoch_steps", "autocast", "resolve_device", "make_optimizer", "batch_sites",
-           "build_model", "weight_average", "CompiledForward"]
+           "build_model", "input_dtype", "weight_average", "CompiledForward"]
 
 
 def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -56,7 +56,7 @@ def train_step(
     ``forward`` is ``model`` or its DDP / compiled wrapper. ``on_diverged(what, values)`` is called (and must raise)
     when the loss or the gradient norm is not finite, before the weights are touched.
     """
-    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
+    images = batch["image"].to(device, input_dtype(model), non_blocking=True)  # (B, 3, H, W)
     if config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = batch["label"].to(device, non_blocking=True)  # (B,)
@@ -129,8 +129,14 @@ def build_model(config: TrainConfig, num_sites: int, device: torch.device) -> nn
         **model_kwargs(METHODS[config.method], config.backbone, num_sites=num_sites, width=config.width,
                        block_act=config.block_act, init=config.init, mixstyle=config.mixstyle,
                        standardise_input=config.standardise_input),
-    ).to(device)
+    ).to(device, torch.float64 if resolve_precision(config, device) == "fp64" else None)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype ``model``'s weights hold, which its inputs are cast to (float64 under ``precision=fp64``;
+    bf16 autocast keeps float32 weights and casts inside the forward pass)."""
+    return next(model.parameters()).dtype
 
 
 def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:

@@ -21,7 +21,7 @@ from crosssite.evaluation import METRICS, binary_metrics, collect_probabilities
 from crosssite.models.norms import cumulative_statistics
 from crosssite.training.config import TrainConfig
 from crosssite.training.data import RunData
-from crosssite.training.step import autocast, batch_sites
+from crosssite.training.step import autocast, batch_sites, input_dtype
 
 __all__ = ["evaluate", "prediction_spread", "collapsed_sites", "recalibrate_bn", "selection_metric", "nanmean",
            "validate_epoch", "run_metrics", "run_header", "merge_site_runs"]
@@ -72,7 +72,7 @@ def recalibrate_bn(model: nn.Module, loader: Any, device: torch.device, config: 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with cumulative_statistics(model, norms, reset=True), autocast(config, device):
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"].to(device, input_dtype(model), non_blocking=True)
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             model(images, batch_sites(batch, config, device))
