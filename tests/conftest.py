@@ -14,6 +14,16 @@ DATA_ROOT = Path(os.environ.get("CROSSSITE_DATA", REPO.parent / "shared" / "data
 # One thread: tiny models gain nothing from two, and a loaded 2-core machine slows badly under oversubscription.
 torch.set_num_threads(1)
 
+# Another CPU kind's arithmetic, to check that every assertion holds beyond this machine's kernels (the suite runs
+# on AMD EPYC and Intel Xeon AMX machines, whose oneDNN and ATen kernels round differently):
+#   CROSSSITE_TEST_MKLDNN=0 make test                             convolutions in ATen's kernels, not oneDNN's
+#   ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 make test       AVX2 code paths in both libraries
+#   CROSSSITE_TEST_THREADS=2 make test                             two threads: other reduction orders
+if os.environ.get("CROSSSITE_TEST_MKLDNN") == "0":
+    torch.backends.mkldnn.enabled = False
+if os.environ.get("CROSSSITE_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["CROSSSITE_TEST_THREADS"]))
+
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
