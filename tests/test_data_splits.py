@@ -45,7 +45,7 @@ def test_site_b_validation_is_grouped(site_b: Site) -> None:
         np.testing.assert_array_equal(split.test, folds[fold])
 
 
-def test_site_a_folds_stratified_without_patients(site_a: Site) -> None:
+def test_site_a_folds_stratified_and_grouped_by_pseudo_patients(site_a: Site) -> None:
     folds = make_folds(site_a, k=4, seed=0)
     sizes = [len(f) for f in folds]
     assert max(sizes) - min(sizes) <= 1

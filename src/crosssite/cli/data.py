@@ -1,6 +1,6 @@
 """``crosssite data ...``: commands that inspect sites.
 
-    crosssite data check SITE... [--json] [--allow-unreadable]
+    crosssite data check SITE... [--json] [--allow-unreadable] [--split RUN/split.json]
 
 SITE is ``NAME=PATH[:LAYOUT]`` (``NAME=synthetic[:shift=0.5,n=200,seed=0,size=256]`` for a built-in
 synthetic site). Bad input (missing path, unknown layout, empty site...) gives a one-line message on stderr
@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from crosssite.cli.app import app, fail
+from crosssite.data.groups import NEAR_DUPLICATE_BITS
 from crosssite.data.io import MIN_IMAGE_SIDE
 from crosssite.errors import CrossSiteError
 
@@ -58,6 +59,14 @@ def _print_report(report: dict) -> None:
             console.print(f"unreadable in {s['name']}: {e['path']}: {e['reason']}", markup=False)
         for group in s["duplicate_groups"]:
             console.print(f"identical slices in {s['name']}: {' = '.join(group)}", markup=False)
+        groups = s["groups"]
+        console.print(f"near-duplicate pairs in {s['name']}: {s['near_duplicates']} (at most {NEAR_DUPLICATE_BITS} of "
+                      f"256 hash bits apart); splits group its slices by {groups['by']}: {groups['count']} groups, "
+                      f"the largest {groups['largest']} slices", markup=False)
+        for pair, n in s.get("split_near_duplicates", {}).items():
+            console.print(f"near-duplicate pairs between the split's {pair} parts in {s['name']}: {n}"
+                          + (" (the split leaks: a slice is tested while its twin is trained on)"
+                             if n and "test" in pair else ""), markup=False)
     for group in report["cross_site_duplicates"]:
         console.print("identical slices across sites: " + " = ".join(f"{o['site']}:{o['path']}" for o in group),
                       markup=False)
@@ -79,12 +88,28 @@ def _add_ignored(report: dict, sites: list) -> None:
         entry["ignored"] = [str(p) for p in ignored_files(site.root)] if walked else []
 
 
+def _read_split(path: Path) -> dict:
+    """A run's ``split.json``; a missing or malformed file is one named line."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise fail(f"{path}: cannot read the split file ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise fail(f"{path}: not a run's split.json (invalid JSON: {e.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("sites"), list):
+        raise fail(f"{path}: not a run's split.json (no 'sites' list)")
+    return data
+
+
 @data_app.command("check")
 def check(
     sites: list[str] = typer.Argument(..., metavar="SITE...", help="NAME=PATH[:LAYOUT], one or more."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     allow_unreadable: bool = typer.Option(
         False, "--allow-unreadable", help="Exit 0 even when files are unreadable (they are still listed)."
+    ),
+    split: Path | None = typer.Option(
+        None, "--split", help="A run's split.json: count the near-duplicate slices between its parts."
     ),
 ) -> None:
     """Count classes and patients, list formats, modes, sizes, unreadable files and duplicate images.
@@ -98,7 +123,7 @@ def check(
 
     try:
         loaded = load_sites(sites)
-        report = check_sites(loaded)
+        report = check_sites(loaded, splits=_read_split(split) if split is not None else None)
     except CrossSiteError as e:
         raise fail(e) from None
     _add_ignored(report, loaded)

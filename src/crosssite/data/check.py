@@ -13,6 +13,12 @@
 ``duplicates`` counts the slices of a site whose decoded pixels equal an earlier slice of the same site
 (a pair counts 1); ``cross_site_duplicates`` lists groups of equal slices found in more than one site.
 
+``near_duplicates`` counts the pairs of a site's slices whose average hashes differ in at most
+`crosssite.data.groups.NEAR_DUPLICATE_BITS` bits (with up to 10 ``near_duplicate_examples``), and ``groups`` says
+how every split groups the site (``by`` patient or pseudo-patient, ``count``, ``largest``). Given a run's
+``split.json`` (``splits``), ``split_near_duplicates`` counts the near-duplicate pairs between each two of its parts:
+a split that tests on slices whose twins it trained on shows it here.
+
 ``shortcuts`` warns of a file property that tells the classes apart without looking at the lungs: a file format
 or colour mode found in one class only, covering at least `SHORTCUT_FRACTION` of the site's readable slices
 (site B: every COVID slice is PNG, 202 of 397 non-COVID slices are JPEG, 179 of them RGB). A model can learn such
@@ -26,11 +32,15 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
+from crosssite.data.groups import group_sizes, near_duplicate_pairs, site_hashes, straddling_pairs
 from crosssite.data.io import MIN_IMAGE_SIDE, ImageInfo, inspect_image
 from crosssite.data.sites import Sample, Site
+from crosssite.data.splits import groups_of
 from crosssite.errors import ImageReadError
 
-__all__ = ["SHORTCUT_FRACTION", "check_sites", "sample_name", "class_shortcuts"]
+__all__ = ["SHORTCUT_FRACTION", "check_sites", "sample_name", "class_shortcuts", "near_duplicate_report", "split_parts"]
 
 SHORTCUT_FRACTION = 0.05
 _CLASS_NAMES = ("non-COVID", "COVID")
@@ -105,14 +115,49 @@ def _site_report(site: Site, results: Sequence[ImageInfo | ImageReadError]) -> d
     }
 
 
-def check_sites(sites: Sequence[Site], threads: int | None = None) -> dict:
-    """Decode every slice of ``sites`` and report on them (see the module docstring)."""
+def split_parts(site: Site, splits: dict) -> dict[str, np.ndarray] | None:
+    """The parts (``train`` / ``val`` / ``test`` index arrays into ``site.samples``) that a run's ``split.json``
+    (``splits``) gives ``site``, matched by file (and frame); None where it names no site of that name."""
+    entry = next((e for e in splits.get("sites", []) if e.get("site") == site.name), None)
+    if entry is None:
+        return None
+    position = {(str(s.path), s.frame): i for i, s in enumerate(site.samples)}
+    parts = {}
+    for part in ("train", "val", "test"):
+        files = entry.get(part) or {"paths": []}
+        frames = files.get("frames") or [None] * len(files["paths"])
+        parts[part] = np.array([position[k] for k in zip(files["paths"], frames) if k in position], dtype=np.int64)
+    return parts
+
+
+def near_duplicate_report(site: Site, splits: dict | None = None) -> dict:
+    """Near-duplicate pairs of ``site``, the groups its splits use, and (given a ``split.json``) the near-duplicate
+    pairs between the split's parts."""
+    hashes = site_hashes(site)
+    pairs = near_duplicate_pairs(hashes)
+    sizes = group_sizes(groups_of(site)) if site.samples else np.zeros(1, dtype=np.int64)
+    out = {
+        "near_duplicates": int(len(pairs)),
+        "near_duplicate_examples": [[sample_name(site.samples[i]), sample_name(site.samples[j])]
+                                    for i, j in pairs[:10]],
+        "groups": {"by": "patient" if site.has_patients else "pseudo-patient", "count": int(len(sizes)),
+                   "largest": int(sizes.max())},
+    }
+    parts = split_parts(site, splits) if splits is not None else None
+    if parts is not None:
+        out["split_near_duplicates"] = straddling_pairs(hashes, parts)
+    return out
+
+
+def check_sites(sites: Sequence[Site], threads: int | None = None, splits: dict | None = None) -> dict:
+    """Decode every slice of ``sites`` and report on them (see the module docstring); ``splits``: a run's
+    ``split.json``, whose parts are checked for near-duplicates across them."""
     threads = threads or min(4, os.cpu_count() or 1)
     reports, owners = [], defaultdict(list)
     with ThreadPoolExecutor(threads) as pool:
         for site in sites:
             results = list(pool.map(_inspect, site.samples))
-            reports.append(_site_report(site, results))
+            reports.append(_site_report(site, results) | near_duplicate_report(site, splits))
             for sample, r in zip(site.samples, results):
                 if isinstance(r, ImageInfo):
                     owners[r.digest].append({"site": site.name, "path": sample_name(sample)})

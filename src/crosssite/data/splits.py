@@ -1,8 +1,9 @@
 """Cross-validation folds, validation parts and the official COVID-CT split, as index arrays.
 
-* `make_folds`: ``k`` test folds, stratified by class; grouped by patient wherever the site has patient
-  ids (scikit-learn's ``StratifiedGroupKFold``), so no patient is in two folds. A sample without a patient
-  id is its own group; a site without any uses ``StratifiedKFold``.
+* `make_folds`: ``k`` test folds, stratified by class and grouped (scikit-learn's ``StratifiedGroupKFold``) so
+  that no group is in two folds: by patient wherever the site has patient ids (a sample without one is its own
+  group), else by pseudo-patient (`crosssite.data.groups.pseudo_patients`: runs of file numbers and
+  near-duplicate images), so that no slice is tested while its near-identical twin is trained on.
 * `split_fold`: fold ``fold`` is the test part; the validation part is carved from the remaining folds,
   stratified and grouped the same way: about ``val_fraction`` of the training samples (``round(1 /
   val_fraction)`` grouped folds of the training part, the first is validation). Default 0.2.
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from crosssite.data.groups import pseudo_patients
 from crosssite.data.sites import SPLIT_PARTS, Site
 from crosssite.errors import SiteError
 
@@ -73,37 +75,36 @@ class Split:
         return cls.from_json(json.loads(Path(path).read_text()), site)
 
 
-def groups_of(site: Site) -> np.ndarray | None:
-    """Integer group per sample (patient; a sample without one is its own group), or None if no sample has
-    a patient id."""
+def groups_of(site: Site) -> np.ndarray:
+    """Integer group per sample: its patient (a sample without one is its own group), or, where no sample has a
+    patient id, its pseudo-patient."""
     if not any(s.patient is not None for s in site.samples):
-        return None
+        return pseudo_patients(site)
     ids: dict[object, int] = {}
     return np.array([ids.setdefault(s.patient if s.patient is not None else ("sample", i), len(ids))
                      for i, s in enumerate(site.samples)], dtype=np.int64)
 
 
-def _kfold(labels: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> list[np.ndarray]:
-    """Test indices of ``k`` stratified (and grouped) folds of ``labels``."""
-    x = np.zeros(len(labels))
-    if groups is None:
-        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-        folds = [test for _, test in splitter.split(x, labels)]
-    else:
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        folds = [test for _, test in splitter.split(x, labels, groups)]
+def _kfold(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Test indices of ``k`` stratified, grouped folds of ``labels``."""
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = [test for _, test in splitter.split(np.zeros(len(labels)), labels, groups)]
     return [np.sort(f).astype(np.int64) for f in folds]
 
 
-def _check_k(site: Site, k: int, groups: np.ndarray | None) -> None:
+def _units(labels: np.ndarray, groups: np.ndarray) -> list[int]:
+    """Number of groups per class (non-COVID, COVID)."""
+    return [len(set(groups[labels == c])) for c in (0, 1)]
+
+
+def _check_k(site: Site, k: int, groups: np.ndarray) -> None:
     if k < 2:
         raise SiteError(f"site {site.name!r}: need k >= 2 folds, got {k}")
-    counts = np.bincount(site.labels, minlength=2)
-    units = np.array([len(set(groups[site.labels == c])) for c in (0, 1)]) if groups is not None else counts
-    if units.min() < k:
-        what = "patients" if groups is not None else "samples"
+    units = _units(site.labels, groups)
+    if min(units) < k:
+        what = "patients" if site.has_patients else "pseudo-patients (groups of near-identical slices)"
         raise SiteError(f"site {site.name!r}: {k} folds need at least {k} {what} per class, "
-                        f"found {int(units[0])} non-COVID and {int(units[1])} COVID")
+                        f"found {units[0]} non-COVID and {units[1]} COVID")
 
 
 def make_folds(site: Site, k: int = 4, seed: int = 0) -> list[np.ndarray]:
@@ -128,11 +129,8 @@ def split_fold(
     if not val_fraction < 1:
         raise SiteError(f"val_fraction must be in [0, 1), got {val_fraction}")
     parts = max(2, int(round(1.0 / val_fraction)))
-    groups = groups_of(site)
-    labels = site.labels[train]
-    sub_groups = groups[train] if groups is not None else None
-    units = [len(set(sub_groups[labels == c])) if sub_groups is not None else int((labels == c).sum()) for c in (0, 1)]
-    parts = min(parts, *units)
+    labels, sub_groups = site.labels[train], groups_of(site)[train]
+    parts = min(parts, *_units(labels, sub_groups))
     if parts < 2:
         raise SiteError(f"site {site.name!r}: too few samples in the training folds to carve a validation part")
     val_local = _kfold(labels, sub_groups, parts, seed + 1000 * (fold + 1))[0]
@@ -147,10 +145,7 @@ def all_data_split(site: Site, seed: int = 0, val_fraction: float = DEFAULT_VAL_
     performance comes from cross-validation of the same recipe."""
     if not 0 < val_fraction < 1:
         raise SiteError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    groups = groups_of(site)
-    units = [len(set(groups[site.labels == c])) if groups is not None else int((site.labels == c).sum())
-             for c in (0, 1)]
-    parts = min(max(2, int(round(1.0 / val_fraction))), *units)  # fewer, larger parts on a small site
+    parts = min(max(2, int(round(1.0 / val_fraction))), *_units(site.labels, groups_of(site)))  # fewer, larger parts on a small site
     if parts < 2:
         raise SiteError(f"site {site.name!r}: too few samples to carve a validation part")
     val = make_folds(site, parts, seed + 7)[0]
