@@ -1,0 +1,225 @@
+"""From received DICOM instances to delivered reports: the part shared by the DICOM node and the DICOMweb path.
+
+    pipeline = Pipeline(predictor, rules, spool_dir, outbox)
+    pipeline.accept(ds)              # per received instance: checked, spooled to disk, or skipped with a reason
+    report = pipeline.complete(uid)  # when the series is complete: scored, one SR per volume, delivered
+
+A received instance is checked against the selection rules (`crosssite.pacs.rules`) from its header and written
+to ``spool/<SeriesInstanceUID>/<volume key>/<SOPInstanceUID>.dcm``; each volume folder is then exactly what
+``crosssite predict FOLDER`` reads, and it is scored by the same `crosssite.inference.Predictor` (the same
+decoding, framing, normalisation, test-time augmentation and top-k volume score), so a series gets the
+probabilities ``predict`` gives for the same files. A slice whose pixels do not decode fails alone, named by its
+SOP Instance UID; the rest of its volume is scored.
+
+Each completed series gives one health line on the ``crosssite.pacs`` logger: instances received, skipped (by
+reason), refused, scored, what became of the reports, and the seconds from its last instance to its reports
+delivered. It holds UIDs and counts only: no patient attribute and no pixel value is ever logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crosssite.pacs.delivery import Outbox, save_dataset
+from crosssite.pacs.rules import NON_IMAGE, NOT_SELECTED, SelectionRules, skip_reason, volume_key
+from crosssite.pacs.sr import ModelInfo, SliceScore, VolumeResult, build_sr
+
+__all__ = ["ACCEPTED", "REFUSED", "Outcome", "SeriesReport", "Pipeline", "UID_PATTERN"]
+
+log = logging.getLogger("crosssite.pacs")
+
+ACCEPTED = "accepted"
+REFUSED = "refused"
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one received instance: `ACCEPTED`, `NON_IMAGE`, `NOT_SELECTED` or `REFUSED`, and why."""
+
+    category: str
+    reason: str = ""
+    series_uid: str | None = None
+
+
+@dataclass
+class _Series:
+    study_uid: str
+    received: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> instances
+    refused: list[str] = field(default_factory=list)
+    last_at: float = 0.0
+
+
+@dataclass
+class SeriesReport:
+    """The result of one completed series (what its health line says)."""
+
+    series_uid: str
+    received: int
+    skipped: dict[str, int]
+    refused: list[str]
+    volumes: list[VolumeResult]
+    reports: list[Any]  # the SR datasets, one per scored volume
+    delivery: list[str]  # per report: "sent", "queued (reason)"
+    seconds: float  # from the last instance received to the last report handed over
+
+    def health_line(self) -> str:
+        skipped = sum(self.skipped.values())
+        why = "; ".join(f"{n} {r}" for r, n in Counter(self.skipped).most_common(3))
+        scored = sum(len(v.slices) for v in self.volumes)
+        sent = Counter(d.split(" ", 1)[0] for d in self.delivery)
+        delivered = ", ".join(f"{n} {k}" for k, n in sent.items()) or "none"
+        return (f"series {self.series_uid}: received {self.received}, skipped {skipped}"
+                f"{f' ({why})' if skipped else ''}, refused {len(self.refused)}, scored {scored} slice(s) in "
+                f"{len(self.volumes)} volume(s), reports {delivered}, {self.seconds:.2f} s after the last instance")
+
+
+def _uid(ds: Any, keyword: str) -> str:
+    value = str(ds.get(keyword, "") or "").strip()
+    if not UID_PATTERN.match(value) or len(value) > 64:
+        raise ValueError(f"missing or invalid {keyword} {value[:70]!r}")
+    return value
+
+
+class Pipeline:
+    """Receives instances, scores completed series, and hands their reports to an outbox.
+
+    Args:
+        predictor: a `crosssite.inference.Predictor` (its normalisation, threshold, tta and top-k are used).
+        rules: the selection rules.
+        spool: folder for received instances (a sub-folder per series, removed once the series is scored).
+        outbox: where reports go (`crosssite.pacs.delivery.Outbox`).
+        keep_spool: keep each series' received files after scoring (for debugging).
+    """
+
+    def __init__(self, predictor: Any, rules: SelectionRules, spool: Path, outbox: Outbox,
+                 keep_spool: bool = False) -> None:
+        self.predictor = predictor
+        self.rules = rules
+        self.spool = Path(spool)
+        self.outbox = outbox
+        self.keep_spool = keep_spool
+        self.model = ModelInfo.of(predictor)
+        self._series: dict[str, _Series] = {}
+        self._lock = threading.Lock()
+        self._score_lock = threading.Lock()  # one series scored at a time: the predictor is not thread-safe
+
+    # ------------------------------------------------------------------------------------------ receiving
+
+    def accept(self, ds: Any, name: str = "instance") -> Outcome:
+        """Check one received instance and spool it (see the module docstring); never raises for a bad one."""
+        try:
+            sop_uid = _uid(ds, "SOPInstanceUID")
+            series_uid = _uid(ds, "SeriesInstanceUID")
+            study_uid = _uid(ds, "StudyInstanceUID")
+        except ValueError as e:
+            log.warning("%s refused: %s", name, e)
+            return Outcome(REFUSED, str(e))
+        except Exception as e:  # an undecodable element of the header
+            log.warning("%s refused: unreadable header (%s)", name, " ".join(str(e).split())[:200])
+            return Outcome(REFUSED, f"unreadable header ({type(e).__name__})")
+        name = f"instance {sop_uid}"
+        with self._lock:
+            series = self._series.setdefault(series_uid, _Series(study_uid))
+            series.received += 1
+            series.last_at = time.monotonic()
+        try:
+            skip = skip_reason(ds, self.rules)
+        except Exception as e:
+            skip = (REFUSED, f"unreadable header ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+        if skip is not None:
+            category, reason = skip
+            with self._lock:
+                if category == REFUSED:
+                    series.refused.append(f"{sop_uid}: {reason}")
+                else:
+                    series.skipped[reason] += 1
+            log.info("%s %s: %s", name, "refused" if category == REFUSED else "skipped", reason)
+            return Outcome(category, reason, series_uid)
+        try:
+            key = volume_key(ds)
+            save_dataset(self.spool / series_uid / key / f"{sop_uid}.dcm", ds, "a received instance")
+        except Exception as e:  # a dataset pydicom cannot write back (bad value representation...)
+            reason = f"cannot be stored ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+            with self._lock:
+                series.refused.append(f"{sop_uid}: {reason}")
+            log.warning("%s refused: %s", name, reason)
+            return Outcome(REFUSED, reason, series_uid)
+        return Outcome(ACCEPTED, "", series_uid)
+
+    def idle_series(self, quiet_s: float) -> list[str]:
+        """The series that received nothing for ``quiet_s`` seconds (complete, by the node's rule)."""
+        now = time.monotonic()
+        with self._lock:
+            return [uid for uid, s in self._series.items() if now - s.last_at >= quiet_s]
+
+    def open_series(self) -> list[str]:
+        with self._lock:
+            return list(self._series)
+
+    # ------------------------------------------------------------------------------------------- scoring
+
+    def complete(self, series_uid: str) -> SeriesReport:
+        """Score every volume of a received series, build and deliver one SR per volume, log its health line."""
+        with self._lock:
+            series = self._series.pop(series_uid)
+        with self._score_lock:
+            volumes, evidence, errors = self._score(series_uid, series)
+        series.refused.extend(errors)
+        reports, delivery = [], []
+        for volume in volumes:
+            sr = build_sr(volume, evidence[volume.extra["key"]], self.model)
+            reports.append(sr)
+            delivery.append(self.outbox.submit(sr))
+        report = SeriesReport(series_uid, series.received, series.skipped, series.refused, volumes, reports,
+                              delivery, time.monotonic() - series.last_at)
+        log.info("%s", report.health_line())
+        if not self.keep_spool:
+            shutil.rmtree(self.spool / series_uid, ignore_errors=True)
+        return report
+
+    def _score(self, series_uid: str, series: _Series) -> tuple[list[VolumeResult], dict[str, list[Any]], list[str]]:
+        import pydicom
+
+        folder = self.spool / series_uid
+        groups = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        sized = [(g, sorted(g.glob("*.dcm"))) for g in groups]
+        too_few = [(g, files) for g, files in sized if len(files) < self.rules.min_slices]
+        for g, files in too_few:
+            series.skipped[f"volume of {len(files)} slice(s), below min_slices {self.rules.min_slices}"] += len(files)
+        sized = [(g, files) for g, files in sized if len(files) >= self.rules.min_slices]
+        volumes: list[VolumeResult] = []
+        evidence: dict[str, list[Any]] = {}
+        errors: list[str] = []
+        for i, (group, files) in enumerate(sized):
+            headers = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
+            records = self.predictor.predict([group], progress=False)
+            slices, volume_row = [], None
+            for r in records:
+                if r.kind == "error":
+                    errors.append(f"{Path(r.path).stem}: {' '.join(str(r.error).split())}")
+                    log.warning("instance %s failed: %s", Path(r.path).stem, " ".join(str(r.error).split()))
+                elif r.kind == "slice":
+                    ds = headers[Path(r.path)]
+                    slices.append(SliceScore(str(ds.SOPClassUID), str(ds.SOPInstanceUID), float(r.p_covid), r.frame))
+                elif r.kind == "volume":
+                    volume_row = r
+            if not slices:
+                continue
+            if volume_row is None:  # a volume of one slice: its score is the slice's
+                volume_row = next(r for r in records if r.kind == "slice")
+            scored = {s.sop_instance_uid for s in slices}
+            evidence[group.name] = [ds for ds in headers.values() if str(ds.SOPInstanceUID) in scored]
+            part = f"volume {i + 1} of {len(sized)}" if len(sized) > 1 else ""
+            volumes.append(VolumeResult(series_uid, slices, float(volume_row.p_covid), str(volume_row.label),
+                                        volume_row.ood, volume_row.ood_score, part, {"key": group.name}))
+        return volumes, evidence, errors
