@@ -23,6 +23,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,16 +99,13 @@ class Pipeline:
         rules: the selection rules.
         spool: folder for received instances (a sub-folder per series, removed once the series is scored).
         outbox: where reports go (`crosssite.pacs.delivery.Outbox`).
-        keep_spool: keep each series' received files after scoring (for debugging).
     """
 
-    def __init__(self, predictor: Any, rules: SelectionRules, spool: Path, outbox: Outbox,
-                 keep_spool: bool = False) -> None:
+    def __init__(self, predictor: Any, rules: SelectionRules, spool: Path, outbox: Outbox) -> None:
         self.predictor = predictor
         self.rules = rules
         self.spool = Path(spool)
         self.outbox = outbox
-        self.keep_spool = keep_spool
         self.model = ModelInfo.of(predictor)
         self._series: dict[str, _Series] = {}
         self._lock = threading.Lock()
@@ -128,32 +126,30 @@ class Pipeline:
             log.warning("%s refused: unreadable header (%s)", name, " ".join(str(e).split())[:200])
             return Outcome(REFUSED, f"unreadable header ({type(e).__name__})")
         name = f"instance {sop_uid}"
-        with self._lock:
-            series = self._series.setdefault(series_uid, _Series(study_uid))
-            series.received += 1
-            series.last_at = time.monotonic()
         try:
             skip = skip_reason(ds, self.rules)
         except Exception as e:
             skip = (REFUSED, f"unreadable header ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+        # the file and its series' record change together: `complete` takes a series' folder under the same lock,
+        # so an instance arriving while its series is being scored starts the series anew, with its file
+        with self._lock:
+            series = self._series.setdefault(series_uid, _Series(study_uid))
+            series.received += 1
+            series.last_at = time.monotonic()
+            if skip is None:
+                try:
+                    save_dataset(self.spool / series_uid / volume_key(ds) / f"{sop_uid}.dcm", ds,
+                                 "a received instance")
+                except Exception as e:  # a dataset pydicom cannot write back (bad value representation...)
+                    skip = (REFUSED, f"cannot be stored ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+            if skip is not None and skip[0] == REFUSED:
+                series.refused.append(f"{sop_uid}: {skip[1]}")
+            elif skip is not None:
+                series.skipped[skip[1]] += 1
         if skip is not None:
             category, reason = skip
-            with self._lock:
-                if category == REFUSED:
-                    series.refused.append(f"{sop_uid}: {reason}")
-                else:
-                    series.skipped[reason] += 1
             log.info("%s %s: %s", name, "refused" if category == REFUSED else "skipped", reason)
             return Outcome(category, reason, series_uid)
-        try:
-            key = volume_key(ds)
-            save_dataset(self.spool / series_uid / key / f"{sop_uid}.dcm", ds, "a received instance")
-        except Exception as e:  # a dataset pydicom cannot write back (bad value representation...)
-            reason = f"cannot be stored ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
-            with self._lock:
-                series.refused.append(f"{sop_uid}: {reason}")
-            log.warning("%s refused: %s", name, reason)
-            return Outcome(REFUSED, reason, series_uid)
         return Outcome(ACCEPTED, "", series_uid)
 
     def idle_series(self, quiet_s: float) -> list[str]:
@@ -172,8 +168,12 @@ class Pipeline:
         """Score every volume of a received series, build and deliver one SR per volume, log its health line."""
         with self._lock:
             series = self._series.pop(series_uid)
+            folder = self.spool / f".scoring-{uuid.uuid4().hex}"
+            received = self.spool / series_uid
+            if received.is_dir():
+                received.rename(folder)
         with self._score_lock:
-            volumes, evidence, errors = self._score(series_uid, series)
+            volumes, evidence, errors = self._score(series_uid, series, folder)
         series.refused.extend(errors)
         reports, delivery = [], []
         for volume in volumes:
@@ -183,14 +183,13 @@ class Pipeline:
         report = SeriesReport(series_uid, series.received, series.skipped, series.refused, volumes, reports,
                               delivery, time.monotonic() - series.last_at)
         log.info("%s", report.health_line())
-        if not self.keep_spool:
-            shutil.rmtree(self.spool / series_uid, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         return report
 
-    def _score(self, series_uid: str, series: _Series) -> tuple[list[VolumeResult], dict[str, list[Any]], list[str]]:
+    def _score(self, series_uid: str, series: _Series,
+               folder: Path) -> tuple[list[VolumeResult], dict[str, list[Any]], list[str]]:
         import pydicom
 
-        folder = self.spool / series_uid
         groups = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         sized = [(g, sorted(g.glob("*.dcm"))) for g in groups]
         too_few = [(g, files) for g, files in sized if len(files) < self.rules.min_slices]
