@@ -180,6 +180,32 @@ def test_mixed_series_is_scored_as_separate_volumes_and_a_bad_instance_fails_alo
     assert not (tmp_path / "spool" / series).exists()
 
 
+def test_grad_cam_captures_of_the_top_slices_go_beside_the_sr(
+        tmp_path: Path, slices: list[np.ndarray], predictor: Predictor) -> None:
+    files = write_ct_series(slices[:4], tmp_path / "series", patient_name=MARKER, patient_id=PATIENT_ID)
+    dry = tmp_path / "dry"
+    pipeline = Pipeline(predictor, SelectionRules(), tmp_path / "spool", Outbox(tmp_path / "outbox", FolderSender(dry)),
+                        cam_top=2)
+    _store(pipeline, files)
+    report = pipeline.complete(pipeline.open_series()[0])
+    assert report.delivery == ["sent"] * 3
+    written = [pydicom.dcmread(p) for p in sorted(dry.rglob("*.dcm"))]
+    captures = [ds for ds in written if ds.Modality != "SR"]
+    per_slice, _ = expected(predictor, tmp_path / "series")
+    top = sorted(per_slice, key=per_slice.get, reverse=True)[:2]
+    assert [str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in
+            sorted(captures, key=lambda ds: ds.InstanceNumber)] == top
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for ds in captures:
+        assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert str(ds.PatientName) == MARKER and ds.PatientID == PATIENT_ID
+        assert ds.SeriesInstanceUID not in (source.SeriesInstanceUID, report.reports[0].SeriesInstanceUID)
+        assert ds.pixel_array.shape == (256, 256, 3) and ds.pixel_array.std() > 10  # an image, not a blank
+        assert "research result" in ds.ImageComments
+    assert len({ds.SeriesInstanceUID for ds in captures}) == 1
+
+
 def test_malformed_instance_is_refused_by_name(tmp_path: Path, predictor: Predictor,
                                                caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)

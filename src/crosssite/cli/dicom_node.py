@@ -4,6 +4,7 @@
     crosssite dicom-node [MODEL] [--ae-title CROSSSITE] [--host 127.0.0.1] [--port 11112]
                          (--send-to HOST:PORT:AET | --dicomweb URL | --dry-run DIR)
                          [--complete-after 5] [--rules RULES.yaml] [--spool DIR] [--site NAME | --adapt-strategy NAME]
+                         [--cam-top K]
 
 Each series is scored as ``crosssite predict`` scores a folder of its files (same `Predictor`, same defaults: an
 unseen site, each slice standardised), and its result goes back as a DICOM Comprehensive SR in the source study
@@ -76,7 +77,7 @@ def _sender(send_to: str | None, dicomweb: str | None, dry_run: Path | None, ae_
 
 
 def build_pipeline(model: Path | None, sender: Any, *, rules: Path | None, spool: Path | None, site: str | None,
-                   strategy: str | None, name: str) -> Any:
+                   strategy: str | None, name: str, cam_top: int = 0) -> Any:
     """The `Pipeline` behind the node and the DICOMweb path; spool and outbox under ``spool`` (default
     ``$CROSSSITE_CACHE/pacs/NAME``)."""
     from crosssite.ioutil import cache_root
@@ -87,7 +88,7 @@ def build_pipeline(model: Path | None, sender: Any, *, rules: Path | None, spool
     rules_ = load_rules(rules)
     root = spool or cache_root() / "pacs" / name
     predictor = _predictor(model, site, strategy)
-    return Pipeline(predictor, rules_, root / "incoming", Outbox(root / "outbox", sender))
+    return Pipeline(predictor, rules_, root / "incoming", Outbox(root / "outbox", sender), cam_top=cam_top)
 
 
 @app.command("dicom-node")
@@ -113,6 +114,9 @@ def dicom_node(
     strategy: str | None = typer.Option(None, "--adapt-strategy", metavar="NAME",
                                         help="Test-time strategy for an unseen site, as for predict (default "
                                              "standardise)."),
+    cam_top: int = typer.Option(0, "--cam-top", min=0, metavar="K",
+                                help="Also send a Secondary Capture series with the Grad-CAM overlays of the K "
+                                     "slices of highest P(COVID) (0: none; needs a crosssite model file)."),
 ) -> None:
     """Run a DICOM node: receive CT series (C-STORE), score each, send a DICOM SR back into the study."""
     from crosssite.pacs.node import DicomNode
@@ -122,7 +126,7 @@ def dicom_node(
         _require_pacs()
         sender = _sender(send_to, dicomweb, dry_run, ae_title)
         pipeline = build_pipeline(model, sender, rules=rules, spool=spool, site=site, strategy=strategy,
-                                  name=ae_title)
+                                  name=ae_title, cam_top=cam_top)
         node = DicomNode(pipeline, ae_title=ae_title, host=host, port=port, complete_after_s=complete_after)
         node.start()
     except CrossSiteError as e:

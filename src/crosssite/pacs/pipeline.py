@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crosssite.pacs.capture import build_captures
 from crosssite.pacs.delivery import Outbox, save_dataset
 from crosssite.pacs.rules import NON_IMAGE, NOT_SELECTED, SelectionRules, skip_reason, volume_key
 from crosssite.pacs.sr import ModelInfo, SliceScore, VolumeResult, build_sr
@@ -99,10 +100,13 @@ class Pipeline:
         rules: the selection rules.
         spool: folder for received instances (a sub-folder per series, removed once the series is scored).
         outbox: where reports go (`crosssite.pacs.delivery.Outbox`).
+        cam_top: beside each SR, a Secondary Capture series with the Grad-CAM overlays of the volume's
+            ``cam_top`` slices of highest P(COVID) (`crosssite.pacs.capture`); 0: none. Needs a crosssite model file.
     """
 
-    def __init__(self, predictor: Any, rules: SelectionRules, spool: Path, outbox: Outbox) -> None:
+    def __init__(self, predictor: Any, rules: SelectionRules, spool: Path, outbox: Outbox, cam_top: int = 0) -> None:
         self.predictor = predictor
+        self.cam_top = cam_top
         self.rules = rules
         self.spool = Path(spool)
         self.outbox = outbox
@@ -172,18 +176,30 @@ class Pipeline:
             received = self.spool / series_uid
             if received.is_dir():
                 received.rename(folder)
-        with self._score_lock:
-            volumes, evidence, errors = self._score(series_uid, series, folder)
-        series.refused.extend(errors)
-        reports, delivery = [], []
-        for volume in volumes:
-            sr = build_sr(volume, evidence[volume.extra["key"]], self.model)
-            reports.append(sr)
-            delivery.append(self.outbox.submit(sr))
+        try:
+            with self._score_lock:
+                volumes, evidence, errors = self._score(series_uid, series, folder)
+            series.refused.extend(errors)
+            reports, delivery = [], []
+            for volume in volumes:
+                try:
+                    sr = build_sr(volume, evidence[volume.extra["key"]], self.model)
+                except Exception as e:  # source headers highdicom cannot copy from: this volume fails, named
+                    why = " ".join(str(e).split())[:200]
+                    reason = f"no SR for {volume.part or 'the volume'} ({type(e).__name__}: {why})"
+                    series.refused.append(f"{series_uid}: {reason}")
+                    log.warning("series %s: %s", series_uid, reason)
+                    continue
+                reports.append(sr)
+                delivery.append(self.outbox.submit(sr))
+                for capture in self._captures(volume, evidence[volume.extra["key"]]):
+                    reports.append(capture)
+                    delivery.append(self.outbox.submit(capture))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         report = SeriesReport(series_uid, series.received, series.skipped, series.refused, volumes, reports,
                               delivery, time.monotonic() - series.last_at)
         log.info("%s", report.health_line())
-        shutil.rmtree(folder, ignore_errors=True)
         return report
 
     def _score(self, series_uid: str, series: _Series,
@@ -201,8 +217,9 @@ class Pipeline:
         errors: list[str] = []
         for i, (group, files) in enumerate(sized):
             headers = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
-            records = self.predictor.predict([group], progress=False)
-            slices, volume_row = [], None
+            cam_dir = folder / ".cams" / group.name if self.cam_top else None
+            records = self.predictor.predict([group], cam_dir=cam_dir, progress=False)
+            slices, volume_row, cams = [], None, {}
             for r in records:
                 if r.kind == "error":
                     errors.append(f"{Path(r.path).stem}: {' '.join(str(r.error).split())}")
@@ -210,6 +227,7 @@ class Pipeline:
                 elif r.kind == "slice":
                     ds = headers[Path(r.path)]
                     slices.append(SliceScore(str(ds.SOPClassUID), str(ds.SOPInstanceUID), float(r.p_covid), r.frame))
+                    cams[(str(ds.SOPInstanceUID), r.frame)] = r.cam
                 elif r.kind == "volume":
                     volume_row = r
             if not slices:
@@ -220,5 +238,16 @@ class Pipeline:
             evidence[group.name] = [ds for ds in headers.values() if str(ds.SOPInstanceUID) in scored]
             part = f"volume {i + 1} of {len(sized)}" if len(sized) > 1 else ""
             volumes.append(VolumeResult(series_uid, slices, float(volume_row.p_covid), str(volume_row.label),
-                                        volume_row.ood, volume_row.ood_score, part, {"key": group.name}))
+                                        volume_row.ood, volume_row.ood_score, part,
+                                        {"key": group.name, "cams": cams}))
         return volumes, evidence, errors
+
+    def _captures(self, volume: VolumeResult, evidence: list[Any]) -> list[Any]:
+        """The Grad-CAM Secondary Captures of the volume's top slices (none without ``cam_top``)."""
+        if not self.cam_top:
+            return []
+        headers = {str(ds.SOPInstanceUID): ds for ds in evidence}
+        top = sorted(volume.slices, key=lambda s: -s.p_covid)[: self.cam_top]
+        cams = volume.extra["cams"]
+        return build_captures([(headers[s.sop_instance_uid], s.p_covid, Path(cams[(s.sop_instance_uid, s.frame)]))
+                               for s in top])
