@@ -217,6 +217,58 @@ def test_malformed_instance_is_refused_by_name(tmp_path: Path, predictor: Predic
     assert "instance from TESTSCU refused: missing or invalid SeriesInstanceUID" in caplog.text
 
 
+def test_node_receives_compressed_series_by_c_store(
+        tmp_path: Path, slices: list[np.ndarray], predictor: Predictor) -> None:
+    """The node in this process, a pynetdicom SCU sending one series in each lossless compression a PACS may hold
+    (RLE, JPEG-LS, JPEG 2000) and an MR image: each series gets its SR with the uncompressed files' probabilities."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+    from crosssite.pacs.node import DicomNode
+
+    syntaxes = (pydicom.uid.RLELossless, pydicom.uid.JPEGLSLossless, pydicom.uid.JPEG2000Lossless)
+    plain = write_ct_series(slices[:3], tmp_path / "plain", patient_name=MARKER)
+    per_slice, volume = expected(predictor, tmp_path / "plain")
+    dry = tmp_path / "dry"
+    pipeline = Pipeline(predictor, SelectionRules(), tmp_path / "spool", Outbox(tmp_path / "outbox", FolderSender(dry)))
+    node = DicomNode(pipeline, port=0, complete_after_s=0.3).start()
+    try:
+        ae = AE(ae_title="MODALITY")
+        for syntax in syntaxes:
+            ae.add_requested_context(CTImageStorage, syntax)
+        ae.add_requested_context(MRImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="CROSSSITE")
+        assert assoc.is_established
+        statuses = []
+        for syntax in syntaxes:
+            series = pydicom.uid.generate_uid()
+            for f in plain:
+                ds = pydicom.dcmread(f)
+                ds.SeriesInstanceUID = series  # the same slices and SOP Instance UIDs, one series per syntax
+                ds.compress(syntax, generate_instance_uid=False)
+                statuses.append(assoc.send_c_store(ds).Status)
+        mr = pydicom.dcmread(plain[0])
+        mr.Modality, mr.SOPClassUID, mr.SeriesInstanceUID = "MR", MRImageStorage, pydicom.uid.generate_uid()
+        mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        statuses.append(assoc.send_c_store(mr).Status)
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        reports = [node.completed.get(timeout=60) for _ in range(len(syntaxes) + 1)]
+    finally:
+        node.stop()
+    assert statuses == [0] * (3 * len(syntaxes) + 1)  # the MR too: accepted, so the PACS's job does not fail
+    assert sorted(len(r.volumes) for r in reports) == [0, 1, 1, 1]
+    skipped = next(r for r in reports if not r.volumes)
+    assert list(skipped.skipped) == ["Modality MR (MR Image Storage), not CT"]
+    written = sorted(dry.rglob("*.dcm"))
+    assert len(written) == len(syntaxes)
+    for path in written:
+        got = dict(read_sr(pydicom.dcmread(path))["slices"])
+        assert got.keys() == per_slice.keys()
+        assert max(abs(got[uid] - p) for uid, p in per_slice.items()) < TOLERANCE
+
+
 # ----------------------------------------------------------------------------------------------- outbox
 
 
@@ -291,13 +343,14 @@ def test_orthanc_routes_a_ct_series_to_the_node_and_stores_its_sr(
     node_port = free_port()
     files = write_ct_series(slices, tmp_path / "series", patient_name=MARKER, patient_id=PATIENT_ID)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    with OrthancProcess(tmp_path / "orthanc", node=("CROSSSITE", "127.0.0.1", node_port), stable_age_s=1) as orthanc:
-        log_path = tmp_path / "node.log"
-        with open(log_path, "wb") as log:
-            node = subprocess.Popen(
-                [sys.executable, "-m", "crosssite", "dicom-node", "--port", str(node_port),
-                 "--send-to", f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}", "--complete-after", "0.5",
-                 "--spool", str(tmp_path / "spool")], stdout=log, stderr=subprocess.STDOUT)
+    orthanc = OrthancProcess(tmp_path / "orthanc", node=("CROSSSITE", "127.0.0.1", node_port), stable_age_s=1)
+    log_path = tmp_path / "node.log"
+    with open(log_path, "wb") as log:  # the node loads its model while Orthanc starts
+        node = subprocess.Popen(
+            [sys.executable, "-m", "crosssite", "dicom-node", "--port", str(node_port),
+             "--send-to", f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}", "--complete-after", "0.5",
+             "--spool", str(tmp_path / "spool")], stdout=log, stderr=subprocess.STDOUT)
+    with orthanc:
         try:
             deadline = time.monotonic() + 60
             while "listening on" not in log_path.read_text() and time.monotonic() < deadline:
