@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import warnings
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def setup_logging() -> None:
-    """crosssite's PACS log on stderr at INFO; the network and SR libraries' own chatter at WARNING."""
+    """crosssite's PACS log on stderr at INFO; the network and SR libraries' own chatter at WARNING. pydicom's
+    warnings quote element values (a malformed patient name, say), so they stay out of the log."""
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     logging.getLogger("crosssite.pacs").setLevel(logging.INFO)
     for name in ("pynetdicom", "highdicom", "dicomweb_client"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 def _require_pacs() -> None:

@@ -71,7 +71,6 @@ class CStoreSender:
 
     def send(self, ds: Any) -> None:
         from pynetdicom import AE
-        from pynetdicom.sop_class import ComprehensiveSRStorage  # noqa: F401  (the SR's SOP class)
 
         ae = AE(ae_title=self.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s

@@ -63,7 +63,7 @@ class DicomNode:
             ds.file_meta = event.file_meta
         except Exception as e:  # pydicom could not decode the received data set
             uid = getattr(getattr(event, "request", None), "AffectedSOPInstanceUID", None) or "(unknown UID)"
-            log.warning("instance %s refused: undecodable data set (%s)", uid, " ".join(str(e).split())[:200])
+            log.warning("instance %s refused: undecodable data set (%s)", uid, type(e).__name__)
             return STATUS_CANNOT_UNDERSTAND
         try:
             outcome = self.pipeline.accept(ds, f"instance {event.request.AffectedSOPInstanceUID}")

@@ -31,7 +31,7 @@ from typing import Any
 
 from crosssite.pacs.capture import build_captures
 from crosssite.pacs.delivery import Outbox, save_dataset
-from crosssite.pacs.rules import NON_IMAGE, NOT_SELECTED, SelectionRules, skip_reason, volume_key
+from crosssite.pacs.rules import SelectionRules, skip_reason, volume_key
 from crosssite.pacs.sr import ModelInfo, SliceScore, VolumeResult, build_sr
 
 __all__ = ["ACCEPTED", "REFUSED", "Outcome", "SeriesReport", "Pipeline", "UID_PATTERN"]
@@ -45,7 +45,8 @@ UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one received instance: `ACCEPTED`, `NON_IMAGE`, `NOT_SELECTED` or `REFUSED`, and why."""
+    """What became of one received instance: `ACCEPTED`, `REFUSED`, or a skip category of `crosssite.pacs.rules`
+    (``NON_IMAGE``, ``NOT_SELECTED``), and why."""
 
     category: str
     reason: str = ""
@@ -126,14 +127,14 @@ class Pipeline:
         except ValueError as e:
             log.warning("%s refused: %s", name, e)
             return Outcome(REFUSED, str(e))
-        except Exception as e:  # an undecodable element of the header
-            log.warning("%s refused: unreadable header (%s)", name, " ".join(str(e).split())[:200])
+        except Exception as e:  # an undecodable element; its message may quote a value (a name): never logged
+            log.warning("%s refused: unreadable header (%s)", name, type(e).__name__)
             return Outcome(REFUSED, f"unreadable header ({type(e).__name__})")
         name = f"instance {sop_uid}"
         try:
             skip = skip_reason(ds, self.rules)
-        except Exception as e:
-            skip = (REFUSED, f"unreadable header ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+        except Exception as e:  # as above: the type only
+            skip = (REFUSED, f"unreadable header ({type(e).__name__})")
         # the file and its series' record change together: `complete` takes a series' folder under the same lock,
         # so an instance arriving while its series is being scored starts the series anew, with its file
         with self._lock:
@@ -144,8 +145,8 @@ class Pipeline:
                 try:
                     save_dataset(self.spool / series_uid / volume_key(ds) / f"{sop_uid}.dcm", ds,
                                  "a received instance")
-                except Exception as e:  # a dataset pydicom cannot write back (bad value representation...)
-                    skip = (REFUSED, f"cannot be stored ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+                except Exception as e:  # a dataset pydicom cannot write back (a value it cannot encode)
+                    skip = (REFUSED, f"cannot be stored ({type(e).__name__})")
             if skip is not None and skip[0] == REFUSED:
                 series.refused.append(f"{sop_uid}: {skip[1]}")
             elif skip is not None:
@@ -185,8 +186,7 @@ class Pipeline:
                 try:
                     sr = build_sr(volume, evidence[volume.extra["key"]], self.model)
                 except Exception as e:  # source headers highdicom cannot copy from: this volume fails, named
-                    why = " ".join(str(e).split())[:200]
-                    reason = f"no SR for {volume.part or 'the volume'} ({type(e).__name__}: {why})"
+                    reason = f"no SR for {volume.part or 'the volume'} ({type(e).__name__})"
                     series.refused.append(f"{series_uid}: {reason}")
                     log.warning("series %s: %s", series_uid, reason)
                     continue
