@@ -72,6 +72,7 @@ def check_sr(sr: pydicom.Dataset, source: list[Path], per_slice: dict[str, float
     values = read_sr(sr)
     assert sr.Modality == "SR" and sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
     assert sr.StudyInstanceUID == first.StudyInstanceUID and sr.SeriesInstanceUID != first.SeriesInstanceUID
+    assert all(pydicom.uid.UID(uid).is_valid for uid in (sr.SeriesInstanceUID, sr.SOPInstanceUID))
     assert str(sr.PatientName) == str(first.PatientName) and sr.PatientID == first.PatientID
     assert values["series_uid"] == first.SeriesInstanceUID
     got = dict(values["slices"])
@@ -397,6 +398,14 @@ def test_predict_dicomweb_pulls_a_study_and_stores_its_sr_back(
         assert len(found) == 1
         sr_series = found[0]["0020000E"]["Value"][0]
         (sr,) = client.retrieve_series(study, sr_series)
+        # --dry-run: the same SR in a folder, nothing stored
+        dry = CliRunner().invoke(app, ["predict", "--dicomweb", orthanc.dicomweb, "--study", study, "--dry-run",
+                                       str(tmp_path / "dry")], env={"CROSSSITE_CACHE": str(tmp_path / "cache")})
+        assert dry.exit_code == 0, dry.output
+        assert len(client.search_for_series(study_instance_uid=study, search_filters={"Modality": "SR"})) == 1
+    (written,) = (tmp_path / "dry" / study).glob("*.dcm")
+    dry_slices, stored = dict(read_sr(pydicom.dcmread(written))["slices"]), dict(read_sr(sr)["slices"])
+    assert dry_slices.keys() == stored.keys() and max(abs(dry_slices[u] - stored[u]) for u in stored) < TOLERANCE
     per_slice, volume = expected(predictor, tmp_path / "series")
     check_sr(sr, files, per_slice, volume)
     assert f"P(COVID) {volume:.4f}" in result.output and "SR sent" in result.output
