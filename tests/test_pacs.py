@@ -294,6 +294,13 @@ def test_failed_send_is_kept_on_disk_and_retried_until_it_succeeds(
 
     # a second outbox on the same folder (the node restarted) finds the result left there
     assert Outbox(tmp_path / "outbox", outbox.sender).pending() == kept
+    # so does a second pipeline on the same spool, for a series received but not scored before a stop
+    _store(pipeline, files[:2])
+    restarted = Pipeline(predictor, SelectionRules(), tmp_path / "spool",
+                         Outbox(tmp_path / "outbox2", FolderSender(tmp_path / "dry")))
+    assert restarted.open_series() == [str(pydicom.dcmread(files[0]).SeriesInstanceUID)]
+    again = restarted.complete(restarted.open_series()[0])
+    assert again.received == 2 and len(again.volumes[0].slices) == 2 and again.delivery == ["sent"]
 
     received: list[str] = []
 

@@ -19,6 +19,7 @@ delivered. It holds UIDs and counts only: no patient attribute and no pixel valu
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
@@ -55,7 +56,6 @@ class Outcome:
 
 @dataclass
 class _Series:
-    study_uid: str
     received: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> instances
     refused: list[str] = field(default_factory=list)
@@ -115,6 +115,29 @@ class Pipeline:
         self._series: dict[str, _Series] = {}
         self._lock = threading.Lock()
         self._score_lock = threading.Lock()  # one series scored at a time: the predictor is not thread-safe
+        self._recover()
+
+    def _recover(self) -> None:
+        """Series a stopped (or crashed) node received but did not finish scoring are taken up again: each is
+        complete once the series-complete wait has passed from now."""
+        import pydicom
+
+        if not self.spool.is_dir():
+            return
+        for folder in sorted(p for p in self.spool.iterdir() if p.is_dir()):
+            files = sorted(folder.glob("*/*.dcm"))
+            if folder.name.startswith(".scoring-") and files:  # was being scored: back under its series' folder
+                uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+                for f in files:
+                    (self.spool / uid / f.parent.name).mkdir(parents=True, exist_ok=True)
+                    os.replace(f, self.spool / uid / f.parent.name / f.name)
+            if folder.name.startswith(".scoring-") or not files:
+                shutil.rmtree(folder, ignore_errors=True)
+        for folder in sorted(p for p in self.spool.iterdir() if p.is_dir()):
+            received = len(list(folder.glob("*/*.dcm")))
+            self._series[folder.name] = _Series(received=received, last_at=time.monotonic())
+        if self._series:
+            log.info("spool: %d series received before the last stop, scored again", len(self._series))
 
     # ------------------------------------------------------------------------------------------ receiving
 
@@ -123,7 +146,7 @@ class Pipeline:
         try:
             sop_uid = _uid(ds, "SOPInstanceUID")
             series_uid = _uid(ds, "SeriesInstanceUID")
-            study_uid = _uid(ds, "StudyInstanceUID")
+            _uid(ds, "StudyInstanceUID")  # the SR goes into this study: it must be there
         except ValueError as e:
             log.warning("%s refused: %s", name, e)
             return Outcome(REFUSED, str(e))
@@ -138,7 +161,7 @@ class Pipeline:
         # the file and its series' record change together: `complete` takes a series' folder under the same lock,
         # so an instance arriving while its series is being scored starts the series anew, with its file
         with self._lock:
-            series = self._series.setdefault(series_uid, _Series(study_uid))
+            series = self._series.setdefault(series_uid, _Series())
             series.received += 1
             series.last_at = time.monotonic()
             if skip is None:
