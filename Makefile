@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[dev,federated,serve]' $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[dev,federated,serve,pacs]' $(TORCH_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)

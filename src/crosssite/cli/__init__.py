@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from crosssite.cli import add_site, bench, data, evaluate, experiment, federated, models, predict, serve, train  # noqa: F401,E501  (register on `app`)
+from crosssite.cli import add_site, bench, data, dicom_node, evaluate, experiment, federated, models, predict, serve, train  # noqa: F401,E501  (register on `app`)
 from crosssite.cli.app import app
 
 

@@ -171,7 +171,7 @@ def _show(predictor: Any, model: Path, records: list[Any], out: Path | None) -> 
 
 @app.command()
 def predict(
-    paths: list[Path] = typer.Argument(..., metavar="[MODEL] INPUT...", help="Optional model file (stem, "
+    paths: list[Path] = typer.Argument(None, metavar="[MODEL] INPUT...", help="Optional model file (stem, "
                                        ".safetensors, .json, run folder) or .onnx export, then image / DICOM / NIfTI "
                                        "files or folders (recursive). Without a model: the shipped one."),
     site: str | None = typer.Option(None, "--site", help="Normalise with this known site's statistics."),
@@ -193,12 +193,18 @@ def predict(
     tta: str | None = typer.Option(None, "--tta", metavar="MODE",
                                    help="Test-time augmentation: none, or flip (average each slice with its "
                                         "left-right mirror). Default: the model's own (its card's tta)."),
+    dicomweb: str | None = typer.Option(None, "--dicomweb", metavar="URL", help="Score --study UID there (DICOMweb)."),
+    study: str | None = typer.Option(None, "--study", metavar="UID"),
+    dry_run: Path | None = typer.Option(None, "--dry-run", metavar="DIR"),
     strict: bool = typer.Option(False, "--strict", help="Refuse inputs that would be predicted with a warning "
                                 "(DICOM not CT, localizer or non-axial slice, image below the minimum size)."),
 ) -> None:
     """Predict P(COVID) for slices, DICOM series and NIfTI volumes, with per-volume scores."""
     from crosssite.inference import Predictor, failed
 
+    if dicomweb or study or not paths:  # a study of a DICOMweb server instead of files
+        from crosssite.cli.dicom_node import predict_dicomweb
+        return predict_dicomweb(paths, dicomweb, study, site=site, strategy=strategy, dry_run=dry_run)
     try:
         model, inputs = split_model_argument(paths)
         adapt = _strategy(adapt_flag, strategy, site, save_adapted)
