@@ -408,10 +408,11 @@ def collect_probabilities(
         raise EvaluationError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     was_training = model.training
     model.eval()
+    dtype = next((p.dtype for p in model.parameters()), None)  # float64 weights (precision=fp64) take float64 inputs
     parts: dict[str, list[np.ndarray]] = {"index": [], "site": [], "label": [], "p_covid": []}
     try:
         for batch in loader:
-            image = batch["image"].to(device, next(model.parameters()).dtype, non_blocking=True)
+            image = batch["image"].to(device, dtype, non_blocking=True)
             if standardise:
                 image = standardise_images(image)
             site = batch["site"].to(device)
