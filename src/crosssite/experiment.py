@@ -32,7 +32,7 @@ from typing import Any
 from crosssite.data import Site, card_tta
 from crosssite.errors import ConfigError, CrossSiteError
 from crosssite.ioutil import ensure_dir, guard_output, read_jsonl
-from crosssite.training.methods import PAPER_TABLE_I, method_recipe
+from crosssite.training.methods import PAPER_TABLE_I
 from crosssite.training.rundir import read_predictions
 
 __all__ = [
@@ -285,8 +285,8 @@ def _run_keys(job: _Job, todo: Sequence[RunKey], progress: bool, log: Callable[[
               quiet_skips: bool = False, stop: Callable[[], bool] | None = None) -> list[RunKey]:
     """Train the runs of ``todo`` that are neither finished nor held by another runner; one results line each.
     ``stop`` is asked before each run (a runner process stops when its parent is gone)."""
-    from crosssite.training import TrainConfig, train
-    from crosssite.training.config import apply_overrides
+    from crosssite.training import train
+    from crosssite.training.config import preset_config
 
     results = job.out_dir / "results.jsonl"
     ran: list[RunKey] = []
@@ -302,9 +302,9 @@ def _run_keys(job: _Job, todo: Sequence[RunKey], progress: bool, log: Callable[[
                 continue
             if key in finished_keys(results):  # finished by another runner since this call began
                 continue
-            values = {**PRESETS[job.preset], **method_recipe(key.method), **job.overrides}
-            values.update(method=key.method, backbone=key.backbone, fold=key.fold, folds=job.folds, seed=key.seed)
-            config = apply_overrides(TrainConfig(), values)
+            values = {**job.overrides, "method": key.method, "backbone": key.backbone, "fold": key.fold,
+                      "folds": job.folds, "seed": key.seed}
+            config = preset_config(PRESETS[job.preset], values)  # the method's recipe goes over the preset
             log(f"[{i}/{len(todo)}] {key.method} / {key.backbone} fold {key.fold} seed {key.seed} -> {run_dir}")
             resumed = run_dir.exists()
             start = time.perf_counter()
@@ -413,8 +413,8 @@ def run_loso(
     are skipped. Returns the number of models trained by this call."""
     from crosssite.evaluation import card_loader, evaluate_model
     from crosssite.models import load
-    from crosssite.training import TrainConfig, train
-    from crosssite.training.config import apply_overrides
+    from crosssite.training import train
+    from crosssite.training.config import preset_config
 
     if len(sites) < 2:
         raise ConfigError("leave-one-site-out needs at least two sites")
@@ -428,9 +428,8 @@ def run_loso(
         for held in sites:
             if (held.name, seed) in done:
                 continue
-            values = {**PRESETS[preset], **(overrides or {}), "method": method, "backbone": backbone,
-                      "seed": seed, "protocol": "all"}
-            config = apply_overrides(TrainConfig(), values)
+            values = {**(overrides or {}), "method": method, "backbone": backbone, "seed": seed, "protocol": "all"}
+            config = preset_config(PRESETS[preset], values)
             run_dir = out_dir / "runs" / f"loso__{method}__{backbone}" / f"{held.name}_seed{seed}"
             log(f"leave out {held.name} (seed {seed}) -> {run_dir}")
             start = time.perf_counter()

@@ -37,7 +37,7 @@ from crosssite.data import Site
 from crosssite.errors import ConfigError
 from crosssite.federated.common import federated_methods, STRATEGIES, FederatedError, shared_keys
 from crosssite.ioutil import atomic_write_bytes
-from crosssite.training.config import TrainConfig, save_config
+from crosssite.training.config import TrainConfig, save_config, with_recipe
 from crosssite.training.data import RunData, build_run_data
 from crosssite.training.engine import TrainingDiverged
 from crosssite.training.rundir import json_safe, model_card, write_json, write_predictions, write_run_files
@@ -74,7 +74,7 @@ class SiteClient(NumPyClient):
                               f"got {config.method!r}")
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy: unknown {strategy!r}; valid: {', '.join(STRATEGIES)}")
-        self.config, self.site, self.strategy = config, site, strategy
+        self.config, self.site, self.strategy = with_recipe(config), site, strategy
         self.dir = Path(out_dir) / site.name
         self.device = resolve_device(config.device)
 

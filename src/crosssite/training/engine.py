@@ -42,7 +42,7 @@ from crosssite.data import Site, load_sites
 from crosssite.errors import TrainingDiverged, TrainingError
 from crosssite.training import distributed
 from crosssite.training.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
-from crosssite.training.config import TrainConfig, resumed_config, save_config
+from crosssite.training.config import TrainConfig, resumed_config, save_config, with_recipe
 from crosssite.training.data import RunData, build_run_data, multi_site_steps
 from crosssite.training.methods import METHODS, Method
 from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
@@ -95,7 +95,8 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``config.method`` on ``sites`` into ``out_dir``; return the metrics written to ``metrics.json``.
+    """Train ``config.method`` (with its recipe in every key ``config`` was not given: `with_recipe`) on ``sites``
+    into ``out_dir``; return the metrics written to ``metrics.json``.
 
     Args:
         sites: loaded sites or ``NAME=PATH[:LAYOUT]`` specs; a site's position is its integer id.
@@ -105,6 +106,7 @@ def train(
         progress: show a progress bar (only on a terminal) and print one line per epoch.
     """
     sites = load_sites(sites)
+    config = with_recipe(config)
     device = resolve_device(config.device)
     config = config.replace(precision=resolve_precision(config, device))  # "auto" -> what this run computes in
     with distributed.process_group(device), undo_failed_start(out_dir):

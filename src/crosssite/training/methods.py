@@ -38,6 +38,7 @@ __all__ = [
     "register_method",
     "paper_result",
     "method_recipe",
+    "federated_methods",
     "model_kwargs",
     "compute_loss",
     "CONTRASTIVE",
@@ -84,8 +85,9 @@ class Method:
     terms: tuple[LossTerm, ...] = ()  # added to the universal head's cross-entropy
     per_site: bool = False  # one separate model per site
     federated: bool = False  # can run as one Flower client per site (crosssite.federated)
-    # configuration the method trains with (over a preset, under the user's own --set): a recipe such as
-    # label smoothing or a weight average; ((key, value), ...) so the method stays hashable
+    # configuration the method trains with (over a preset, under every value the caller gives:
+    # `crosssite.training.config.with_recipe`): e.g. label smoothing or a weight average; ((key, value), ...) so
+    # the method stays hashable
     recipe: tuple[tuple[str, Any], ...] = ()
     label: str = ""  # its row's name in reports (default: the name); the paper's rows use the paper's labels
 
@@ -155,8 +157,16 @@ PAPER_TABLE_I: dict[tuple[str, str], PaperResult] = {
 
 
 def method_recipe(method: str) -> dict[str, Any]:
-    """The configuration values ``method`` trains with (`Method.recipe`; empty for the paper's rows)."""
+    """The configuration values ``method`` trains with where the caller gives none (`Method.recipe`; empty for the
+    paper's rows; applied by `crosssite.training.config.with_recipe`)."""
     return dict(METHODS[method].recipe) if method in METHODS else {}
+
+
+def federated_methods() -> list[str]:
+    """The registered methods that declare ``federated=True``. One site per client: a site-specific norm has one
+    copy there, so `sepnorm` and `joint` build the same network; `sepnorm-contrastive` adds the projection head and
+    the contrastive term on the client's own batch."""
+    return [name for name, method in METHODS.items() if method.federated]
 
 
 def paper_result(method: str, backbone: str) -> PaperResult | None:
