@@ -61,8 +61,8 @@ def build_site_model(config: TrainConfig) -> nn.Module:
     torch.manual_seed(config.seed)
     kwargs = model_kwargs(METHODS[config.method], config.backbone, num_sites=1, width=config.width,
                           block_act=config.block_act, init=config.init, mixstyle=config.mixstyle,
-                          standardise_input=config.standardise_input)
-    return models.create_model(config.backbone, image_size=config.image_size, **kwargs)
+                          standardise_input=config.standardise_input, image_size=config.image_size)
+    return models.create_model(config.backbone, **kwargs)
 
 
 class SiteClient(NumPyClient):

@@ -174,26 +174,41 @@ def paper_result(method: str, backbone: str) -> PaperResult | None:
     return PAPER_TABLE_I.get((method, backbone))
 
 
+# A request at its "off" value asks nothing of a backbone: one without that option builds without it. Any other
+# request a backbone does not declare is refused by `create_model` (`crosssite.models.UnsupportedOption`).
+_OFF: dict[str, Any] = {"block_act": "none", "mixstyle": 0.0, "standardise_input": False, "adapter": None,
+                        "aux_heads": False, "projection": False}
+
+
 def model_kwargs(
     method: Method, backbone: str, *, num_sites: int, width: float, block_act: str, init: str = "auto",
-    mixstyle: float = 0.0, standardise_input: bool = False,
+    mixstyle: float = 0.0, standardise_input: bool = False, image_size: int | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of `crosssite.models.create_model` for ``method`` on ``backbone`` (``init="auto"``: the
-    backbone's own initialisation; a backbone without norms ignores the method's norm)."""
-    kwargs: dict[str, Any] = {} if init == "auto" else {"init": init}
-    if mixstyle:
-        kwargs["mixstyle"] = mixstyle
-    if standardise_input:
-        kwargs["standardise_input"] = True
-    return kwargs | {
-        "num_sites": num_sites,
+    """Keyword arguments of `crosssite.models.create_model` for ``method`` on ``backbone``: the options the
+    backbone declares (`crosssite.models.ModelConfig.options`), and any other request that is not at its off value
+    (which `create_model` then refuses by name). ``init="auto"``: the backbone's own initialisation; a backbone
+    without norms gets ``norm="none"``."""
+    config = model_config(backbone)
+    wanted: dict[str, Any] = {
         "num_classes": 2,
         "width": width,
         "block_act": block_act,
-        "norm": method.norm if model_config(backbone).has_norm else "none",
+        "norm": method.norm if config.has_norm else "none",
         "adapter": method.adapter,
         "aux_heads": method.aux_heads,
         "projection": method.projection,
+    }
+    if init != "auto":
+        wanted["init"] = init
+    if mixstyle:
+        wanted["mixstyle"] = mixstyle
+    if standardise_input:
+        wanted["standardise_input"] = True
+    if image_size is not None:
+        wanted["image_size"] = image_size
+    missing = object()
+    return {"num_sites": num_sites} | {
+        key: value for key, value in wanted.items() if key in config.options or _OFF.get(key, missing) != value
     }
 
 
