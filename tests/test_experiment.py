@@ -129,7 +129,7 @@ def test_an_undefined_metric_is_kept_as_null_and_read_back_as_nan(tmp_path: Path
     import math
 
     from crosssite.experiment import _numbers
-    from crosssite.reporting.tables import load_results
+    from crosssite.reporting import load_results
 
     metrics = {"accuracy": 0.5, "f1": 0.0, "recall": 0.0, "specificity": 1.0, "precision": None, "auc": 0.6}
     kept = _numbers(metrics | {"n": 10, "flag": True, "note": "x"})

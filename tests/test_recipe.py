@@ -164,7 +164,7 @@ def test_train_defaults_to_the_row_table_i_v2_picks_with_its_recipe(tmp_path: Pa
     from typer.testing import CliRunner
 
     from crosssite.cli import app
-    from crosssite.reporting.tables import chosen_row, load_results, site_order
+    from crosssite.reporting import chosen_row, load_results, site_order
 
     runs, _ = load_results(Path(__file__).resolve().parents[1] / "results" / "cpu-v2" / "results.jsonl")
     chosen = chosen_row(runs, site_order(runs))

@@ -58,7 +58,7 @@ class TrainConfig:
     _given: ClassVar[frozenset[str]] = frozenset()
 
     # what to train: by default the row the committed grid ranks first on validation among those that train one
-    # model for every site (`crosssite.reporting.tables.chosen_row` over results/cpu-v2; tests/test_recipe.py checks
+    # model for every site (`crosssite.reporting.choice.chosen_row` over results/cpu-v2; tests/test_recipe.py checks
     # the two agree), trained with that method's recipe (`with_recipe`)
     method: str = "crosssite"
     backbone: str = "covidnet_redesign"
