@@ -102,7 +102,7 @@ def _run(
     from crosssite.data import load_sites
     from crosssite.training import load_config, train
     from crosssite.training.config import apply_overrides, parse_overrides
-    from crosssite.training.rundir import read_sites
+    from crosssite.rundir import read_sites
 
     saved = out / "config.yaml"
     if config_file is None and resume and saved.is_file():

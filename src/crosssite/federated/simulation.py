@@ -28,8 +28,8 @@ from crosssite.federated.common import FederatedError
 from crosssite.federated.server import RoundLogger, make_strategy
 from crosssite.training.config import TrainConfig, save_config, with_recipe
 from crosssite.ioutil import ensure_dir
-from crosssite.training.rundir import json_safe, site_spec, write_json
-from crosssite.training.rundir import federated_started, undo_failed_start
+from crosssite.rundir import json_safe, site_spec, write_json
+from crosssite.rundir import federated_started, undo_failed_start
 
 __all__ = ["run_federated", "summarise"]
 

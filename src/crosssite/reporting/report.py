@@ -30,7 +30,7 @@ import torch
 import crosssite
 from crosssite.errors import CrossSiteError
 from crosssite.gradcam import finest_stage, grad_cam
-from crosssite.training.rundir import PREDICTIONS, Prediction, RunDirError, read_predictions
+from crosssite.rundir import PREDICTIONS, Prediction, RunDirError, read_predictions
 from crosssite.reporting.figures import GradCamCase, gradcam_figure, roc_figure
 from crosssite.reporting.choice import validation_table
 from crosssite.reporting.claims import claims_table, ttest_table, verdict_table
