@@ -143,3 +143,17 @@ def test_a_new_backbone_is_one_class_and_one_registration(tinynet: str, tmp_path
     assert card["architecture"] == tinynet and card["model_args"]["norm"] == "site" and model.projector is not None
     with pytest.raises(UnsupportedOption, match="does not take adapter"):  # it declared no adapters
         build_model(TrainConfig(method="series-adapter", backbone=tinynet), num_sites=2, device=torch.device("cpu"))
+
+
+def test_models_lists_files_and_with_architectures_the_registries() -> None:
+    from typer.testing import CliRunner
+
+    from crosssite.cli import app
+
+    result = CliRunner().invoke(app, ["models", "--architectures", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert set(listed["architectures"]) == set(models.list_models()) >= {"covidnet", "covidnet_redesign", "resnet18"}
+    assert "mixstyle" not in listed["architectures"]["resnet18"]["options"] and set(listed["methods"]) == set(METHODS)
+    files = CliRunner().invoke(app, ["models", "--help"])
+    assert "trained model files" in " ".join(files.output.split())

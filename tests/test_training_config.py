@@ -21,7 +21,7 @@ from crosssite.training.schedule import lr_at, step_decay_period
 
 def test_defaults_are_the_papers_but_the_method() -> None:
     c = TrainConfig()
-    # the method is the row Table I v2 picks (tests/test_recipe.py), the paper's method with crosssite's recipe
+    # the method is the row the committed grid picks (tests/test_recipe.py), the paper's method with crosssite's recipe
     assert (c.method, c.backbone, c.epochs, c.image_size, c.batch_per_site) == (
         "crosssite", "covidnet_redesign", 100, 224, 16)
     assert (c.lr, c.weight_decay, c.grad_clip, c.tau, c.alpha) == (1e-4, 1e-7, 2.0, 0.05, 1.0)

@@ -121,10 +121,10 @@ for _method in (
     Method("parallel-adapter", "site-specific BN + site-specific 1x1 adapters in parallel", adapter="parallel"),
     Method("ms-net", "site-specific BN + auxiliary heads per site with online knowledge transfer", aux_heads=True,
            terms=(KNOWLEDGE_TRANSFER,)),
-    # crosssite's recipe (Table I v2's tenth row): the paper's method without the batch-norm recalibration before
-    # each validation (the paper has none; the cpu preset adds it), every validation, test and later prediction
-    # averaged over the slice and its left-right mirror: the two levers that gained on the validation parts under
-    # the same budget (docs/RESULTS.md, "Looking for crosssite's own recipe")
+    # crosssite's recipe: the paper's method without the batch-norm recalibration before each validation (the
+    # paper has none; the cpu preset adds it), every validation, test and later prediction averaged over the slice
+    # and its left-right mirror: the two levers that gained on the validation parts under the same budget (the
+    # evidence: docs/RESULTS.md, "Looking for crosssite's own recipe")
     Method("crosssite", "the paper's method (site-specific BN + contrastive loss) without BN recalibration, each "
            "prediction averaged with the slice's mirror", projection=True, terms=(CONTRASTIVE,),
            recipe=(("bn_recalibrate", False), ("tta", "flip")),
