@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from crosssite import models
-from crosssite.models import ModelConfig, SiteClassifier, UnsupportedOption, create_model, register_model
+from crosssite.models import ModelConfig, SiteClassifier, UnsupportedOption, create_model, get_norm_layer, register_model
 from crosssite.models.heads import channels
-from crosssite.models.norms import Sites, get_norm_layer
+from crosssite.models.norms import Sites
 from crosssite.models.registry import _MODELS
 from crosssite.pretrained import shipped_model
 from crosssite.training import METHODS, TrainConfig
