@@ -185,7 +185,8 @@ ENTRY = Method("toy-entry", "sepnorm with a recipe, federated", federated=True,
 def test_every_entry_point_trains_a_method_with_the_same_resolved_config(sites, monkeypatch: pytest.MonkeyPatch,
                                                                          tmp_path: Path) -> None:
     """Python `train`, ``crosssite train``, the experiment grid (over the cpu preset, whose ``bn_recalibrate`` the
-    recipe overrides) and a federated client write the same config.yaml for the same method and values."""
+    recipe overrides) and a federated client write the same config.yaml for the same method and values; add-site
+    keeps it in the card it writes."""
     from typer.testing import CliRunner
 
     from crosssite.cli import app
@@ -218,3 +219,11 @@ def test_every_entry_point_trains_a_method_with_the_same_resolved_config(sites, 
         if path.parent.name == "federated":  # a client records precision as given ("auto"): it has no autocast
             config["precision"] = reference["precision"]
         assert {k: v for k, v in config.items() if config[k] != reference[k]} == {}, path
+    # add-site carries on from the model card, which holds the resolved configuration and the recipe's tta
+    from crosssite import models
+    from crosssite.models.adaptation import MIN_ADAPT_IMAGES
+    from crosssite.training.add_site import add_site
+
+    model, card = models.load(tmp_path / "python" / "model")
+    _, new_card, _ = add_site(model, card, "new", images=torch.rand(max(16, MIN_ADAPT_IMAGES), 3, 32, 32))
+    assert new_card["train_config"] == reference and new_card["tta"] == "flip"
