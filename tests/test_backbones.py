@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from crosssite import models
-from crosssite.models import ModelConfig, SiteClassifier, UnsupportedOption, create_model, get_norm_layer, register_model
+from crosssite.models import (ModelConfig, SiteClassifier, UnsupportedOption, create_model, get_norm_layer,
+                              register_model)
 from crosssite.models.heads import channels
 from crosssite.models.norms import Sites
 from crosssite.models.registry import _MODELS

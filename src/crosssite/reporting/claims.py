@@ -69,10 +69,10 @@ def ttest_table(runs: Sequence[RunResult], sites: Sequence[str], which: str) -> 
         "the comparison methods",
     )
     caption = (
-        f"Columns: {sites_legend(sites)}. Two-sided paired t-test (scipy.stats.ttest_rel) of {PAPER_METHOD.label} against {against}, runs paired by "
-        "(fold, seed); 'pairs' counts the matched pairs per site. (+) ours has the higher mean, (-) the lower; "
-        "'n/a' means fewer than 2 matched pairs. The paper reports one p-value per site without naming the "
-        "metric, and only for the redesigned backbone."
+        f"Columns: {sites_legend(sites)}. Two-sided paired t-test (scipy.stats.ttest_rel) of {PAPER_METHOD.label} "
+        f"against {against}, runs paired by (fold, seed); 'pairs' counts the matched pairs per site. (+) ours has "
+        "the higher mean, (-) the lower; 'n/a' means fewer than 2 matched pairs. The paper reports one p-value per "
+        "site without naming the metric, and only for the redesigned backbone."
     )
     return Table(f"Table {number}. p-values of ours against {against}", header, body, caption)
 
