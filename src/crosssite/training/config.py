@@ -78,8 +78,8 @@ class TrainConfig:
     # short-side-resized slice (kept so models trained with it stay reproducible)
     frame: str = "pad"
     # input normalisation: "train" = pixel mean / std of the run's training part (stored in the model card);
-    # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (the same for every run). A federated client sees only its own
-    # site, so "train" standardises every site's intensities separately there
+    # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (the same for every run). A federated client sees only its
+    # own site, so "train" standardises every site's intensities separately there
     input_norm: str = "train"
     # optimisation (Adam, cosine to lr_min; step decay x0.1 every 30 of 100 epochs for `covidnet`)
     epochs: int = 100
