@@ -28,7 +28,7 @@ from crosssite.training.config import TrainConfig, apply_overrides, parse_overri
 from crosssite.training.data import build_run_data
 from crosssite.training.methods import METHODS
 from crosssite.training.step import build_model, make_optimizer, train_step
-from crosssite.training.validation import evaluate, recalibrate_bn
+from crosssite.training.validation import recalibrate_bn, score_part
 
 DATA = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     recal = time.perf_counter() - start
     model.eval()
     start = time.perf_counter()
-    evaluate(model, data, "val", device, config)
+    score_part(model, data, "val", device, config)
     val = time.perf_counter() - start
 
     steps = data.steps_per_epoch

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from crosssite import models
 from crosssite.training.config import TrainConfig
 from crosssite.training.data import build_run_data
-from crosssite.training.rundir import read_sites
+from crosssite.rundir import read_sites
 
 VIEWS = {"plain": ((),), "h": ((), (3,)), "hv": ((), (3,), (2,), (2, 3))}  # dims flipped, per averaged view
 

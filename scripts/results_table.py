@@ -13,7 +13,9 @@ import argparse
 import math
 from pathlib import Path
 
-from crosssite.reporting.tables import ROWS, load_results, runs_of, site_letter, site_order, table_one
+from crosssite.reporting.results import load_results, site_order
+from crosssite.reporting.rows import ROWS, runs_of
+from crosssite.reporting.tables import site_letter, table_one
 
 
 def per_run(out_dir: Path) -> str:

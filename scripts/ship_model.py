@@ -22,8 +22,8 @@ from crosssite import models
 from crosssite.pretrained import HERE, SHIPPED_NAME
 from crosssite.training.config import TrainConfig
 from crosssite.training.data import build_run_data
-from crosssite.training.rundir import read_sites
-from crosssite.training.validation import evaluate
+from crosssite.rundir import read_sites
+from crosssite.training.validation import score_part
 
 LICENCES = {
     "weights": "non-commercial research only (site A's data is CC BY-NC-SA 4.0); not a medical device",
@@ -56,9 +56,9 @@ def main() -> None:
     config = TrainConfig(**card["train_config"])
     data = build_run_data(config, read_sites(args.run), args.run / "split.json", reuse_split=True)
     device = torch.device("cpu")
-    full, _ = evaluate(model, data, "val", device, config)
+    full, _ = score_part(model, data, "val", device, config)
     half = models.load(args.run / "model")[0].half().float()  # the weights as the float16 file restores them
-    rounded, _ = evaluate(half, data, "val", device, config)
+    rounded, _ = score_part(half, data, "val", device, config)
     diff = {s: 100 * (rounded[s]["auc"] - full[s]["auc"]) for s in full}
     if max(abs(d) for d in diff.values()) >= 0.5:
         raise SystemExit(f"float16 moves the validation AUC by {diff} points: not shipped")

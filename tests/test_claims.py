@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 from crosssite.evaluation import corrected_resampled_ttest, holm, paired_ttest
-from crosssite.reporting.tables import claim_tests, claims_table, load_results, site_order
+from crosssite.reporting.claims import claim_tests, claims_table
+from crosssite.reporting.results import load_results, site_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def test_rows_are_ranked_on_validation_over_the_pairs_they_share() -> None:
     import dataclasses
     import json
 
-    from crosssite.reporting.tables import validation_ranking, validation_table
+    from crosssite.reporting.choice import validation_ranking, validation_table
 
     path = REPO / "results" / "cpu-real" / "results.jsonl"
     runs, _ = load_results(path)
@@ -98,7 +99,7 @@ def test_rows_are_ranked_on_validation_over_the_pairs_they_share() -> None:
 
 
 def test_a_claim_is_confirmed_only_when_every_comparison_is() -> None:
-    from crosssite.reporting.tables import claim_verdicts, verdict_table
+    from crosssite.reporting.claims import claim_verdicts, verdict_table
 
     def entry(claim: str, site: str, verdict: str) -> dict:
         return {"claim": claim, "site": site, "verdict": verdict}

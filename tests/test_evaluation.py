@@ -267,7 +267,7 @@ def run_dir(tmp_path: Path) -> tuple[Path, list[str]]:
     """A run directory as the training engine leaves it: model files and split.json of two synthetic sites."""
     from crosssite.data import load_site, split_fold
     from crosssite.models import save
-    from crosssite.training.rundir import save_splits
+    from crosssite.rundir import save_splits
 
     specs = ["a=synthetic:n=16,size=40,seed=1", "b=synthetic:n=16,size=40,seed=2,shift=1.0"]
     sites = [load_site(s) for s in specs]

@@ -128,8 +128,8 @@ def test_an_undefined_metric_is_kept_as_null_and_read_back_as_nan(tmp_path: Path
     the report reads it as NaN instead of rejecting the line."""
     import math
 
-    from crosssite.experiment import _numbers
-    from crosssite.reporting.tables import load_results
+    from crosssite.experiment.runs import numbers as _numbers
+    from crosssite.reporting import load_results
 
     metrics = {"accuracy": 0.5, "f1": 0.0, "recall": 0.0, "specificity": 1.0, "precision": None, "auc": 0.6}
     kept = _numbers(metrics | {"n": 10, "flag": True, "note": "x"})
@@ -168,3 +168,17 @@ def test_a_terminated_grid_stops_its_runners_and_frees_their_runs(tmp_path: Path
         with claim_run(claim.parent / claim.name[1:-len(".claim")]) as mine:
             assert mine
     assert not (tmp_path / "results.jsonl").exists()  # neither run was finished
+
+
+def test_a_failed_grid_leaves_no_claim_file(tmp_path: Path) -> None:
+    """A run that fails (here: a configuration error raised once the run is claimed) gives up its claim and removes
+    it, as a finished run does."""
+    from crosssite.errors import CrossSiteError
+
+    with pytest.raises(CrossSiteError):
+        run_experiment(load_sites(SITES), tmp_path, rows=ROWS[:1], folds=2, overrides={**TINY, "lr_min": 1.0},
+                       progress=False, log=lambda _: None)
+    assert (tmp_path / "runs").is_dir() and not list(tmp_path.rglob(".*.claim"))
+    run_experiment(load_sites(SITES), tmp_path, rows=ROWS[:1], folds=2, overrides=TINY, max_runs=1, progress=False,
+                   log=lambda _: None)
+    assert len(finished_keys(tmp_path / "results.jsonl")) == 1 and not list(tmp_path.rglob(".*.claim"))

@@ -19,7 +19,7 @@ from crosssite.data import DEFAULT_MEAN, check_sites, load_site, load_sites
 from crosssite.evaluation import bootstrap_ci, collect_probabilities, evaluate_model
 from crosssite.experiment import run_experiment
 from crosssite.inference import Predictor
-from crosssite.reporting.tables import ROWS, load_results, table_one
+from crosssite.reporting import ROWS, load_results, table_one
 from crosssite.training import TrainConfig, TrainingDiverged, train
 from crosssite.training import engine
 from crosssite.training.checkpoint import load_checkpoint

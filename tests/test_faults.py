@@ -465,7 +465,7 @@ def test_experiment_results_never_end_in_half_a_line(tmp_path: Path) -> None:
     """A results line that does not fit (file-size limit) is cut off again: results.jsonl keeps its whole lines."""
     results = tmp_path / "results.jsonl"
     results.write_text('{"run": 1}\n' * 90)  # 990 bytes
-    code = ("import sys; from pathlib import Path; from crosssite.experiment import _append_line; "
+    code = ("import sys; from pathlib import Path; from crosssite.experiment.ledger import append_line as _append_line; "
             "from crosssite.errors import OutputError\n"
             "try:\n    _append_line(Path(sys.argv[1]), {'run': 2, 'pad': 'x' * 200})\n"
             "except OutputError as e:\n    print(e); sys.exit(3)\n")

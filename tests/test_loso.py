@@ -10,7 +10,7 @@ import pytest
 from crosssite.data import load_sites
 from crosssite.errors import ConfigError
 from crosssite.experiment import run_loso
-from crosssite.reporting.tables import loso_summary, loso_table
+from crosssite.reporting.loso import loso_summary, loso_table
 
 SITES = ["a=synthetic:shift=0.0,n=16,seed=1,size=40", "b=synthetic:shift=1.2,n=16,seed=2,size=40",
          "c=synthetic:shift=0.6,n=16,seed=3,size=40"]

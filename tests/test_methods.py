@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from crosssite.cli import app
 from crosssite.data import load_sites
 from crosssite.experiment import run_experiment
-from crosssite.reporting.tables import ROWS, load_results, table_one
+from crosssite.reporting import ROWS, load_results, table_one
 from crosssite.training import METHODS, PAPER_TABLE_I, LossTerm, Method, TrainConfig, compute_loss
 from crosssite.training.methods import CONTRASTIVE, register_method
 

@@ -46,31 +46,6 @@ def test_reset_classifier_gives_new_outputs_and_keeps_the_trunk(name: str) -> No
     assert model.model_kwargs["num_classes"] == 3
 
 
-def test_site_batchnorm_converts_any_network_and_matches_per_site_copies() -> None:
-    """`convert_site_batchnorm` swaps PyTorch's BatchNorm of a plain network for per-site copies: a mixed batch
-    in training mode equals each site's sub-batch through its own copy of the original network."""
-    import copy
-
-    from crosssite.models import SiteBatchNorm, convert_site_batchnorm, use_sites
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.Flatten(), torch.nn.LazyLinear(4), torch.nn.BatchNorm1d(4))
-    x, site = torch.randn(6, 3, 10, 10), torch.tensor([0, 1, 0, 1, 1, 0])
-    net(x)  # materialise the lazy layer
-    copies = [copy.deepcopy(net).train() for _ in range(2)]
-    converted = convert_site_batchnorm(copy.deepcopy(net), num_sites=2).train()
-    assert sum(isinstance(m, SiteBatchNorm) for m in converted.modules()) == 2
-    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in converted.modules())
-    with use_sites(converted, site):
-        out = converted(x)
-    for s in (0, 1):
-        torch.testing.assert_close(out[site == s], copies[s](x[site == s]))
-        bn = copies[s][1]
-        torch.testing.assert_close(converted[1].sites[s].running_mean, bn.running_mean)
-        torch.testing.assert_close(converted[1].sites[s].running_var, bn.running_var)
-
-
 def test_mixstyle_mixes_feature_statistics_in_training_only() -> None:
     from crosssite.models.covidnet import MixStyle
 

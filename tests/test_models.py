@@ -23,7 +23,7 @@ from crosssite.models import (
     model_paths,
     save,
 )
-from crosssite.models.covidnet import SiteHeads
+from crosssite.models.heads import SiteHeads
 
 SMALL = dict(width=0.125, image_size=64)
 

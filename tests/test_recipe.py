@@ -164,7 +164,7 @@ def test_train_defaults_to_the_row_table_i_v2_picks_with_its_recipe(tmp_path: Pa
     from typer.testing import CliRunner
 
     from crosssite.cli import app
-    from crosssite.reporting.tables import chosen_row, load_results, site_order
+    from crosssite.reporting import chosen_row, load_results, site_order
 
     runs, _ = load_results(Path(__file__).resolve().parents[1] / "results" / "cpu-v2" / "results.jsonl")
     chosen = chosen_row(runs, site_order(runs))
@@ -176,3 +176,54 @@ def test_train_defaults_to_the_row_table_i_v2_picks_with_its_recipe(tmp_path: Pa
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["method"] == chosen.method
     assert all(saved[key] == value for key, value in METHODS[chosen.method].recipe)  # and its recipe with it
+
+
+ENTRY = Method("toy-entry", "sepnorm with a recipe, federated", federated=True,
+               recipe=(("label_smoothing", 0.1), ("bn_recalibrate", False), ("tta", "flip")))
+
+
+def test_every_entry_point_trains_a_method_with_the_same_resolved_config(sites, monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """Python `train`, ``crosssite train``, the experiment grid (over the cpu preset, whose ``bn_recalibrate`` the
+    recipe overrides) and a federated client write the same config.yaml for the same method and values; add-site
+    keeps it in the card it writes."""
+    from typer.testing import CliRunner
+
+    from crosssite.cli import app
+    from crosssite.cli.federated import _config
+    from crosssite.experiment import run_experiment
+    from crosssite.federated.client import SiteClient
+
+    monkeypatch.setitem(METHODS, ENTRY.name, ENTRY)
+    values = {k: v for k, v in TINY.items() if k != "ckpt_every"} | {"epochs": 1, "seed": 0, "fold": 0}
+    sets = [f"{k}={v}" for k, v in values.items()]
+
+    def saved(path: Path) -> dict:
+        return yaml.safe_load((path / "config.yaml").read_text())
+
+    train(TrainConfig(method=ENTRY.name, **values), sites, tmp_path / "python", progress=False)
+    reference = saved(tmp_path / "python")
+    assert (reference["label_smoothing"], reference["tta"]) == (0.1, "flip")  # the recipe reached the run
+
+    result = CliRunner().invoke(app, ["train", "--site", SPECS[0], "--site", SPECS[1], "--method", ENTRY.name,
+                                      "--quiet", *(x for s in sets for x in ("--set", s)),
+                                      "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    run_experiment(sites, tmp_path / "grid", rows=[(ENTRY.name, "covidnet_redesign")], folds=values["folds"],
+                   only_folds=[0], overrides=values, preset="cpu", progress=False, log=lambda _: None)
+    client = SiteClient(_config(None, ENTRY.name, sets), sites[0], tmp_path / "federated", "fedbn")
+    _ = client.data  # a client writes its config.yaml when it first splits its site
+    for path in (tmp_path / "cli", tmp_path / "grid" / "runs" / f"{ENTRY.name}__covidnet_redesign" / "fold0_seed0",
+                 tmp_path / "federated" / sites[0].name):
+        config = saved(path)
+        if path.parent.name == "federated":  # a client records precision as given ("auto"): it has no autocast
+            config["precision"] = reference["precision"]
+        assert {k: v for k, v in config.items() if config[k] != reference[k]} == {}, path
+    # add-site carries on from the model card, which holds the resolved configuration and the recipe's tta
+    from crosssite import models
+    from crosssite.models.adaptation import MIN_ADAPT_IMAGES
+    from crosssite.training.add_site import add_site
+
+    model, card = models.load(tmp_path / "python" / "model")
+    _, new_card, _ = add_site(model, card, "new", images=torch.rand(max(16, MIN_ADAPT_IMAGES), 3, 32, 32))
+    assert new_card["train_config"] == reference and new_card["tta"] == "flip"

@@ -273,7 +273,7 @@ def test_busy_hours_count_overlapping_runs_once_and_skip_gaps() -> None:
     import dataclasses
 
     from crosssite.reporting.report import busy_hours
-    from crosssite.reporting.tables import load_results
+    from crosssite.reporting import load_results
 
     (run, *_), _ = load_results(Path(__file__).resolve().parents[1] / "results" / "cpu-real" / "results.jsonl")
     at = lambda text, wall: dataclasses.replace(run, finished_at=f"2026-12-01T{text}+00:00", wall_s=wall)  # noqa: E731

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from crosssite.errors import CheckpointError, ConfigError
-from crosssite.training import METHODS, TrainConfig, load_config
+from crosssite.training import METHODS, PAPER_TABLE_I, TrainConfig, load_config
 from crosssite.ioutil import _UMASK, atomic_write_text
 from crosssite.training.checkpoint import load_checkpoint, save_checkpoint
 from crosssite.training.config import save_config
@@ -21,7 +21,7 @@ from crosssite.training.schedule import lr_at, step_decay_period
 
 def test_defaults_are_the_papers_but_the_method() -> None:
     c = TrainConfig()
-    # the method is the row Table I v2 picks (tests/test_recipe.py), the paper's method with crosssite's recipe
+    # the method is the row the committed grid picks (tests/test_recipe.py), the paper's method with crosssite's recipe
     assert (c.method, c.backbone, c.epochs, c.image_size, c.batch_per_site) == (
         "crosssite", "covidnet_redesign", 100, 224, 16)
     assert (c.lr, c.weight_decay, c.grad_clip, c.tau, c.alpha) == (1e-4, 1e-7, 2.0, 0.05, 1.0)
@@ -85,10 +85,14 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
 
 
 def test_method_table_covers_table_one() -> None:
-    assert set(METHODS) == {"single", "joint", "sepnorm", "sepnorm-contrastive", "series-adapter",
-                            "parallel-adapter", "ms-net", "crosssite"}  # the paper's seven, and crosssite's recipe
+    assert {method for method, _ in PAPER_TABLE_I} <= set(METHODS)  # every row of the paper's Table I is trainable
+
     def kw(m: str, b: str = "covidnet_redesign") -> dict:
         return model_kwargs(METHODS[m], b, num_sites=2, width=1.0, block_act="none")
+
+    for name, method in METHODS.items():  # every registered method builds the model it declares
+        assert (kw(name)["norm"], kw(name)["adapter"], kw(name)["aux_heads"], kw(name)["projection"]) == (
+            method.norm, method.adapter, method.aux_heads, method.projection), name
 
     assert kw("joint")["norm"] == "batch" and kw("single")["norm"] == "batch" and METHODS["single"].per_site
     assert kw("sepnorm")["norm"] == "site" and not kw("sepnorm")["projection"]

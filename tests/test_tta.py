@@ -135,7 +135,7 @@ def test_the_crosssite_method_is_the_papers_method_without_recalibration_and_wit
     assert (mine.norm, mine.projection, mine.terms, mine.adapter, mine.aux_heads) == (
         ours.norm, ours.projection, ours.terms, ours.adapter, ours.aux_heads)
     assert method_recipe("crosssite") == {"tta": "flip", "bn_recalibrate": False}
-    from crosssite.reporting.tables import rows_for
+    from crosssite.reporting.rows import rows_for
 
     runs = [SimpleNamespace(method="crosssite", backbone="covidnet_redesign")]  # rows_for reads these two only
     assert rows_for(runs)[-1].label == "crosssite: SepNorm + Contrastive, no recalibration, flip TTA"

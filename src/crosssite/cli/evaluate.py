@@ -60,7 +60,7 @@ def _load_models(source: Path, device: str) -> list[_Model]:
 def _test_indices(run_dir: Path, site: Any) -> np.ndarray:
     """Indices into `site.samples` of the files that were `site`'s test part in run_dir/split.json."""
     from crosssite.errors import SiteError
-    from crosssite.training.rundir import SPLIT, split_files
+    from crosssite.rundir import SPLIT, split_files
 
     path = run_dir / SPLIT
     if not path.is_file():

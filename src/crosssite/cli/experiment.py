@@ -61,7 +61,7 @@ def experiment(
     site: list[str] = typer.Option(..., "--site", help="NAME=PATH[:LAYOUT]; repeat for every site."),
     out: Path = typer.Option(..., "--out", help="Experiment folder (results.jsonl, runs/, report)."),
     preset: str = typer.Option("cpu", help="paper (224 px, width 1, 100 epochs: a GPU job), cpu (64 px, width "
-                               "0.25, 16 epochs: Table I v2) or cpu-small (6 epochs: the first grid)."),
+                               "0.25, 16 epochs) or cpu-small (6 epochs: the grid of results/cpu-real)."),
     protocol: str = typer.Option("kfold", help="kfold (Table I: folds x seeds per site) or loso (leave one site "
                                  "out: train on the others, score every slice of it under each test-time strategy)."),
     methods: str = typer.Option("all", help="Comma-separated methods, or all (the nine rows of Table I)."),

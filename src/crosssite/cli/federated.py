@@ -23,10 +23,15 @@ import typer
 
 from crosssite.cli.app import app, fail
 from crosssite.errors import CrossSiteError
+from crosssite.training.methods import federated_methods
 
 __all__ = ["federated_command", "federated_server_command", "federated_client_command"]
 
 _STRATEGY_HELP = "fedbn (batch norms stay local), fedavg, or fedprox."
+# the paper's method by default: `crosssite train`'s default method has no federated form
+_DEFAULT_METHOD = "sepnorm-contrastive"
+_METHOD_HELP = f"One of {', '.join(federated_methods())} (the methods registered with federated=True; default " \
+               f"{_DEFAULT_METHOD})."
 
 
 def _require_flower() -> None:
@@ -38,8 +43,7 @@ def _config(config_file: Path | None, method: str | None, overrides: list[str]) 
     from crosssite.training import load_config
     from crosssite.training.config import apply_overrides, parse_overrides
 
-    # the paper's method by default: `crosssite train`'s default (crosssite's recipe) has no federated form
-    options = {"method": method or "sepnorm-contrastive"} if method or config_file is None else {}
+    options = {"method": method or _DEFAULT_METHOD} if method or config_file is None else {}
     return apply_overrides(load_config(config_file), options | parse_overrides(overrides))
 
 
@@ -63,7 +67,7 @@ def federated_command(
     local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
     strategy: str = typer.Option("fedbn", "--strategy", help=_STRATEGY_HELP),
     mu: float = typer.Option(0.01, "--mu", min=0.0, help="FedProx proximal weight."),
-    method: str = typer.Option(None, "--method", help="sepnorm-contrastive (default), sepnorm or joint."),
+    method: str = typer.Option(None, "--method", help=_METHOD_HELP),
     config: Path = typer.Option(None, "--config", help="YAML file of training config keys."),
     set_: list[str] = typer.Option(None, "--set", help="key=value training config override (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", help="Only the final per-site lines."),
@@ -111,7 +115,7 @@ def federated_client_command(
     server: str = typer.Option("127.0.0.1:8080", "--server", help="host:port of the federated server."),
     out: Path = typer.Option(..., "--out", help="Folder; this client writes OUT/<site name>/."),
     strategy: str = typer.Option("fedbn", "--strategy", help=_STRATEGY_HELP + " Must match the server's."),
-    method: str = typer.Option(None, "--method", help="sepnorm-contrastive (default), sepnorm or joint."),
+    method: str = typer.Option(None, "--method", help=_METHOD_HELP),
     config: Path = typer.Option(None, "--config", help="YAML file of training config keys."),
     set_: list[str] = typer.Option(None, "--set", help="key=value training config override (repeatable)."),
     wait: float = typer.Option(60.0, "--wait", help="Seconds to keep retrying while the server is not up."),

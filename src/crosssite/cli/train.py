@@ -7,8 +7,9 @@
     crosssite train --nproc 2 --site A=... --site B=... --out runs/ddp
     torchrun --nproc_per_node=2 -m crosssite train --site A=... --site B=... --out runs/ddp   # the same
 
-Configuration precedence: defaults < ``--config`` YAML < ``--method``/``--backbone`` (and the method's recipe,
-`crosssite.training.methods.Method.recipe`) < ``--set``.
+Configuration precedence: defaults < the method's recipe (`crosssite.training.methods.Method.recipe`, added when
+the run starts, as for every entry point: `crosssite.training.config.with_recipe`) < ``--config`` YAML <
+``--method``/``--backbone`` < ``--set``.
 ``--resume DIR`` continues the run in DIR from its last checkpoint (a finished run just prints its metrics);
 DIR's ``config.yaml`` and ``sites.json`` stand in for ``--config`` and ``--site``. Any `CrossSiteError` prints
 one line and exits with status 1.
@@ -30,6 +31,9 @@ import typer
 
 from crosssite.cli.app import app, fail
 from crosssite.errors import CrossSiteError
+from crosssite.models import list_models
+from crosssite.training.config import TrainConfig
+from crosssite.training.methods import METHODS
 
 __all__ = ["train_command"]
 
@@ -37,10 +41,10 @@ __all__ = ["train_command"]
 @app.command("train")
 def train_command(
     site: list[str] = typer.Option(None, "--site", help="NAME=PATH[:LAYOUT] (repeat for each site)."),
-    method: str = typer.Option(None, "--method", help="crosssite (default: the paper's method with crosssite's "
-                               "recipe, the row Table I v2 picks on validation), sepnorm-contrastive (the paper's), "
-                               "single, joint, sepnorm, series-adapter, parallel-adapter, ms-net."),
-    backbone: str = typer.Option(None, "--backbone", help="covidnet_redesign (default) or covidnet."),
+    method: str = typer.Option(None, "--method", help=f"One of {', '.join(METHODS)} (default {TrainConfig.method}); "
+                               "each trains with its recipe under your --config and --set values."),
+    backbone: str = typer.Option(None, "--backbone", help=f"One of {', '.join(list_models())} (default "
+                                 f"{TrainConfig.backbone})."),
     out: Path = typer.Option(None, "--out", help="Run directory (required unless --resume)."),
     config: Path = typer.Option(None, "--config", help="YAML file of config keys."),
     set_: list[str] = typer.Option(None, "--set", help="key=value config override (repeatable)."),
@@ -98,8 +102,7 @@ def _run(
     from crosssite.data import load_sites
     from crosssite.training import load_config, train
     from crosssite.training.config import apply_overrides, parse_overrides
-    from crosssite.training.methods import method_recipe
-    from crosssite.training.rundir import read_sites
+    from crosssite.rundir import read_sites
 
     saved = out / "config.yaml"
     if config_file is None and resume and saved.is_file():
@@ -108,11 +111,9 @@ def _run(
         raise CrossSiteError(f"{saved}: not found, so the run in {out} never started and its configuration is "
                              "unknown; start it again without --resume (or give --config)")
     options = {k: v for k, v in (("method", method), ("backbone", backbone)) if v is not None}
-    base = load_config(config_file)
-    # a method's recipe: for --method, or for the default method of a fresh run without a config file (a config
-    # file, the saved one of a resumed run included, holds every value itself); --set still has the last word
-    recipe = method_recipe(method or base.method) if method or config_file is None else {}
-    config = apply_overrides(base, recipe | options | parse_overrides(overrides))
+    # every value here is given: `train` adds the method's recipe to the keys none of them names (a resumed run's
+    # config.yaml names every key, so it resumes exactly what it saved)
+    config = apply_overrides(load_config(config_file), options | parse_overrides(overrides))
     sites = load_sites(specs) if specs else (read_sites(out) if resume else None)
     if not sites:
         raise CrossSiteError("no site given: use --site NAME=PATH (at least one)")

@@ -7,8 +7,8 @@ The paper: "all images are first resized to 224 x 224" -- the whole slice. A sli
   256 x 256 (the aspect ratio is kept; chosen on validation over ``"resize"``, docs/METHODS.md);
 * ``"resize"``: the whole slice resized to a 256 x 256 square (the aspect ratio is not kept);
 * ``"crop"``: the short side resized to 256, the long side kept; training crops at random along it and
-  evaluation keeps the central square (crosssite 0.1 and the authors' release: 26-30% of a landscape slice's
-  width, the lateral lungs, is never seen at evaluation).
+  evaluation keeps the central square (the authors' release; kept so models trained with it stay reproducible,
+  though 26-30% of a landscape slice's width, the lateral lungs, is never seen at evaluation).
 
 Training (the paper's augmentation inside that frame): a random ``image_size`` square of the framed slice,
 flipped horizontally and vertically, each with probability 1/2. Evaluation: the framed square resized to
@@ -279,7 +279,8 @@ class EvalTransform:
 
 def preprocessing_transform(preprocessing: dict) -> EvalTransform:
     """The evaluation transform a model card's ``preprocessing`` entry describes: ``image_size``, ``frame`` and
-    the training part's ``mean`` / ``std`` (a card without ``frame``, from crosssite 0.1, means ``"crop"``)."""
+    the training part's ``mean`` / ``std`` (a card without ``frame`` predates the choice of frame, and was trained
+    on ``"crop"``)."""
     return EvalTransform(int(preprocessing["image_size"]), frame=preprocessing.get("frame", "crop"),
                          mean=preprocessing.get("mean", DEFAULT_MEAN), std=preprocessing.get("std", DEFAULT_STD))
 

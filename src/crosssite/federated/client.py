@@ -37,12 +37,12 @@ from crosssite.data import Site
 from crosssite.errors import ConfigError
 from crosssite.federated.common import federated_methods, STRATEGIES, FederatedError, shared_keys
 from crosssite.ioutil import atomic_write_bytes
-from crosssite.training.config import TrainConfig, save_config
+from crosssite.training.config import TrainConfig, save_config, with_recipe
 from crosssite.training.data import RunData, build_run_data
 from crosssite.training.engine import TrainingDiverged
-from crosssite.training.rundir import json_safe, model_card, write_json, write_predictions, write_run_files
+from crosssite.rundir import json_safe, model_card, write_json, write_predictions, write_run_files
 from crosssite.training.step import epoch_steps, learning_rate, make_optimizer, resolve_device, train_step
-from crosssite.training.validation import evaluate
+from crosssite.training.validation import score_part
 from crosssite.training.methods import METHODS, model_kwargs
 from crosssite.training.progress import write_log_csv
 
@@ -61,8 +61,8 @@ def build_site_model(config: TrainConfig) -> nn.Module:
     torch.manual_seed(config.seed)
     kwargs = model_kwargs(METHODS[config.method], config.backbone, num_sites=1, width=config.width,
                           block_act=config.block_act, init=config.init, mixstyle=config.mixstyle,
-                          standardise_input=config.standardise_input)
-    return models.create_model(config.backbone, image_size=config.image_size, **kwargs)
+                          standardise_input=config.standardise_input, image_size=config.image_size)
+    return models.create_model(config.backbone, **kwargs)
 
 
 class SiteClient(NumPyClient):
@@ -74,7 +74,7 @@ class SiteClient(NumPyClient):
                               f"got {config.method!r}")
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy: unknown {strategy!r}; valid: {', '.join(STRATEGIES)}")
-        self.config, self.site, self.strategy = config, site, strategy
+        self.config, self.site, self.strategy = with_recipe(config), site, strategy
         self.dir = Path(out_dir) / site.name
         self.device = resolve_device(config.device)
 
@@ -87,7 +87,8 @@ class SiteClient(NumPyClient):
             split_file = self.dir / "split.json"
             new_split = not split_file.is_file()
             data = build_run_data(self.config, [self.site], split_file, reuse_split=not new_split, device=self.device)
-            write_run_files(self.dir, data, new_split=new_split, prefix=f"{self.site.name}: ")
+            write_run_files(self.dir, data.sites, data.splits, data.cache, new_split=new_split,
+                            prefix=f"{self.site.name}: ")
             if new_split:
                 save_config(self.config, self.dir / "config.yaml")
             _DATA[key] = data
@@ -185,7 +186,7 @@ class SiteClient(NumPyClient):
         rnd = int(config.get("server_round", 0))
         model, history, best = self._load(parameters)
         model.eval()
-        val, rows = evaluate(model, self.data, "val", self.device, self.config)
+        val, rows = score_part(model, self.data, "val", self.device, self.config)
         metrics = val[self.site.name]
         row = next((r for r in history if r["round"] == rnd), None)
         if row is None:
@@ -195,9 +196,10 @@ class SiteClient(NumPyClient):
         auc = metrics["auc"] if not math.isnan(metrics["auc"]) else metrics["accuracy"]
         if auc > best:
             best = auc
-            card = model_card(self.config, [self.site.name], f"federated-{self.strategy} ({self.config.method})",
+            card = model_card(self.config.to_dict(), [self.site.name],
+                              f"federated-{self.strategy} ({self.config.method})",
                               {"val": {self.site.name: metrics}, "round": rnd,
-                               "selection": "validation AUC of this site"}, self.data)
+                               "selection": "validation AUC of this site"}, self.data.mean, self.data.std)
             models.save(model, self.dir / MODEL_STEM, card)
         self._save_state(model, history, best)
         write_log_csv(self.dir / "log.csv", history)
@@ -213,8 +215,8 @@ class SiteClient(NumPyClient):
             raise FederatedError(f"site {self.site.name!r}: no model was saved in {self.dir} (no round was "
                                  "evaluated)")
         best, card = models.load(self.dir / MODEL_STEM, map_location=self.device)
-        val, val_rows = evaluate(best, self.data, "val", self.device, self.config)
-        test, test_rows = evaluate(best, self.data, "test", self.device, self.config)
+        val, val_rows = score_part(best, self.data, "val", self.device, self.config)
+        test, test_rows = score_part(best, self.data, "test", self.device, self.config)
         split = self.data.splits[0]
         name = self.site.name
         result = json_safe({

@@ -6,21 +6,13 @@ from torch import nn
 
 from crosssite.errors import CrossSiteError
 from crosssite.models import norm_state_keys
-from crosssite.training.methods import METHODS
+from crosssite.training.methods import federated_methods
 
 __all__ = ["STRATEGIES", "federated_methods", "FederatedError", "shared_keys"]
 
 # fedbn: FedAvg of every weight except the batch norms, which stay on their site (Li et al., ICLR 2021);
 # fedavg: FedAvg of everything (McMahan et al., 2017); fedprox: fedavg + a proximal term (Li et al., MLSys 2020).
 STRATEGIES = ("fedbn", "fedavg", "fedprox")
-
-# One site per client: a site-specific norm has one copy,
-# so `sepnorm` and `joint` build the same network; `sepnorm-contrastive` adds the projection head and the
-# contrastive term on the client's own batch.
-def federated_methods() -> list[str]:
-    """The registered methods that declare ``federated=True``."""
-    return [name for name, method in METHODS.items() if method.federated]
-
 
 class FederatedError(CrossSiteError):
     """A federated run that cannot go on: mismatching clients, a round without any result, a missing model."""

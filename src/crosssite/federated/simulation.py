@@ -26,10 +26,10 @@ from crosssite.errors import ConfigError
 from crosssite.federated.client import SiteClient
 from crosssite.federated.common import FederatedError
 from crosssite.federated.server import RoundLogger, make_strategy
-from crosssite.training.config import TrainConfig, save_config
+from crosssite.training.config import TrainConfig, save_config, with_recipe
 from crosssite.ioutil import ensure_dir
-from crosssite.training.rundir import json_safe, site_spec, write_json
-from crosssite.training.rundir import federated_started, undo_failed_start
+from crosssite.rundir import json_safe, site_spec, write_json
+from crosssite.rundir import federated_started, undo_failed_start
 
 __all__ = ["run_federated", "summarise"]
 
@@ -52,6 +52,7 @@ def run_federated(
     continue a run; start a new folder).
     """
     sites = load_sites(sites)
+    config = with_recipe(config)  # what every client trains and config.yaml records
     out = Path(out_dir)
     if (out / "federated.json").is_file():
         raise FederatedError(f"{out}: already holds a federated run; use a new folder")

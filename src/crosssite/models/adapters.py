@@ -1,4 +1,5 @@
-"""Site-specific residual adapters around the depthwise 3x3 convolution of a PEPX block.
+"""Site-specific residual adapters around a convolution of a block (COVID-Net's depthwise 3x3, ResNet's second
+3x3), and their registry (`register_adapter`, `get_adapter_layer`).
 
 * Series adapter: Rebuffi, Bilen, Vedaldi, "Learning multiple visual domains with residual adapters",
   NeurIPS 2017 -- a site-specific 1x1 convolution after the shared 3x3, residual: ``y + W_s y``.
@@ -8,7 +9,7 @@
 Both adapters are bias-free 1x1 convolutions whose weights start at zero, so a freshly built adapted
 network computes exactly what the shared network computes and each site then learns its own correction.
 Every adapter has the signature ``adapter(x, y, site)`` with ``x`` the input and ``y`` the output of the
-depthwise convolution, so the block calls it without knowing which kind (if any) it holds.
+wrapped convolution (same channels), so the block calls it without knowing which kind (if any) it holds.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from torch import Tensor, nn
 from crosssite.errors import ConfigError
 from crosssite.models.norms import SiteModule, Sites, per_site
 
-__all__ = ["ADAPTERS", "SiteConv1x1", "SeriesAdapter", "ParallelAdapter", "NoAdapter", "get_adapter_layer"]
-
-ADAPTERS = (None, "series", "parallel")
+__all__ = ["ADAPTERS", "ADAPTER_FACTORIES", "SiteConv1x1", "SeriesAdapter", "ParallelAdapter", "NoAdapter",
+           "register_adapter", "get_adapter_layer"]
 
 AdapterLayer = Callable[[int], nn.Module]
 
@@ -88,12 +88,43 @@ class NoAdapter(nn.Module):
         return y
 
 
+# name -> factory ``num_sites -> AdapterLayer`` (None: no adapter), filled by `register_adapter`
+ADAPTER_FACTORIES: dict[str | None, Callable[[int], AdapterLayer]] = {}
+
+
+def register_adapter(name: str | None) -> Callable[[Callable[[int], AdapterLayer]], Callable[[int], AdapterLayer]]:
+    """Register ``factory(num_sites) -> AdapterLayer`` under ``name``, as a decorator (a name registered twice is an
+    error); `get_adapter_layer` and a method's ``adapter`` then accept ``name``."""
+
+    def add(factory: Callable[[int], AdapterLayer]) -> Callable[[int], AdapterLayer]:
+        if name in ADAPTER_FACTORIES:
+            raise ValueError(f"adapter {name!r} is registered twice")
+        ADAPTER_FACTORIES[name] = factory
+        return factory
+
+    return add
+
+
+@register_adapter(None)
+def _none(num_sites: int) -> AdapterLayer:
+    return NoAdapter
+
+
+@register_adapter("series")
+def _series(num_sites: int) -> AdapterLayer:
+    return partial(SeriesAdapter, num_sites=num_sites)
+
+
+@register_adapter("parallel")
+def _parallel(num_sites: int) -> AdapterLayer:
+    return partial(ParallelAdapter, num_sites=num_sites)
+
+
+ADAPTERS = tuple(ADAPTER_FACTORIES)
+
+
 def get_adapter_layer(adapter: str | None, num_sites: int) -> AdapterLayer:
-    """Factory ``channels -> module`` for ``adapter`` in `ADAPTERS`."""
-    if adapter is None:
-        return NoAdapter
-    if adapter == "series":
-        return partial(SeriesAdapter, num_sites=num_sites)
-    if adapter == "parallel":
-        return partial(ParallelAdapter, num_sites=num_sites)
-    raise ConfigError(f"unknown adapter {adapter!r}; expected None, 'series' or 'parallel'")
+    """Factory ``channels -> module`` for the registered adapter ``adapter`` (`ADAPTER_FACTORIES`)."""
+    if adapter not in ADAPTER_FACTORIES:
+        raise ConfigError(f"unknown adapter {adapter!r}; expected one of {', '.join(map(repr, ADAPTER_FACTORIES))}")
+    return ADAPTER_FACTORIES[adapter](num_sites)

@@ -1,4 +1,5 @@
-"""COVID-Net, original and redesigned, for any number of sites.
+"""COVID-Net, original and redesigned, for any number of sites: the trunk (its heads are the shared ones of
+`crosssite.models.heads`).
 
 * COVID-Net: Wang, Lin, Wong, "COVID-Net: a tailored deep convolutional neural network design for
   detection of COVID-19 cases from chest X-ray images", Scientific Reports 2020 -- PEPX blocks
@@ -33,7 +34,7 @@ Choices this file makes (documented, not in the paper):
 * The original COVID-Net's flatten size follows the feature map of ``image_size`` (224 -> 7x7).
 * The projection head is Linear+norm+ReLU (8192 -> 1024) then Linear (1024 -> 128): the release ends with
   a second BN+ReLU, which would confine every projection to the positive orthant of the cosine
-  similarity's unit sphere, so the final layer is linear as in SimCLR.
+  similarity's unit sphere, so the final layer is linear as in SimCLR (`crosssite.models.heads`).
 * The auxiliary heads have the universal head's architecture; being per site already, their BN is shared.
 * ``init="fan_in"`` (the original COVID-Net's default): every convolution and linear weight drawn with
   variance 1 / fan-in (gain 1, no ReLU gain: the PEPX blocks are linear), biases zero, and the classifiers'
@@ -46,35 +47,20 @@ Choices this file makes (documented, not in the paper):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from crosssite.errors import ConfigError
 from crosssite.models.adapters import AdapterLayer, get_adapter_layer
-from crosssite.models.norms import (BatchNorm, NoNorm, NormLayer, SiteLayout, SiteModule, Sites, get_norm_layer, per_site,
-                                    standardise_images)
+from crosssite.models.heads import SiteClassifier, channels
+from crosssite.models.norms import NormLayer, Sites, get_norm_layer, standardise_images
 from crosssite.models.registry import ModelConfig, model_config, register_model
 
-__all__ = ["ModelOutput", "ConvNormAct", "PEPX", "DenseStage", "MixStyle", "LinearNormAct", "MLPHead", "SiteHeads", "CovidNet"]
+__all__ = ["ConvNormAct", "PEPX", "DenseStage", "MixStyle", "CovidNet", "COVIDNET_OPTIONS"]
 
 BLOCK_ACTS = ("none", "relu")
 INITS = ("default", "fan_in")
-
-
-class ModelOutput(NamedTuple):
-    """What a forward pass returns. Shapes for a batch of B images."""
-
-    logits: Tensor  # (B, num_classes) raw logits of the universal head
-    embedding: Tensor  # (B, D) pooled embedding the heads read (8192-d for the redesign at width 1)
-    projection: Tensor | None  # (B, 128) projection-head output, None without a projection head
-    aux_logits: Tensor | None  # (B, num_classes) each sample's own site's auxiliary head, None without
-
-
-def _channels(c: int, width: float) -> int:
-    """``c`` scaled by ``width``, rounded to a multiple of 8, at least 8."""
-    return max(8, int(round(c * width / 8)) * 8)
 
 
 class ConvNormAct(nn.Module):
@@ -179,65 +165,6 @@ class MixStyle(nn.Module):
         return f"p={self.p}"
 
 
-class LinearNormAct(nn.Module):
-    """Linear, norm (B, C), ReLU."""
-
-    def __init__(self, in_features: int, out_features: int, *, norm_layer: NormLayer) -> None:
-        super().__init__()
-        self.fc = nn.Linear(in_features, out_features)
-        self.norm = norm_layer(out_features)
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor, site: Sites) -> Tensor:
-        return self.act(self.norm(self.fc(x), site))
-
-
-class MLPHead(nn.Module):
-    """Hidden layers Linear+norm+ReLU, then a final Linear. (B, in_features) -> (B, out_features)."""
-
-    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, *, norm_layer: NormLayer) -> None:
-        super().__init__()
-        sizes = [in_features, *hidden]
-        self.hidden = nn.ModuleList(LinearNormAct(a, b, norm_layer=norm_layer) for a, b in zip(sizes, sizes[1:]))
-        self.fc = nn.Linear(sizes[-1], out_features)
-
-    def forward(self, x: Tensor, site: Sites) -> Tensor:
-        for layer in self.hidden:
-            x = layer(x, site)
-        return self.fc(x)
-
-
-class SiteHeads(SiteModule):
-    """MS-Net auxiliary heads: one `MLPHead` per site; each sample goes through its own site's head."""
-
-    def __init__(
-        self, in_features: int, hidden: Sequence[int], out_features: int, num_sites: int, *, norm: bool
-    ) -> None:
-        super().__init__()
-        self.head_args = (in_features, tuple(hidden), out_features)
-        self.norm_layer: NormLayer = BatchNorm if norm else NoNorm
-        self.heads = nn.ModuleList(MLPHead(*self.head_args, norm_layer=self.norm_layer) for _ in range(num_sites))
-
-    @property
-    def num_sites(self) -> int:
-        return len(self.heads)
-
-    def forward(self, x: Tensor, site: Sites) -> Tensor:
-        if site is None:  # an unknown site: the mean of every auxiliary head's logits
-            return torch.stack([head(x, None) for head in self.heads]).mean(0)
-        return per_site(x, site, lambda xs, s: self.heads[s](xs, None))
-
-    @torch.no_grad()
-    def add_site(self) -> None:
-        """Append a head whose parameters and statistics are the mean of the known sites' heads."""
-        head = MLPHead(*self.head_args, norm_layer=self.norm_layer).to(next(self.heads[0].parameters()))
-        states = [h.state_dict() for h in self.heads]
-        head.load_state_dict(
-            {k: torch.stack([s[k] for s in states]).float().mean(0).to(v.dtype) for k, v in states[0].items()}
-        )
-        self.heads.append(head)
-
-
 def _check_options(*, num_sites: int, block_act: str, init: str, pool: str, width: float) -> None:
     if num_sites < 1:
         raise ConfigError(f"num_sites must be >= 1, got {num_sites}")
@@ -251,12 +178,9 @@ def _check_options(*, num_sites: int, block_act: str, init: str, pool: str, widt
         raise ConfigError(f"width must be > 0, got {width}")
 
 
-class CovidNet(nn.Module):
-    """COVID-Net backbone with a classifier, optional projection head and optional MS-Net auxiliary heads.
-
-    ``forward(x, site)``: ``x`` (B, 3, H, W), ``site`` (B,) long site indices or a `SiteLayout` (the same as
-    Python ints, for a batch in per-site runs: no host sync), or None (a single-site model, or, in evaluation,
-    an unknown site normalised with the mean of the sites' statistics).
+class CovidNet(SiteClassifier):
+    """COVID-Net trunk; its classifier, optional projection head and optional MS-Net auxiliary heads are the shared
+    ones of `crosssite.models.heads.SiteClassifier` (which also documents ``forward(x, site)``).
 
     Args:
         num_sites: site slots of every site-specific module.
@@ -301,8 +225,6 @@ class CovidNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_options(num_sites=num_sites, block_act=block_act, init=init, pool=pool, width=width)
-        self.num_sites = num_sites
-        self.num_classes = num_classes
         self.model_kwargs = dict(num_classes=num_classes, width=width, block_act=block_act, norm=norm, adapter=adapter,
                                  aux_heads=aux_heads, projection=projection, init=init, mixstyle=mixstyle,
                                  image_size=image_size) | ({"standardise_input": True} if standardise_input else {})
@@ -310,7 +232,7 @@ class CovidNet(nn.Module):
         norm_layer = get_norm_layer(norm, num_sites)
         adapter_layer = get_adapter_layer(adapter, num_sites)
         act_layer = nn.ReLU if block_act == "relu" else nn.Identity
-        chs = [_channels(c, width) for c in (stem_chs, *stage_chs)]
+        chs = [channels(c, width) for c in (stem_chs, *stage_chs)]
 
         self.stem = ConvNormAct(3, chs[0], 7, stride=2, norm_layer=norm_layer)
         self.stem_pool = nn.MaxPool2d(2)
@@ -328,12 +250,10 @@ class CovidNet(nn.Module):
             side = self.feature_size(image_size, len(depths))
             self.pool = nn.Flatten(1)
             self.embed_dim = side * side * self.num_features
-        hidden = [_channels(h, width) for h in head_hidden]
-        self.head = MLPHead(self.embed_dim, hidden, num_classes, norm_layer=norm_layer)
-        proj_sizes = [_channels(proj_hidden, width)], _channels(proj_dim, width)
-        self.projector = MLPHead(self.embed_dim, *proj_sizes, norm_layer=norm_layer) if projection else None
-        self.aux_heads = SiteHeads(self.embed_dim, hidden, num_classes, num_sites, norm=norm != "none") \
-            if aux_heads else None
+        self.build_heads(self.embed_dim, num_classes=num_classes, num_sites=num_sites,
+                         hidden=[channels(h, width) for h in head_hidden], norm=norm, norm_layer=norm_layer,
+                         projection=(channels(proj_hidden, width), channels(proj_dim, width)) if projection else None,
+                         aux_heads=aux_heads)
         if init == "fan_in":
             self.init_fan_in()
 
@@ -345,8 +265,7 @@ class CovidNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        heads = [self.head, *(self.aux_heads.heads if self.aux_heads is not None else ())]
-        for head in heads:
+        for head in self.classifier_heads():
             nn.init.zeros_(head.fc.weight)
 
     @staticmethod
@@ -359,39 +278,9 @@ class CovidNet(nn.Module):
             raise ConfigError(f"image_size {image_size} is too small for {num_stages} stages")
         return side
 
-    def _check_site(self, site: Sites, batch: int) -> Sites:
-        if site is None:
-            return None
-        if isinstance(site, SiteLayout):  # Python ints: checked without touching a tensor
-            if site.batch_size != batch or not all(0 <= s < self.num_sites for s, _ in site.runs):
-                raise ValueError(f"site layout {site.runs} does not fit a batch of {batch} over {self.num_sites} sites")
-            return site
-        if site.dtype != torch.long or site.shape != (batch,):
-            raise ValueError(f"site must be a LongTensor of shape ({batch},), got {site.dtype} {tuple(site.shape)}")
-        if batch and not (0 <= int(site.min()) and int(site.max()) < self.num_sites):
-            raise ValueError(f"site indices must lie in [0, {self.num_sites}), got {site.tolist()}")
-        return site
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new, zero-initialised last layer with ``num_classes`` outputs for the universal head and every
-        auxiliary head (fine-tuning for another label set); the rest of the network is kept."""
-        heads = [self.head, *(self.aux_heads.heads if self.aux_heads is not None else ())]
-        for head in heads:
-            old = head.fc
-            head.fc = nn.Linear(old.in_features, num_classes).to(old.weight)
-            nn.init.zeros_(head.fc.weight)
-            nn.init.zeros_(head.fc.bias)
-        self.num_classes = num_classes
-        self.model_kwargs["num_classes"] = num_classes
-        if self.aux_heads is not None:
-            self.aux_heads.head_args = (*self.aux_heads.head_args[:2], num_classes)
-
     def forward_features(self, x: Tensor, site: Sites = None) -> Tensor:
         """The last PEPX block's output (B, C, h, w) (7x7x2048 at width 1 and 224 px)."""
-        site = self._check_site(site, x.shape[0])
+        site = self.check_site(site, x.shape[0])
         if self.standardise_input:
             x = standardise_images(x)
         x = self.mixstyle(self.stem_pool(self.stem(x, site)))  # (B, 64, H/4, W/4)
@@ -401,32 +290,20 @@ class CovidNet(nn.Module):
                 x = self.mixstyle(x)
         return last
 
-    def forward_head(self, x: Tensor, site: Sites = None, pre_logits: bool = False) -> Tensor:
-        """Logits (B, num_classes) from a feature map, or the pooled embedding (B, D) if ``pre_logits``."""
-        site = self._check_site(site, x.shape[0])
-        x = self.pool(x)  # (B, D)
-        return x if pre_logits else self.head(x, site)
-
-    def forward(self, x: Tensor, site: Sites = None) -> ModelOutput:
-        site = self._check_site(site, x.shape[0])
-        embedding = self.forward_head(self.forward_features(x, site), site, pre_logits=True)  # (B, D)
-        return ModelOutput(
-            logits=self.head(embedding, site),
-            embedding=embedding,
-            projection=None if self.projector is None else self.projector(embedding, site),
-            aux_logits=None if self.aux_heads is None else self.aux_heads(embedding, site),
-        )
+# every keyword argument `CovidNet` takes beyond the sizes: what a method or a config may ask of this backbone
+COVIDNET_OPTIONS = frozenset({"num_classes", "width", "block_act", "norm", "adapter", "aux_heads", "projection",
+                              "init", "mixstyle", "standardise_input", "image_size"})
 
 
-@register_model(config=ModelConfig(has_norm=False, schedule="step", init="fan_in"))
-def covidnet(*, num_sites: int, norm: str | None = None, **kwargs) -> CovidNet:
+@register_model(config=ModelConfig(has_norm=False, schedule="step", init="fan_in", options=COVIDNET_OPTIONS))
+def covidnet(*, num_sites: int, norm: str | None = None, **options) -> CovidNet:
     """The original COVID-Net (baseline rows of Table I): no BN by default, flatten of the 7x7x2048 map,
     fan-in initialisation by default."""
-    kwargs.setdefault("init", model_config("covidnet").init)
-    return CovidNet(num_sites=num_sites, norm="none" if norm is None else norm, pool="flatten", **kwargs)
+    options.setdefault("init", model_config("covidnet").init)
+    return CovidNet(num_sites=num_sites, norm="none" if norm is None else norm, pool="flatten", **options)
 
 
-@register_model(config=ModelConfig())
-def covidnet_redesign(*, num_sites: int, norm: str | None = None, **kwargs) -> CovidNet:
+@register_model(config=ModelConfig(options=COVIDNET_OPTIONS))
+def covidnet_redesign(*, num_sites: int, norm: str | None = None, **options) -> CovidNet:
     """The redesigned COVID-Net (JBHI 2020, III-A): BN+ReLU on stem and shortcuts, 2x2 average-pooled head."""
-    return CovidNet(num_sites=num_sites, norm="batch" if norm is None else norm, pool="avg", **kwargs)
+    return CovidNet(num_sites=num_sites, norm="batch" if norm is None else norm, pool="avg", **options)

@@ -49,9 +49,9 @@ __all__ = [
     "SiteBatchNorm",
     "NoNorm",
     "NormLayer",
+    "NORM_FACTORIES",
+    "register_norm",
     "get_norm_layer",
-    "convert_site_batchnorm",
-    "use_sites",
     "cumulative_statistics",
     "norm_state_keys",
     "per_site",
@@ -200,12 +200,7 @@ class SiteBatchNorm(SiteModule):
     def slots(self) -> Iterator[SlotBatchNorm]:
         yield from self.sites
 
-    # Sites of the batch for a network that calls its norms as ``norm(x)`` (one converted by
-    # `convert_site_batchnorm`); set by `use_sites`, used when ``site`` is not passed.
-    context_site: Tensor | SiteLayout | None = None
-
     def forward(self, x: Tensor, site: Sites = None) -> Tensor:
-        site = self.context_site if site is None else site
         if site is None:
             if self.num_sites == 1:
                 return self.sites[0](x)
@@ -234,34 +229,6 @@ class SiteBatchNorm(SiteModule):
         return f"{self.num_features}, num_sites={self.num_sites}, eps={self.eps}, momentum={self.momentum}"
 
 
-def convert_site_batchnorm(module: nn.Module, num_sites: int) -> nn.Module:
-    """Swap every `torch.nn.BatchNorm1d/2d/3d` of any network for a `SiteBatchNorm` whose ``num_sites`` copies
-    start from that layer's parameters and statistics (like timm's ``convert_splitbn_model``); returns the
-    converted module. Run the converted network inside ``use_sites(model, site)`` to say whose batch it is."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SlotBatchNorm):
-        site_norm = SiteBatchNorm(module.num_features, num_sites, eps=module.eps, momentum=module.momentum)
-        site_norm = site_norm.to(module.running_mean if module.running_mean is not None else module.weight)
-        for slot in site_norm.sites:
-            slot.load_state_dict(module.state_dict())
-        return site_norm
-    for name, child in module.named_children():
-        module.add_module(name, convert_site_batchnorm(child, num_sites))
-    return module
-
-
-@contextlib.contextmanager
-def use_sites(model: nn.Module, site: Tensor) -> Iterator[None]:
-    """Within the body, every `SiteBatchNorm` of ``model`` called without a site uses ``site`` (B,)."""
-    norms = [m for m in model.modules() if isinstance(m, SiteBatchNorm)]
-    for m in norms:
-        m.context_site = site
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.context_site = None
-
-
 class NoNorm(nn.Module):
     """The identity, with the norm-layer call signature ``(x, site)``."""
 
@@ -272,15 +239,47 @@ class NoNorm(nn.Module):
         return x
 
 
+# name -> factory ``num_sites -> NormLayer``, filled by `register_norm` (MONAI's factory style)
+NORM_FACTORIES: dict[str, Callable[[int], NormLayer]] = {}
+
+
+def register_norm(name: str) -> Callable[[Callable[[int], NormLayer]], Callable[[int], NormLayer]]:
+    """Register ``factory(num_sites) -> NormLayer`` under ``name``, as a decorator (a name registered twice is an
+    error); `get_norm_layer` and a method's ``norm`` then accept ``name``."""
+
+    def add(factory: Callable[[int], NormLayer]) -> Callable[[int], NormLayer]:
+        if name in NORM_FACTORIES:
+            raise ValueError(f"norm {name!r} is registered twice")
+        NORM_FACTORIES[name] = factory
+        return factory
+
+    return add
+
+
+@register_norm("batch")
+def _batch(num_sites: int) -> NormLayer:
+    return BatchNorm  # shared by every site
+
+
+@register_norm("site")
+def _site(num_sites: int) -> NormLayer:
+    return partial(SiteBatchNorm, num_sites=num_sites)  # one copy per site (DSBN / SepNorm)
+
+
+@register_norm("none")
+def _none(num_sites: int) -> NormLayer:
+    return NoNorm
+
+
+NORMS = tuple(NORM_FACTORIES)
+
+
 def get_norm_layer(norm: str, num_sites: int) -> NormLayer:
-    """Factory ``num_features -> module`` for ``norm`` in `NORMS`: shared BN, one BN per site, or none."""
-    if norm == "batch":
-        return BatchNorm
-    if norm == "site":
-        return partial(SiteBatchNorm, num_sites=num_sites)
-    if norm == "none":
-        return NoNorm
-    raise ConfigError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+    """Factory ``num_features -> module`` for the registered norm ``norm`` (`NORM_FACTORIES`: shared BN, one BN
+    per site, or none)."""
+    if norm not in NORM_FACTORIES:
+        raise ConfigError(f"unknown norm {norm!r}; expected one of {', '.join(NORM_FACTORIES)}")
+    return NORM_FACTORIES[norm](num_sites)
 
 
 def norm_state_keys(model: nn.Module) -> list[str]:

@@ -4,7 +4,8 @@
 resolved keyword arguments (``model.model_kwargs``, everything but ``num_sites``), so that
 `crosssite.models.hub.save` can write them into the model card and `crosssite.models.hub.load` can
 rebuild the same network. `model_config` answers what the rest of the package needs to know about an
-architecture without building it (input size, fallback normalisation, classifier, norms, schedule, init).
+architecture without building it (input size, fallback normalisation, classifier, norms, schedule, init, and
+the options it takes). An option a backbone does not declare is refused (`UnsupportedOption`), never dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from torch import nn
 
 from crosssite.errors import ConfigError
 
-__all__ = ["ModelConfig", "register_model", "create_model", "list_models", "is_model", "model_config"]
+__all__ = ["BASE_OPTIONS", "ModelConfig", "UnsupportedOption", "register_model", "create_model", "list_models",
+           "is_model", "model_config"]
+
+# What every backbone built on `crosssite.models.heads.SiteClassifier` takes: what the methods of the registry ask,
+# and the input side (a backbone checks it fits its downsampling, or sizes a layer by it)
+BASE_OPTIONS = frozenset({"num_classes", "width", "norm", "adapter", "aux_heads", "projection", "image_size"})
+
+
+class UnsupportedOption(ConfigError):
+    """An option given to a backbone that does not declare it in its `ModelConfig.options`."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,7 @@ class ModelConfig:
         has_norm: whether the architecture has normalisation layers for a method's ``norm`` to act on.
         schedule: the learning-rate schedule it is trained with (``"cosine"`` or ``"step"``).
         init: its default weight initialisation.
+        options: the keyword arguments its constructor takes beyond ``num_sites`` (`create_model` refuses others).
     """
 
     input_size: int = 224
@@ -41,6 +52,7 @@ class ModelConfig:
     has_norm: bool = True
     schedule: str = "cosine"
     init: str = "default"
+    options: frozenset[str] = BASE_OPTIONS
 
 
 _MODELS: dict[str, tuple[Callable[..., nn.Module], ModelConfig]] = {}
@@ -78,14 +90,18 @@ def is_model(name: str) -> bool:
 
 
 def create_model(name: str, *, num_sites: int, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name`` for ``num_sites`` sites.
+    """Build the registered model ``name`` for ``num_sites`` sites with the options ``kwargs``, each of which the
+    model's `ModelConfig.options` must name (else `UnsupportedOption`).
 
-    Keyword arguments of the COVID-Net family: ``num_classes=2, width=1.0, block_act="none",
-    norm=None ("batch" | "site" | "none"; None = the architecture's default), adapter=None
-    ("series" | "parallel"), aux_heads=False, projection=False, image_size=224``.
+    Every backbone takes `BASE_OPTIONS`: ``num_classes=2, width=1.0, norm=None ("batch" | "site" | "none"; None =
+    the architecture's default), adapter=None ("series" | "parallel"), aux_heads=False, projection=False,
+    image_size=224``; the COVID-Net family also ``block_act``, ``init``, ``mixstyle`` and ``standardise_input``.
     """
-    if name not in _MODELS:
-        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    config = model_config(name)
+    refused = sorted(set(kwargs) - config.options)
+    if refused:
+        raise UnsupportedOption(f"model {name!r} does not take {', '.join(refused)}; it takes "
+                                f"{', '.join(sorted(config.options))}")
     model = _MODELS[name][0](num_sites=num_sites, **kwargs)
     model.arch = name
     if not hasattr(model, "model_kwargs"):

@@ -1,9 +1,10 @@
 """The trained model shipped inside the package, and the models a user keeps locally.
 
 `shipped_model()` is the model `crosssite predict FILES` and `crosssite serve` use when no model is given: the
-row Table I v2 ranks first on validation among those training one model for every site (crosssite's recipe:
-SepNorm + Contrastive on the redesigned COVID-Net, no BN recalibration, flip test-time averaging; docs/RESULTS.md),
-trained on every slice of both public sites but a validation part, stored in float16 (`SHIPPED_NAME`.safetensors + .json, under 8 MB). Its card says how it was trained (command,
+row the committed grid ranks first on validation among those training one model for every site (crosssite's
+recipe: SepNorm + Contrastive on the redesigned COVID-Net, no BN recalibration, flip test-time averaging;
+docs/RESULTS.md), trained on every slice of both public sites but a validation part, stored in float16
+(`SHIPPED_NAME`.safetensors + .json, under 8 MB). Its card says how it was trained (command,
 commit, validation metrics) and under which licences: site A (SARS-CoV-2 CT-scan) is CC BY-NC-SA 4.0, so the
 weights are for non-commercial research only; site B (COVID-CT) states no licence. It is a research tool, not a
 medical device.

@@ -3,40 +3,31 @@
     from crosssite.reporting import build_report
     build_report("runs/exp")        # runs/exp/report.md, runs/exp/report.html, runs/exp/figures/*.png
 
-`tables` reads results.jsonl and computes the tables, `figures` draws the PNGs, `report` writes the documents.
+`results` reads results.jsonl, `rows` holds Table I's rows, `tables` renders Table I and the intervals, `claims`
+tests the paper's claims (Tables II-III), `choice` ranks the rows on validation, `loso` renders the
+leave-one-site-out table, `figures` draws the PNGs, `report` writes the documents.
 """
 
+from crosssite.reporting.choice import chosen_row, validation_ranking, validation_table
+from crosssite.reporting.claims import ttest_pvalues, ttest_table
 from crosssite.reporting.figures import GradCamCase, gradcam_figure, mean_roc, roc_figure
 from crosssite.reporting.report import ReportOutput, build_report
-from crosssite.reporting.tables import (
-    OURS,
-    ROWS,
-    PaperRow,
-    ReportError,
-    RunResult,
-    SiteResult,
-    Table,
-    load_results,
-    site_order,
-    summarise,
-    table_one,
-    ttest_pvalues,
-    ttest_table,
-    validation_ranking,
-    validation_table,
-)
+from crosssite.reporting.results import ReportError, RunResult, SiteResult, load_results, site_order
+from crosssite.reporting.rows import PAPER_METHOD, ROWS, TableRow, summarise
+from crosssite.reporting.tables import Table, table_one
 
 __all__ = [
-    "OURS",
+    "PAPER_METHOD",
     "ROWS",
     "GradCamCase",
-    "PaperRow",
     "ReportError",
     "ReportOutput",
     "RunResult",
     "SiteResult",
     "Table",
+    "TableRow",
     "build_report",
+    "chosen_row",
     "gradcam_figure",
     "load_results",
     "mean_roc",

@@ -21,18 +21,19 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from crosssite.gradcam import overlay
-from crosssite.reporting.tables import BASELINES, COMPARISONS, OURS, ROWS, PaperRow, RunResult, runs_of
+from crosssite.reporting.results import RunResult
+from crosssite.reporting.rows import BASELINES, COMPARISONS, PAPER_METHOD, ROWS, TableRow, runs_of
 
 __all__ = ["FPR_GRID", "MeanRoc", "ROC_PANELS", "mean_roc", "roc_figure", "GradCamCase", "gradcam_figure"]
 
 FPR_GRID = np.linspace(0.0, 1.0, 201)
-_COLOURS = {row.label: f"C{i}" for i, row in enumerate(r for r in ROWS if r != OURS)}  # one colour per row
+_COLOURS = {row.label: f"C{i}" for i, row in enumerate(r for r in ROWS if r != PAPER_METHOD)}  # one colour per row
 
 # Fig. 3 of the paper: (a) backbones, (b) baselines on the redesigned backbone, (c) comparison methods.
-ROC_PANELS: tuple[tuple[str, tuple[PaperRow, ...]], ...] = (
+ROC_PANELS: tuple[tuple[str, tuple[TableRow, ...]], ...] = (
     ("(a) backbones", tuple(r for r in ROWS if r.method in ("single", "joint"))),
-    ("(b) baselines", tuple(r for r in BASELINES if r.backbone == OURS.backbone) + (OURS,)),
-    ("(c) comparison methods", COMPARISONS + (OURS,)),
+    ("(b) baselines", tuple(r for r in BASELINES if r.backbone == PAPER_METHOD.backbone) + (PAPER_METHOD,)),
+    ("(c) comparison methods", COMPARISONS + (PAPER_METHOD,)),
 )
 
 
@@ -86,7 +87,7 @@ def roc_figure(runs: Sequence[RunResult], site: str, title: str, path: str | Pat
                 ax.plot([], [], lw=0, label=f"{row.label} (no runs)")
                 continue
             auc = f"{100 * roc.auc_mean:.2f}" + ("" if np.isnan(roc.auc_std) else f" ± {100 * roc.auc_std:.2f}")
-            style = {"lw": 2.4, "color": "crimson"} if row == OURS else {"lw": 1.5, "color": _COLOURS[row.label]}
+            style = {"lw": 2.4, "color": "crimson"} if row == PAPER_METHOD else {"lw": 1.5, "color": _COLOURS[row.label]}
             ax.plot(roc.fpr, roc.tpr, label=f"{row.label}: AUC {auc} (n={roc.n})", **style)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title=panel)
         ax.set_aspect("equal")

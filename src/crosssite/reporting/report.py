@@ -30,28 +30,14 @@ import torch
 import crosssite
 from crosssite.errors import CrossSiteError
 from crosssite.gradcam import finest_stage, grad_cam
-from crosssite.training.rundir import PREDICTIONS, Prediction, RunDirError, read_predictions
+from crosssite.rundir import PREDICTIONS, Prediction, RunDirError, read_predictions
 from crosssite.reporting.figures import GradCamCase, gradcam_figure, roc_figure
-from crosssite.reporting.tables import (
-    OURS,
-    PAPER_SITES,
-    ROWS,
-    ReportError,
-    RunResult,
-    Table,
-    site_letter,
-    load_results,
-    runs_of,
-    site_layout,
-    site_order,
-    table_one,
-    interval_table,
-    loso_table,
-    ttest_table,
-    claims_table,
-    validation_table,
-    verdict_table,
-)
+from crosssite.reporting.choice import validation_table
+from crosssite.reporting.claims import claims_table, ttest_table, verdict_table
+from crosssite.reporting.loso import loso_table
+from crosssite.reporting.results import PAPER_SITES, ReportError, RunResult, load_results, site_layout, site_order
+from crosssite.reporting.rows import PAPER_METHOD, ROWS, runs_of
+from crosssite.reporting.tables import Table, interval_table, site_letter, table_one
 
 __all__ = ["ReportOutput", "build_report", "PATIENT_GROUPING"]
 
@@ -362,7 +348,7 @@ def _gradcam_section(
     exp_dir: Path, runs: Sequence[RunResult], sites: Sequence[str], fig_dir: Path, k: int
 ) -> list[Block]:
     blocks: list[Block] = [Heading("Fig. 4 and 5: Grad-CAM of ours")]
-    ours = runs_of(runs, OURS)
+    ours = runs_of(runs, PAPER_METHOD)
     candidates = [exp_dir / r.run_dir for r in ours if (exp_dir / r.run_dir / "model.safetensors").is_file()]
     if not candidates:
         reason = "no run of ours" if not ours else "no run of ours kept its model.safetensors / model.json"

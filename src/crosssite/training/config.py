@@ -1,16 +1,24 @@
-"""`TrainConfig`: every knob of a training run in one dataclass, loaded from YAML and ``--set key=value`` overrides.
+"""`TrainConfig`: every knob of a training run in one dataclass, loaded from YAML and ``--set key=value`` overrides,
+and `with_recipe`, the one place a method's recipe enters a configuration.
 
 Values are typed by the dataclass field types; an unknown key, a value of the wrong type, or an out-of-range value
 raises `crosssite.errors.ConfigError` naming the key (and, for an unknown key, listing the valid ones).
+
+Precedence, the same for every entry point (Python `train`, ``crosssite train``, ``experiment``, ``federated``):
+the dataclass defaults < a preset (`preset_config`) < the method's recipe (`Method.recipe`) < the values a caller
+gives (keyword arguments, a YAML file, ``--set``). A `TrainConfig` remembers which keys were given; every trainer
+calls `with_recipe` when it starts, so the recipe fills exactly the keys nobody chose, and the run's config.yaml
+holds the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -20,8 +28,8 @@ from crosssite.models import is_model, list_models
 from crosssite.ioutil import atomic_write_text
 from crosssite.training.methods import METHODS
 
-__all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "save_config", "resumed_config",
-           "RUNTIME_KEYS"]
+__all__ = ["TrainConfig", "load_config", "parse_overrides", "apply_overrides", "preset_config", "with_recipe",
+           "save_config", "resumed_config", "RUNTIME_KEYS"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "block_act": ("none", "relu"),
@@ -40,11 +48,18 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class TrainConfig:
-    """Configuration of one training run (the defaults are the paper's but for the method; see docs of each group)."""
+    """Configuration of one training run (the defaults are the paper's but for the method; see docs of each group).
 
-    # what to train: by default the row Table I v2 ranks first on validation among those that train one model for
-    # every site (`crosssite.reporting.tables.chosen_row` over results/cpu-v2; tests/test_recipe.py checks the two
-    # agree). `crosssite train` adds that method's recipe (`Method.recipe`) to a fresh run's configuration.
+    The fields hold the caller's values over the defaults; the method's recipe is added by `with_recipe` when a
+    run starts, so ``TrainConfig().tta`` is the paper's while a run of the default method trains with its recipe.
+    """
+
+    # the keys a caller gave (keyword arguments, `replace`, `apply_overrides`): the recipe never overrides them
+    _given: ClassVar[frozenset[str]] = frozenset()
+
+    # what to train: by default the row the committed grid ranks first on validation among those that train one
+    # model for every site (`crosssite.reporting.choice.chosen_row` over results/cpu-v2; tests/test_recipe.py checks
+    # the two agree), trained with that method's recipe (`with_recipe`)
     method: str = "crosssite"
     backbone: str = "covidnet_redesign"
     width: float = 1.0
@@ -60,11 +75,11 @@ class TrainConfig:
     image_size: int = 224
     # how a slice becomes a square (crosssite.data.transforms): "pad" / "resize" keep the whole slice in view
     # ("pad", the default, chosen on validation: docs/METHODS.md), "crop" keeps a central square of a
-    # short-side-resized slice (crosssite 0.1)
+    # short-side-resized slice (kept so models trained with it stay reproducible)
     frame: str = "pad"
     # input normalisation: "train" = pixel mean / std of the run's training part (stored in the model card);
-    # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (crosssite 0.1). A federated client sees only its own
-    # site, so "train" standardises every site's intensities separately there
+    # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (the same for every run). A federated client sees only its
+    # own site, so "train" standardises every site's intensities separately there
     input_norm: str = "train"
     # optimisation (Adam, cosine to lr_min; step decay x0.1 every 30 of 100 epochs for `covidnet`)
     epochs: int = 100
@@ -78,7 +93,7 @@ class TrainConfig:
     augment: bool = True
     # scanner-style augmentation of the framed slice before the crop (crosssite.data.augment): the probability
     # with which each of its transforms (window, gamma, contrast, blur, sharpen, noise, resolution, JPEG, field
-    # of view) is applied; 0 = off (to be chosen on leave-one-site-out evidence, issue #16)
+    # of view) is applied; 0 = off (off until leave-one-site-out evidence says it helps an unseen site)
     augment_scanner: float = 0.0
     oversample: int = 4  # a site with < half the largest site's training items is repeated this often per epoch
     lr: float = 1e-4
@@ -101,7 +116,7 @@ class TrainConfig:
     # average over the training part seen through the evaluation transform ("precise BN"); off in the paper
     bn_recalibrate: bool = False
     # images per site the recalibration averages over, in batches of 4 x batch_per_site per site (0: as many as
-    # one training epoch draws, in training-sized batches: crosssite <= 0.3)
+    # one training epoch draws, in training-sized batches, which reproduces the grids of results/cpu-real)
     bn_recalibrate_images: int = 1024
     # a validation whose P(COVID) varies less than this (standard deviation over a site's validation part)
     # flags the run as collapsed: its numbers are noise around the class prior, not a result
@@ -138,6 +153,11 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     log_every: int = 10  # steps between progress-bar / TensorBoard updates
     ckpt_every: int = 50  # steps between mid-epoch checkpoints (0: only at epoch ends)
+
+    def __new__(cls, **given: Any) -> TrainConfig:
+        config = super().__new__(cls)
+        config._given = frozenset(given)
+        return config
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,8 +203,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes`` applied (validated)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (validated); they join the keys given."""
+        copy = dataclasses.replace(self, **changes)
+        copy._given = self._given | frozenset(changes)
+        return copy
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The keys a caller chose (the method's recipe leaves them alone)."""
+        return self._given
 
 
 def _field_types() -> dict[str, type]:
@@ -247,8 +274,25 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def preset_config(preset: Mapping[str, Any], values: Mapping[str, Any]) -> TrainConfig:
+    """Defaults < ``preset`` < (when the run starts) the method's recipe < ``values`` (raw values, coerced): a preset
+    sets the scale of a grid, a recipe what its method needs over it, the user has the last word."""
+    config = apply_overrides(TrainConfig(), {**preset, **values})
+    config._given = frozenset(values)
+    return config
+
+
+def with_recipe(config: TrainConfig) -> TrainConfig:
+    """``config`` with its method's recipe (`crosssite.training.methods.Method.recipe`) in every key not given:
+    what every trainer runs and writes to config.yaml; the same for every entry point. Applying it twice changes
+    nothing."""
+    recipe = {key: value for key, value in METHODS[config.method].recipe if key not in config.given}
+    return config.replace(**recipe)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at ``path``, then ``--set`` ``overrides`` (``key=value`` strings)."""
+    """Defaults, then the YAML file at ``path``, then ``--set`` ``overrides`` (``key=value`` strings); the values of
+    both are given (a config file, e.g. a run's own config.yaml, holds what its author chose)."""
     config = TrainConfig()
     if path is not None:
         path = Path(path)

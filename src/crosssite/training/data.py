@@ -38,7 +38,7 @@ from crosssite.data import (
 from crosssite.data.resident import ResidentLoader, resident_reason
 from crosssite.errors import ConfigError
 from crosssite.training.config import TrainConfig
-from crosssite.training.rundir import load_splits
+from crosssite.rundir import load_splits
 
 __all__ = ["RunData", "limit_site", "make_splits", "pixel_stats", "multi_site_steps", "data_on_device",
            "build_run_data"]

@@ -2,12 +2,11 @@
 
     metrics = train(TrainConfig(method="sepnorm-contrastive", epochs=100), sites, Path("runs/ours"))
 
-The run directory's files are written and read by `crosssite.training.rundir`; a step is
-`crosssite.training.step.train_step` (the loss: the method's `compute_loss`); validation, the collapse check and
-BN recalibration are `crosssite.training.validation`. With ``ema_decay`` > 0 the loop keeps an exponential moving
-average of the weights (`step.weight_average`), updated after every step; the average is what is recalibrated,
-validated, selected and saved, and it is checkpointed beside the raw weights. Method `single` trains one run per site in
-``out_dir/<site name>/`` with the multi-site rows' batch and step count, and merges their metrics.
+The run directory's files are written and read by `crosssite.rundir`; a step is `crosssite.training.step.train_step`
+(the loss: the method's `compute_loss`); validation, scoring, collapse check, BN recalibration: `training.validation`.
+With ``ema_decay`` > 0 the loop keeps an exponential moving average of the weights (`step.weight_average`), updated
+after every step: the average is recalibrated, validated, selected, saved and checkpointed beside the raw weights.
+Method `single` trains one run per site in ``out_dir/<site>/`` with the multi-site rows' batch and step count.
 
 Resuming: the learning rate is a pure function of the global step, so resuming needs only the counters, the model,
 the optimiser and the random generators saved in ``last.pt``; the batch sampler skips the steps of the interrupted
@@ -40,18 +39,18 @@ from torch.optim.swa_utils import AveragedModel
 from crosssite import models
 from crosssite.data import Site, load_sites
 from crosssite.errors import TrainingDiverged, TrainingError
+from crosssite.rundir import (CHECKPOINT, METRICS, MODEL_STEM, PREDICTIONS, json_safe, model_card, undo_failed_start,
+                              write_json, write_predictions, write_run_files, write_sites)
 from crosssite.training import distributed
 from crosssite.training.checkpoint import load_checkpoint, non_finite_tensors, rng_state, save_checkpoint, set_rng_state
-from crosssite.training.config import TrainConfig, resumed_config, save_config
+from crosssite.training.config import TrainConfig, resumed_config, save_config, with_recipe
 from crosssite.training.data import RunData, build_run_data, multi_site_steps
 from crosssite.training.methods import METHODS, Method
-from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
-from crosssite.training.rundir import (CHECKPOINT, METRICS, MODEL_STEM, PREDICTIONS, json_safe, model_card,
-                                       undo_failed_start, write_json, write_predictions, write_run_files, write_sites)
-from crosssite.training.step import CompiledForward, epoch_steps, learning_rate, make_optimizer, resolve_device
 from crosssite.training.precision import resolve_precision
-from crosssite.training.step import build_model, train_step, weight_average
-from crosssite.training.validation import evaluate, merge_site_runs, recalibrate_bn, run_metrics, validate_epoch
+from crosssite.training.progress import ProgressBar, TensorBoard, write_log_csv
+from crosssite.training.step import (CompiledForward, build_model, epoch_steps, learning_rate, make_optimizer,
+                                     resolve_device, train_step, weight_average)
+from crosssite.training.validation import merge_site_runs, recalibrate_bn, run_metrics, score_part, validate_epoch
 
 __all__ = ["TrainingError", "TrainingDiverged", "train"]
 
@@ -95,7 +94,8 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``config.method`` on ``sites`` into ``out_dir``; return the metrics written to ``metrics.json``.
+    """Train ``config.method`` (its recipe in the keys ``config`` was not given) on ``sites`` into ``out_dir``;
+    return the metrics written to ``metrics.json``.
 
     Args:
         sites: loaded sites or ``NAME=PATH[:LAYOUT]`` specs; a site's position is its integer id.
@@ -105,6 +105,7 @@ def train(
         progress: show a progress bar (only on a terminal) and print one line per epoch.
     """
     sites = load_sites(sites)
+    config = with_recipe(config)
     device = resolve_device(config.device)
     config = config.replace(precision=resolve_precision(config, device))  # "auto" -> what this run computes in
     with distributed.process_group(device), undo_failed_start(out_dir):
@@ -160,7 +161,7 @@ def _train_run(config: TrainConfig, sites: list[Site], out_dir: Path, resume: bo
         progress=progress, pin_memory=device.type == "cuda", device=device,
     )
     if is_main:
-        write_run_files(out_dir, data, new_split=saved is None)
+        write_run_files(out_dir, data.sites, data.splits, data.cache, new_split=saved is None)
         save_config(config, out_dir / "config.yaml")
 
     model = build_model(config, len(sites), device)
@@ -323,8 +324,9 @@ class _Loop:
         })
 
     def save_best(self, val: dict[str, dict[str, float]], epoch: int) -> None:
-        card = model_card(self.config, self.site_names, self.config.method,
-                          {"val": val, "epoch": epoch, "selection": "mean validation AUC over sites"}, self.data)
+        metrics = {"val": val, "epoch": epoch, "selection": "mean validation AUC over sites"}
+        card = model_card(self.config.to_dict(), self.site_names, self.config.method, metrics, self.data.mean,
+                          self.data.std)
         models.save(self.eval_model, self.out_dir / MODEL_STEM, card)
 
     def finish(self) -> dict[str, Any]:
@@ -332,8 +334,8 @@ class _Loop:
         distributed.barrier()  # rank 0 has written the best model
         best, _ = models.load(self.out_dir / MODEL_STEM, map_location=self.device)
         best = best.to(memory_format=torch.channels_last) if self.config.channels_last else best
-        val, val_rows = evaluate(best, self.data, "val", self.device, self.config)
-        test, test_rows = evaluate(best, self.data, "test", self.device, self.config)
+        val, val_rows = score_part(best, self.data, "val", self.device, self.config)
+        test, test_rows = score_part(best, self.data, "test", self.device, self.config)
         metrics = run_metrics(self.config, self.data, val, test, val_rows, self.state)
         if metrics["collapsed"] and self.progress:
             print(f"warning: the best model's predictions have collapsed (std of P(COVID) over a validation part "

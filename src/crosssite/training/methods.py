@@ -38,6 +38,7 @@ __all__ = [
     "register_method",
     "paper_result",
     "method_recipe",
+    "federated_methods",
     "model_kwargs",
     "compute_loss",
     "CONTRASTIVE",
@@ -84,8 +85,9 @@ class Method:
     terms: tuple[LossTerm, ...] = ()  # added to the universal head's cross-entropy
     per_site: bool = False  # one separate model per site
     federated: bool = False  # can run as one Flower client per site (crosssite.federated)
-    # configuration the method trains with (over a preset, under the user's own --set): a recipe such as
-    # label smoothing or a weight average; ((key, value), ...) so the method stays hashable
+    # configuration the method trains with (over a preset, under every value the caller gives:
+    # `crosssite.training.config.with_recipe`): e.g. label smoothing or a weight average; ((key, value), ...) so
+    # the method stays hashable
     recipe: tuple[tuple[str, Any], ...] = ()
     label: str = ""  # its row's name in reports (default: the name); the paper's rows use the paper's labels
 
@@ -119,10 +121,10 @@ for _method in (
     Method("parallel-adapter", "site-specific BN + site-specific 1x1 adapters in parallel", adapter="parallel"),
     Method("ms-net", "site-specific BN + auxiliary heads per site with online knowledge transfer", aux_heads=True,
            terms=(KNOWLEDGE_TRANSFER,)),
-    # crosssite's recipe (Table I v2's tenth row): the paper's method without the batch-norm recalibration before
-    # each validation (the paper has none; the cpu preset adds it), every validation, test and later prediction
-    # averaged over the slice and its left-right mirror: the two levers that gained on the validation parts under
-    # the same budget (docs/RESULTS.md, "Looking for crosssite's own recipe")
+    # crosssite's recipe: the paper's method without the batch-norm recalibration before each validation (the
+    # paper has none; the cpu preset adds it), every validation, test and later prediction averaged over the slice
+    # and its left-right mirror: the two levers that gained on the validation parts under the same budget (the
+    # evidence: docs/RESULTS.md, "Looking for crosssite's own recipe")
     Method("crosssite", "the paper's method (site-specific BN + contrastive loss) without BN recalibration, each "
            "prediction averaged with the slice's mirror", projection=True, terms=(CONTRASTIVE,),
            recipe=(("bn_recalibrate", False), ("tta", "flip")),
@@ -155,8 +157,16 @@ PAPER_TABLE_I: dict[tuple[str, str], PaperResult] = {
 
 
 def method_recipe(method: str) -> dict[str, Any]:
-    """The configuration values ``method`` trains with (`Method.recipe`; empty for the paper's rows)."""
+    """The configuration values ``method`` trains with where the caller gives none (`Method.recipe`; empty for the
+    paper's rows; applied by `crosssite.training.config.with_recipe`)."""
     return dict(METHODS[method].recipe) if method in METHODS else {}
+
+
+def federated_methods() -> list[str]:
+    """The registered methods that declare ``federated=True``. One site per client: a site-specific norm has one
+    copy there, so `sepnorm` and `joint` build the same network; `sepnorm-contrastive` adds the projection head and
+    the contrastive term on the client's own batch."""
+    return [name for name, method in METHODS.items() if method.federated]
 
 
 def paper_result(method: str, backbone: str) -> PaperResult | None:
@@ -164,26 +174,41 @@ def paper_result(method: str, backbone: str) -> PaperResult | None:
     return PAPER_TABLE_I.get((method, backbone))
 
 
+# A request at its "off" value asks nothing of a backbone: one without that option builds without it. Any other
+# request a backbone does not declare is refused by `create_model` (`crosssite.models.UnsupportedOption`).
+_OFF: dict[str, Any] = {"block_act": "none", "mixstyle": 0.0, "standardise_input": False, "adapter": None,
+                        "aux_heads": False, "projection": False}
+
+
 def model_kwargs(
     method: Method, backbone: str, *, num_sites: int, width: float, block_act: str, init: str = "auto",
-    mixstyle: float = 0.0, standardise_input: bool = False,
+    mixstyle: float = 0.0, standardise_input: bool = False, image_size: int | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of `crosssite.models.create_model` for ``method`` on ``backbone`` (``init="auto"``: the
-    backbone's own initialisation; a backbone without norms ignores the method's norm)."""
-    kwargs: dict[str, Any] = {} if init == "auto" else {"init": init}
-    if mixstyle:
-        kwargs["mixstyle"] = mixstyle
-    if standardise_input:
-        kwargs["standardise_input"] = True
-    return kwargs | {
-        "num_sites": num_sites,
+    """Keyword arguments of `crosssite.models.create_model` for ``method`` on ``backbone``: the options the
+    backbone declares (`crosssite.models.ModelConfig.options`), and any other request that is not at its off value
+    (which `create_model` then refuses by name). ``init="auto"``: the backbone's own initialisation; a backbone
+    without norms gets ``norm="none"``."""
+    config = model_config(backbone)
+    wanted: dict[str, Any] = {
         "num_classes": 2,
         "width": width,
         "block_act": block_act,
-        "norm": method.norm if model_config(backbone).has_norm else "none",
+        "norm": method.norm if config.has_norm else "none",
         "adapter": method.adapter,
         "aux_heads": method.aux_heads,
         "projection": method.projection,
+    }
+    if init != "auto":
+        wanted["init"] = init
+    if mixstyle:
+        wanted["mixstyle"] = mixstyle
+    if standardise_input:
+        wanted["standardise_input"] = True
+    if image_size is not None:
+        wanted["image_size"] = image_size
+    missing = object()
+    return {"num_sites": num_sites} | {
+        key: value for key, value in wanted.items() if key in config.options or _OFF.get(key, missing) != value
     }
 
 

@@ -125,10 +125,10 @@ def build_model(config: TrainConfig, num_sites: int, device: torch.device) -> nn
     """The network ``config`` trains (its method's model options on its backbone), on ``device``, in channels_last
     memory format when ``config.channels_last``."""
     model = models.create_model(
-        config.backbone, image_size=config.image_size,
+        config.backbone,
         **model_kwargs(METHODS[config.method], config.backbone, num_sites=num_sites, width=config.width,
                        block_act=config.block_act, init=config.init, mixstyle=config.mixstyle,
-                       standardise_input=config.standardise_input),
+                       standardise_input=config.standardise_input, image_size=config.image_size),
     ).to(device, torch.float64 if resolve_precision(config, device) == "fp64" else None)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 

@@ -1,4 +1,5 @@
-"""Validation of a run: per-site metrics and prediction rows, the collapse check, and BN recalibration.
+"""Validation of a run and the scoring of its parts: per-site metrics and prediction rows of a validation or test
+part (`score_part`), the collapse check, and BN recalibration.
 
 Every `eval_every` epochs (and after the last) the engine validates on each site's validation part -- with
 ``bn_recalibrate``, after its batch-norm statistics are recomputed on the training part (`recalibrate_bn`) -- and
@@ -23,14 +24,14 @@ from crosssite.training.config import TrainConfig
 from crosssite.training.data import RunData
 from crosssite.training.step import autocast, batch_sites, input_dtype
 
-__all__ = ["evaluate", "prediction_spread", "collapsed_sites", "recalibrate_bn", "selection_metric", "nanmean",
+__all__ = ["score_part", "prediction_spread", "collapsed_sites", "recalibrate_bn", "selection_metric", "nanmean",
            "validate_epoch", "run_metrics", "run_header", "merge_site_runs"]
 
 
-def evaluate(
+def score_part(
     model: nn.Module, data: RunData, part: str, device: torch.device, config: TrainConfig
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Metrics per site on ``part`` (``val`` / ``test``) and one prediction row per slice; an empty part (the
+    """Metrics per site on ``part`` (``val`` or ``test``) and one prediction row per slice; an empty part (the
     test part of ``protocol="all"``) has undefined (NaN) metrics and no rows."""
     if len(data.eval[part].dataset) == 0:
         return {site.name: dict.fromkeys(METRICS, float("nan")) for site in data.sites}, []
@@ -121,7 +122,7 @@ def validate_epoch(
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Validate after epoch ``epoch`` (0-based): per-site metrics, and the ``log.csv`` columns (AUC per site and
     mean, the selection metric, the spread of P(COVID) per site, ``collapsed``)."""
-    val, rows = evaluate(model, data, "val", device, config)
+    val, rows = score_part(model, data, "val", device, config)
     spread = prediction_spread(rows, [s.name for s in data.sites])
     scores: dict[str, Any] = {f"val_auc_{name}": m["auc"] for name, m in val.items()}
     scores |= {"val_auc_mean": nanmean([m["auc"] for m in val.values()]), "val_selection": selection_metric(val)}

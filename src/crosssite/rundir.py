@@ -1,7 +1,8 @@
-"""The files of a run directory, written and read in one place (training, federated clients, evaluate,
-experiment and report all go through here).
+"""The run-folder format: the files of a run directory, written and read in one place (training, federated
+clients, evaluate, experiment and report all go through here). It sits below `crosssite.training` and
+`crosssite.reporting`, which both import it, and knows nothing of either.
 
-    config.yaml           the resolved configuration (`crosssite.training.config.save_config`)
+    config.yaml           the resolved configuration (written by `crosssite.training.config.save_config`)
     sites.json            the sites as given (name, path, layout), so `--resume` needs no --site
     split.json            per site the train / val / test indices and files (crosssite.data.Split)
     log.csv               one row per epoch (`crosssite.training.progress.write_log_csv`)
@@ -30,17 +31,13 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from crosssite.data import CLASS_NAMES, Site, Split, load_sites
+from crosssite.data import CLASS_NAMES, Site, SliceCache, Split, load_sites
 from crosssite.errors import ConfigError, CrossSiteError
 from crosssite.ioutil import atomic_write_text
-
-if TYPE_CHECKING:
-    from crosssite.training.config import TrainConfig
-    from crosssite.training.data import RunData
 
 __all__ = [
     "CONFIG", "SITES", "SPLIT", "LOG", "CHECKPOINT", "MODEL_STEM", "METRICS", "PREDICTIONS", "SKIPPED",
@@ -182,18 +179,19 @@ def split_files(run_dir: Path, site: str, part: str) -> list[tuple[str, int | No
         raise RunDirError(f"{path}: no readable {part} part for site {site!r} ({e})") from None
 
 
-def write_run_files(out_dir: Path, data: RunData, *, new_split: bool, prefix: str = "") -> None:
+def write_run_files(out_dir: Path, sites: list[Site], splits: list[Split], cache: SliceCache, *, new_split: bool,
+                    prefix: str = "") -> None:
     """Write ``split.json`` when the split was just made, and ``skipped.json`` (saying so on stdout, each line
-    starting with ``prefix``) when unreadable files were left out of the run."""
+    starting with ``prefix``) when unreadable files were left out of the run (``cache.skipped``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if new_split:
-        save_splits(out_dir / SPLIT, data.sites, data.splits)
-    if data.cache.skipped:
-        count = data.cache.write_skipped(out_dir / SKIPPED)
+        save_splits(out_dir / SPLIT, sites, splits)
+    if cache.skipped:
+        count = cache.write_skipped(out_dir / SKIPPED)
         print(f"{prefix}skipped {count} unreadable file(s), listed in {out_dir / SKIPPED}")
 
 
-_NORM_TEXT = {"train": "pixel mean / std of the run's training part", "fixed": "fixed constants (crosssite 0.1)"}
+_NORM_TEXT = {"train": "pixel mean / std of the run's training part", "fixed": "fixed constants, the same for any run"}
 _FRAME_TEXT = {
     "resize": "whole slice resized to a square",
     "pad": "whole slice padded to a square (median border grey), then resized",
@@ -202,20 +200,21 @@ _FRAME_TEXT = {
 
 
 def model_card(
-    config: TrainConfig, site_names: list[str], method: str, metrics: dict[str, Any], data: RunData
+    train_config: dict[str, Any], site_names: list[str], method: str, metrics: dict[str, Any],
+    mean: Sequence[float], std: Sequence[float],
 ) -> dict[str, Any]:
     """The card saved beside a trained model: what `crosssite evaluate` / `predict` / `export` need to use it
-    (sites, classes, preprocessing with the run's own normalisation, threshold) and how it was made
-    (configuration, method, selection metrics)."""
+    (sites, classes, preprocessing with the run's own normalisation ``mean`` / ``std``, threshold) and how it was
+    made (the resolved configuration ``train_config``, method, selection metrics)."""
     return {
         "site_names": list(site_names),
         "class_names": list(CLASS_NAMES),
-        "preprocessing": {"image_size": config.image_size, "frame": config.frame, "mean": list(data.mean),
-                          "std": list(data.std), "normalisation": _NORM_TEXT[config.input_norm],
-                          "eval_resize": _FRAME_TEXT[config.frame]},
-        "train_config": config.to_dict(),
+        "preprocessing": {"image_size": train_config["image_size"], "frame": train_config["frame"], "mean": list(mean),
+                          "std": list(std), "normalisation": _NORM_TEXT[train_config["input_norm"]],
+                          "eval_resize": _FRAME_TEXT[train_config["frame"]]},
+        "train_config": dict(train_config),
         "method": method,
-        "tta": config.tta,
+        "tta": train_config["tta"],
         "threshold": 0.5,
         "metrics": json_safe(metrics),
     }
