@@ -138,6 +138,8 @@ def site_spec(site: Site) -> dict[str, str | None]:
     if site.layout == "synthetic":
         options = ",".join(f"{k}={v}" for k, v in sorted(site.params.items()))
         return {"name": site.name, "path": f"synthetic:{options}", "layout": "synthetic"}
+    if site.layout == "simulated":
+        return {"name": site.name, "path": str(site.params["spec"]), "layout": "simulated"}
     return {"name": site.name, "path": str(site.root), "layout": site.layout}
 
 
