@@ -154,22 +154,26 @@ def _segment_dark(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     candidates = sorted(candidates, reverse=True)[:2]
     if len(candidates) == 2 and candidates[1][0] < SECOND_LUNG * candidates[0][0]:
         candidates = candidates[:1]
-    return body, np.isin(labels, [k for _, k in candidates])
+    return body, ndimage.binary_fill_holes(np.isin(labels, [k for _, k in candidates]))  # vessels and lesions are lung
 
 
-def _inner_box(g: np.ndarray, max_fraction: float = 0.15) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right) inside the uniform lines that frame ``g`` (a border, a figure's frame): rows and
-    columns at the edges whose greys barely vary, at most ``max_fraction`` of each side."""
+def _flat(line: np.ndarray) -> bool:
+    """Whether a row or column is one grey but for a few pixels (burnt-in text may cross a border)."""
+    return bool(np.mean(np.abs(line - np.median(line)) < 0.02) > 0.9)
+
+
+def _inner_box(g: np.ndarray, max_fraction: float = 0.25) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) inside the uniform lines that frame ``g`` (a border, padding, a figure's frame):
+    rows and columns at the edges of one grey, at most ``max_fraction`` of each side."""
     h, w = g.shape
     top, left, bottom, right = 0, 0, h, w
-    flat = 0.02
-    while top < max_fraction * h and np.ptp(g[top, left:right]) < flat:
+    while top < max_fraction * h and _flat(g[top, left:right]):
         top += 1
-    while h - bottom < max_fraction * h and np.ptp(g[bottom - 1, left:right]) < flat:
+    while h - bottom < max_fraction * h and _flat(g[bottom - 1, left:right]):
         bottom -= 1
-    while left < max_fraction * w and np.ptp(g[top:bottom, left]) < flat:
+    while left < max_fraction * w and _flat(g[top:bottom, left]):
         left += 1
-    while w - right < max_fraction * w and np.ptp(g[top:bottom, right - 1]) < flat:
+    while w - right < max_fraction * w and _flat(g[top:bottom, right - 1]):
         right -= 1
     return top, left, bottom, right
 

@@ -13,10 +13,11 @@ decoded slice:
 2. **field of view** (``fov``): ``native``; ``thorax``, a zoom of ``zoom`` > 1 about the centre (the chest wall
    and part of the lateral lungs leave the frame); ``body``, the slice shrunk by ``zoom`` < 1 into a larger
    field with the patient ``table`` below it and the scanner's circular reconstruction field (outside it a
-   constant ``circle_value``); then ``pad`` (a fraction of each side) of grey ``pad_value``.
+   constant ``circle_value``).
 3. **matrix and kernel**: the whole frame resampled by ``scale`` (the export's pixel count), detail lost by a
    down-and-up resampling by ``resolution``, then a softer (``blur``, Gaussian sigma in output pixels) or a
-   sharper kernel (``sharpen``, unsharp-mask amount); then Gaussian ``noise`` (std in grey units).
+   sharper kernel (``sharpen``, unsharp-mask amount); then Gaussian ``noise`` (std in grey units); then ``pad``
+   (a fraction of the long side on each side) of grey ``pad_value``, added by the export, so noise-free.
 4. **grey range**: ``invert`` (MONOCHROME1-like, white air), then the output squeezed into
    ``[grey_low, grey_high]`` (an export that does not use the full range).
 5. **burnt-in overlays**: ``annotations`` (text in the corners: orientation, window, a scale) and a ``border``
@@ -227,9 +228,6 @@ def render(slice_: np.ndarray, settings: HospitalSettings, rng: np.random.Genera
     g = _grey01(slice_)
     g = np.clip((g - (s.level - s.width / 2)) / s.width, 0.0, 1.0) ** s.gamma
     g = _field_of_view(g, s)
-    if s.pad > 0:
-        p = max(1, round(s.pad * max(g.shape)))
-        g = np.pad(g, p, constant_values=s.pad_value)
     h, w = g.shape
     h, w = max(16, round(h * s.scale)), max(16, round(w * s.scale))
     g = _resize(g, h, w)
@@ -243,6 +241,9 @@ def render(slice_: np.ndarray, settings: HospitalSettings, rng: np.random.Genera
     if s.noise > 0:
         g = g + rng.normal(0.0, s.noise, g.shape).astype(np.float32)
     g = np.clip(g, 0.0, 1.0)
+    if s.pad > 0:  # added by the export, after reconstruction: no noise in it
+        g = np.pad(g, max(1, round(s.pad * max(h, w))), constant_values=s.pad_value)
+        h, w = g.shape
     if s.invert:
         g = 1.0 - g
     g = s.grey_low + (s.grey_high - s.grey_low) * g

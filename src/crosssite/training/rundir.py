@@ -200,6 +200,7 @@ _FRAME_TEXT = {
     "resize": "whole slice resized to a square",
     "pad": "whole slice padded to a square (median border grey), then resized",
     "crop": "short side to image_size, central square",
+    "canonical": "lung field in canonical greys (crosssite.data.canonical), padded to a square, then resized",
 }
 
 
