@@ -47,6 +47,8 @@ MARGIN = 0.08  # of the lung box's height / width, added on each side of the cro
 _EDGE_CONTACT = 1.0  # edge pixels per sqrt(area) above which a dark component is background
 _ENCLOSURE = 1.6  # filled area / area above which a dark component is a ring around something, not a lung
 _LUNG_HOLES = 0.02  # share of vessels (holes) above which a dark component reaching the edges is a lung
+_OUTLINE_ON_EDGE = 0.5  # share of a dark component's outline along the frame's edges above which it is no lung
+_CONTRAST = 3.0  # lung-to-tissue step over the lungs' own spread (median absolute deviation) a lung field shows
 _SPAN = 0.95  # of the body's height or width: a dark component this wide is the body's wall, not a lung
 
 
@@ -100,15 +102,26 @@ def _dark_components(smooth: np.ndarray, threshold: float, where: np.ndarray | N
     return ndimage.label(dark)
 
 
+def _band_width(shape: tuple[int, ...]) -> int:
+    return max(1, round(0.03 * max(shape)))
+
+
+def _edge_band(shape: tuple[int, ...]) -> np.ndarray:
+    """The pixels within `_band_width` of the frame's edges."""
+    d = _band_width(shape)
+    band = np.ones(shape, dtype=bool)
+    band[d:-d, d:-d] = False
+    return band
+
+
 def _body(smooth: np.ndarray) -> np.ndarray:
     """Steps 2-3: what is not background air, its largest connected part, holes filled."""
     labels, n = _dark_components(smooth, threshold_otsu(smooth))
     areas = np.bincount(labels.ravel(), minlength=n + 1).astype(float)
     # contact with a band along the edges rather than the outermost pixels, so a frame line a few pixels wide
     # does not hide the air outside the patient
-    d = max(1, round(0.03 * max(smooth.shape)))
-    band = np.ones_like(labels, dtype=bool)
-    band[d:-d, d:-d] = False
+    band = _edge_band(smooth.shape)
+    d = _band_width(smooth.shape)
     edge_contact = np.bincount(labels[band], minlength=n + 1) > _EDGE_CONTACT * d * np.sqrt(areas)
     if (labels[band] > 0).mean() < 0.5:  # the patient fills the frame (a zoomed field): dark at the edges is lung
         edge_contact[:] = False
@@ -140,6 +153,7 @@ def _segment_dark(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # step 4, with a threshold of the body's own greys: around a small patient the frame's threshold separates
     # background air from everything else and leaves the lungs in the bright class
     labels, n = _dark_components(smooth, threshold_otsu(inside), body)
+    band = _edge_band(g.shape)
     rows, cols = np.nonzero(body)
     body_h, body_w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     areas = np.bincount(labels.ravel(), minlength=n + 1)
@@ -148,13 +162,26 @@ def _segment_dark(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         span_h, span_w = where[0].stop - where[0].start, where[1].stop - where[1].start
         if areas[k] < MIN_LUNG * h * w or (span_h >= _SPAN * body_h and span_w >= _SPAN * body_w):
             continue  # too small, or as tall and wide as the body: its own wall, seen inverted
-        if ndimage.binary_fill_holes(labels[where] == k).sum() > _ENCLOSURE * areas[k]:
+        component = labels[where] == k
+        if ndimage.binary_fill_holes(component).sum() > _ENCLOSURE * areas[k]:
             continue
+        outline = component & ~ndimage.binary_erosion(component, border_value=1)
+        if band[where][outline].mean() > _OUTLINE_ON_EDGE:
+            continue  # mostly bounded by the frame, not by the chest wall and mediastinum
         candidates.append((int(areas[k]), k))
     candidates = sorted(candidates, reverse=True)[:2]
     if len(candidates) == 2 and candidates[1][0] < SECOND_LUNG * candidates[0][0]:
         candidates = candidates[:1]
-    return body, ndimage.binary_fill_holes(np.isin(labels, [k for _, k in candidates]))  # vessels and lesions are lung
+    lungs = np.isin(labels, [k for _, k in candidates])
+    if lungs.any():
+        # air in a lung is one grey but for vessels: its spread is small against the step to the tissue around it,
+        # which a ramp or noise split in two by a threshold does not show
+        lung_greys = g[lungs]
+        spread = float(np.median(np.abs(lung_greys - np.median(lung_greys))))
+        step = float(np.median(g[body & ~lungs]) - np.median(lung_greys))
+        if step < _CONTRAST * spread:
+            lungs[:] = False
+    return body, ndimage.binary_fill_holes(lungs)  # vessels and lesions inside a lung are lung
 
 
 def _flat(line: np.ndarray) -> bool:
@@ -190,8 +217,10 @@ def segment(image: np.ndarray) -> Segmentation:
 
 def _segment_polarity(g: np.ndarray) -> Segmentation:
     body, lungs = _segment_dark(g)
-    edge = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
-    if np.median(edge) > threshold_otsu(g):  # bright edges: white air of an inverted export, or a tight crop
+    edge = g[_edge_band(g.shape)]
+    # the negative is tried where the edges are bright (white air of an inverted export, or a chest wall filling
+    # a tight crop) or nothing was found; air around a patient at the edges settles the polarity
+    if not lungs.any() or np.median(edge) > threshold_otsu(g):
         inv_body, inv_lungs = _segment_dark(1.0 - g)
         if inv_lungs.sum() > 1.5 * lungs.sum():
             return Segmentation(inv_body, inv_lungs, inverted=True)
