@@ -14,11 +14,12 @@ patients, re-rendered by one draw of export settings each). One line per (varian
 ``OUT/results.jsonl`` when all its scores exist, so a stopped run resumes where it stopped; models live in
 ``OUT/runs/<variant>/<H>_seed<S>/``.
 
-The rule that chooses the defaults, fixed before any run (`RULE`, `choose`): every (variant, strategy) pair is
-scored by its mean AUC over all simulated held-out hospitals (every real H, seed and k alike); the default is the
-pair with the highest mean, where pairs within `TIE` of the best mean are told apart by the higher worst case
-(the lowest AUC over the same hospitals), then by the higher mean. The real held-out sites' AUCs are reported
-beside each pair and never read by the rule: with two real sites they are the test, not the choice.
+The rule that chooses the defaults, fixed before any run (`RULE`, `choose`): every (variant, strategy) pair scored
+on all of its variant's simulated held-out hospitals (every real H, seed and k alike; ``site:<name>`` strategies
+exist only in the folds that train on that site and so take no part) is scored by its mean AUC over them; the
+default is the pair with the highest mean, where pairs within `TIE` of the best mean are told apart by the higher
+worst case (the lowest AUC over the same hospitals), then by the higher mean. The real held-out sites' AUCs are
+reported beside each pair and never read by the rule: with two real sites they are the test, not the choice.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from crosssite.training.methods import method_recipe
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "results.jsonl"
 TIE = 0.005  # AUC: pairs whose mean over simulated hospitals lies this close to the best are a tie
-RULE = ("highest mean AUC over the simulated held-out hospitals (every real held-out site, seed and hospital); "
-        f"pairs within {TIE} of the best mean: the higher worst case (lowest AUC over the same hospitals), then the "
-        "higher mean; the real held-out sites' AUCs are reported, never read")
+RULE = ("among the (variant, strategy) pairs scored on every simulated held-out hospital of their variant (every real "
+        "held-out site, seed and hospital; a strategy naming one training site exists in some folds only), the "
+        f"highest mean AUC over those hospitals; pairs within {TIE} of the best mean: the higher worst case (lowest "
+        "AUC over the same hospitals), then the higher mean; the real held-out sites' AUCs are reported, never read")
 N_BOOT = 200  # bootstrap resamples for each AUC's interval: the intervals are reported, the rule reads means
 
 
@@ -133,22 +135,27 @@ def choose(records: list[dict[str, Any]]) -> dict[str, Any]:
     AUC over simulated held-out hospitals, their count, and the real held-out sites' mean AUC per site)."""
     simulated: dict[tuple[str, str], list[float]] = defaultdict(list)
     real: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    hospitals: dict[str, set[tuple[str, int, str]]] = defaultdict(set)  # variant -> simulated hospitals scored
     for record in records:
         for row in record["scores"]:
             pair = (record["variant"], row["strategy"])
+            if row["kind"] == "simulated":
+                hospitals[record["variant"]].add((record["held_out"], record["seed"], row["target"]))
             if row["auc"] is None or not np.isfinite(row["auc"]):
-                continue
+                continue  # one class only: no AUC, and the pair no longer covers every hospital
             if row["kind"] == "simulated":
                 simulated[pair].append(float(row["auc"]))
             else:
                 real[pair][row["target"]].append(float(row["auc"]))
     table = [{"variant": v, "strategy": s, "mean_simulated": float(np.mean(a)), "worst_simulated": float(np.min(a)),
-              "n_simulated": len(a), "real": {t: float(np.mean(x)) for t, x in sorted(real[(v, s)].items())}}
+              "n_simulated": len(a), "eligible": len(a) == len(hospitals[v]),
+              "real": {t: float(np.mean(x)) for t, x in sorted(real[(v, s)].items())}}
              for (v, s), a in simulated.items()]
-    if not table:
-        return {"rule": RULE, "table": [], "chosen": None}
-    best_mean = max(r["mean_simulated"] for r in table)
-    tied = [r for r in table if r["mean_simulated"] >= best_mean - TIE]
+    eligible = [r for r in table if r["eligible"]]
+    if not eligible:
+        return {"rule": RULE, "table": table, "chosen": None}
+    best_mean = max(r["mean_simulated"] for r in eligible)
+    tied = [r for r in eligible if r["mean_simulated"] >= best_mean - TIE]
     chosen = max(tied, key=lambda r: (r["worst_simulated"], r["mean_simulated"]))
     table.sort(key=lambda r: -r["mean_simulated"])
     return {"rule": RULE, "table": table, "chosen": {"variant": chosen["variant"], "strategy": chosen["strategy"]}}
@@ -160,7 +167,8 @@ def print_choice(result: dict[str, Any]) -> None:
     for r in result["table"]:
         real = ", ".join(f"{t} {a:.3f}" for t, a in r["real"].items())
         print(f"{r['variant']:<24} {r['strategy']:<22} {r['mean_simulated']:8.3f} {r['worst_simulated']:6.3f} "
-              f"{r['n_simulated']:4d}  {real}")
+              f"{r['n_simulated']:4d}{'' if r['eligible'] else '*'} {real}")
+    print("* not scored on every simulated hospital of its variant: not eligible")
     print(f"chosen: {result['chosen']}")
 
 

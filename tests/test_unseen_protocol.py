@@ -48,6 +48,13 @@ def test_the_rule_reads_simulated_hospitals_only_and_breaks_ties_by_the_worst_ca
     records[1]["scores"][0]["auc"] = 0.95  # now canonical/adabn wins outright (mean 0.83)
     assert protocol.choose(records)["chosen"] == {"variant": "canonical", "strategy": "adabn"}
     assert protocol.choose([])["chosen"] is None
+    # a strategy scored in one fold only (a training site's own statistics) cannot win, however high
+    records.append(_record("plain", "B", {"adabn": [0.80, 0.80], "standardise": [0.70, 0.72]}, {}))
+    records[-1]["scores"] += [{"target": f"B~h{k}", "kind": "simulated", "strategy": "site:A", "auc": 0.99}
+                              for k in range(2)]
+    result = protocol.choose(records)
+    assert result["chosen"] == {"variant": "canonical", "strategy": "adabn"}
+    assert not {(r["variant"], r["strategy"]): r for r in result["table"]}[("plain", "site:A")]["eligible"]
 
 
 def test_the_runner_trains_leaves_one_site_out_scores_and_resumes(protocol, tmp_path: Path, capsys) -> None:
