@@ -30,7 +30,8 @@ def _record(variant: str, held_out: str, simulated: dict[str, list[float]], real
 
 def test_the_rule_reads_simulated_hospitals_only_and_breaks_ties_by_the_worst_case(protocol) -> None:
     records = [
-        _record("plain", "A", {"adabn": [0.80, 0.80], "standardise": [0.70, 0.72]}, {"adabn": 0.5, "standardise": 0.99}),
+        _record("plain", "A", {"adabn": [0.80, 0.80], "standardise": [0.70, 0.72]},
+                {"adabn": 0.5, "standardise": 0.99}),
         _record("canonical", "A", {"adabn": [0.90, 0.71], "standardise": [0.60, 0.60]}, {"adabn": 0.4}),
     ]
     result = protocol.choose(records)

@@ -210,8 +210,8 @@ class TrainTransform:
     (`frame_slice`; slices from `SliceCache` already are). `crop` is the geometric part (uint8 out),
     `normalise` the rest. ``scanner`` > 0: `ScannerAugment(scanner)` on the framed slice before the crop (0: not
     applied, no random number drawn); ``hospital`` > 0: `HospitalAugment(hospital)` before that, the rendering
-    framed again; ``randconv`` > 0: `RandConv(randconv)` on the normalised output. Randomness comes from torch's global generator, which a `DataLoader`
-    seeds in each worker.
+    framed again; ``randconv`` > 0: `RandConv(randconv)` on the normalised output. Randomness comes from torch's
+    global generator, which a `DataLoader` seeds in each worker.
     """
 
     def __init__(

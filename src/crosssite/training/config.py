@@ -60,7 +60,7 @@ class TrainConfig:
     image_size: int = 224
     # how a slice becomes a square (crosssite.data.transforms): "pad" / "resize" keep the whole slice in view
     # ("pad", the default, chosen on validation: docs/METHODS.md), "crop" keeps a central square of a
-    # short-side-resized slice (crosssite 0.1)
+    # short-side-resized slice (crosssite 0.1), "canonical" the lung field in canonical greys (crosssite.data.canonical)
     frame: str = "pad"
     # input normalisation: "train" = pixel mean / std of the run's training part (stored in the model card);
     # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (crosssite 0.1). A federated client sees only its own
