@@ -10,19 +10,24 @@ background and borders, which is what differs between exports.
 
 Segmentation is classical (`segment`), on a copy whose long side is at most `WORK_SIDE` pixels:
 
-1. smooth (Gaussian), threshold with Otsu's method: the dark class holds air, lungs and airways;
-2. the dark class's connected components (after a small opening) that are background, not lung: those whose
-   contact with the image edge is long for their size (the air around the patient reaches the edges along a
-   side; a lung cut by a tight crop touches it briefly), and those that enclose much more than themselves
-   (the ring of air between a patient and a figure's white frame);
+1. uniform lines that frame the slice (a border, padding, a figure's frame) are trimmed off;
+2. after a Gaussian blur, Otsu's threshold of the frame splits dark (air, lungs, airways) from bright; the dark
+   components that are air around the patient are background: those that reach a band along the edges over a
+   long stretch for their size and are flat (air has no vessels, a lung cut by a zoomed field keeps its holes),
+   and those that enclose much more than themselves (the ring of air inside a figure's frame). Where the dark
+   class covers under half of the band the patient fills the frame, and nothing is background for touching it;
 3. the body: the largest connected part of what is not background, holes filled;
-4. the lungs: the two largest remaining dark components inside the body and narrower than it, each above
-   `MIN_LUNG` of the frame (the second only when at least `SECOND_LUNG` of the first's size: the trachea and
-   bowel gas are smaller).
+4. the lungs: Otsu's threshold of the body's own greys (around a small patient the frame's threshold only
+   separates background from everything else), then the two largest dark components inside the body, each above
+   `MIN_LUNG` of the frame (the second only when at least `SECOND_LUNG` of the first), that enclose nothing much,
+   are bounded by the chest rather than by the frame, and are not as tall and wide as the body (its wall, seen
+   inverted); they must show a step from lung to tissue of `_CONTRAST` times their own spread, which a grey ramp
+   or noise cut by a threshold does not; vessels and lesions inside them are filled in.
 
 An inverted export (white air) is segmented as its negative when that finds clearly more lung (`segment` tries
-both); the grey map needs no such care, since the lung and tissue medians swap and its slope changes sign.
-Where no lung is found the view is the whole slice as given, with ``found=False`` so callers can count it.
+the negative where the edges are bright or nothing was found); the grey map needs no such care, since the lung
+and tissue medians swap and its slope changes sign. Where no lung is found the view is the whole slice as given,
+with ``found=False`` so callers can count it.
 """
 
 from __future__ import annotations
@@ -44,12 +49,12 @@ WORK_SIDE = 256
 MIN_LUNG = 0.01  # of the frame's area
 SECOND_LUNG = 0.15  # of the larger lung's area
 MARGIN = 0.08  # of the lung box's height / width, added on each side of the crop
-_EDGE_CONTACT = 1.0  # edge pixels per sqrt(area) above which a dark component is background
+_EDGE_CONTACT = 1.0  # pixels in the edge band per (band width x sqrt(area)) above which air reaches the edges
 _ENCLOSURE = 1.6  # filled area / area above which a dark component is a ring around something, not a lung
 _LUNG_HOLES = 0.02  # share of vessels (holes) above which a dark component reaching the edges is a lung
 _OUTLINE_ON_EDGE = 0.5  # share of a dark component's outline along the frame's edges above which it is no lung
 _CONTRAST = 3.0  # lung-to-tissue step over the lungs' own spread (median absolute deviation) a lung field shows
-_SPAN = 0.95  # of the body's height or width: a dark component this wide is the body's wall, not a lung
+_SPAN = 0.95  # of the body's height and width: a dark component this tall and wide is the body's wall
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,7 @@ def rendered_grey(slice_: np.ndarray, settings: HospitalSettings, rng: np.random
         array = np.asarray(image)
     if array.ndim == 3:
         array = array.mean(axis=2)
-    top = 65535.0 if array.dtype in (np.uint16, np.int32) or array.max() > 255 else 255.0
+    top = 255.0 if array.dtype == np.uint8 else 65535.0  # a 16-bit PNG reads back as uint16 or int32
     return np.clip(array.astype(np.float32) / top, 0.0, 1.0)
 
 
