@@ -109,6 +109,9 @@ def test_file_formats(slice_a: np.ndarray) -> None:
     with Image.open(io.BytesIO(data)) as im:
         assert im.mode.startswith("I")
     np.testing.assert_allclose(rendered_grey(slice_a, deep, rng), slice_a, atol=1e-4)
+    deep_text = dataclasses.replace(deep, annotations=True)
+    text = render(slice_a, deep_text, rng) != render(slice_a, deep, rng)
+    assert 0.001 < text.mean() < 0.1  # burnt-in text reaches 16-bit exports too
     screenshot = dataclasses.replace(PLAIN, rgb=True, jpeg_quality=40)
     pixels = render(slice_a, screenshot, rng)
     data, suffix = encode(pixels, screenshot)
