@@ -285,10 +285,9 @@ def rendered_grey(slice_: np.ndarray, settings: HospitalSettings, rng: np.random
     data, _ = encode(render(slice_, settings, rng), settings)
     with Image.open(io.BytesIO(data)) as image:
         array = np.asarray(image)
-    if array.ndim == 3:
-        array = array.mean(axis=2)
     top = 255.0 if array.dtype == np.uint8 else 65535.0  # a 16-bit PNG reads back as uint16 or int32
-    return np.clip(array.astype(np.float32) / top, 0.0, 1.0)
+    grey = array.mean(axis=2) if array.ndim == 3 else array
+    return np.clip(grey.astype(np.float32) / top, 0.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------ a hospital site
