@@ -1,6 +1,6 @@
 """The canonical view (`crosssite.data.canonical`) on real slices of both sites: lung masks against hand-drawn
 outlines, crops that keep both lungs, the fallback, invariance across simulated hospitals, and the ``"canonical"``
-frame through the decode cache, the evaluation transform and a model card."""
+frame through the decode cache, the evaluation transform, a model card and predict's preprocessing."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from skimage.draw import polygon
 from crosssite.data import SliceCache, eval_transform, frame_slice, preprocessing_transform, read_image
 from crosssite.data.canonical import LUNG_GREY, TISSUE_GREY, canonical_view
 from crosssite.data.simulate import HospitalSettings, draw_hospital, rendered_grey
+from crosssite.inference.predictor import Preprocess
 
 OUTLINES = json.loads((Path(__file__).parent / "data" / "lung_outlines.json").read_text())["slices"]
 MIN_IOU = 0.65  # coarse hand outlines (about 20 vertices a lung) against pixel masks: measured 0.71-0.86
@@ -106,6 +107,7 @@ def test_the_canonical_frame_through_the_cache_and_a_model_card(site_a, site_b, 
     padded = SliceCache(samples, short_side=73, cache_dir=tmp_path, frame="pad", progress=False)
     view = eval_transform(64, frame="canonical")
     card_view = preprocessing_transform({"image_size": 64, "frame": "canonical"})
+    predict_view = Preprocess.from_card({"preprocessing": {"image_size": 64, "frame": "canonical"}})
     for i, sample in enumerate(samples):
         decoded = read_image(sample.path)
         assert cache[i].shape == (73, 73)
@@ -113,3 +115,4 @@ def test_the_canonical_frame_through_the_cache_and_a_model_card(site_a, site_b, 
         assert not np.array_equal(cache[i], padded[i])  # a separate cache entry, not the padded slice
         np.testing.assert_array_equal(view(cache[i]).numpy(), view(decoded).numpy())
         np.testing.assert_array_equal(card_view(decoded).numpy(), view(decoded).numpy())
+        np.testing.assert_array_equal(predict_view(decoded).numpy(), view(decoded).numpy())
