@@ -12,7 +12,8 @@ validation picks the best epoch) and scored on H itself and on the simulated hos
 ``simulated:H,hospital=k,seed=<hospital-seed>`` for k < K (`crosssite.data.simulate`: H's slices, labels and
 patients, re-rendered by one draw of export settings each). One line per (variant, H, S) is appended to
 ``OUT/results.jsonl`` when all its scores exist, so a stopped run resumes where it stopped; models live in
-``OUT/runs/<variant>/<H>_seed<S>/``.
+``OUT/runs/<variant>/<H>_seed<S>/``. With ``frame=canonical`` each score also carries its target's count of
+slices without a found lung field (shown whole), and the run prints it.
 
 The rule that chooses the defaults, fixed before any run (`RULE`, `choose`): every (variant, strategy) pair scored
 on all of its variant's simulated held-out hospitals (every real H, seed and k alike; ``site:<name>`` strategies
@@ -36,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosssite.data import load_site
+from crosssite.data import load_site, read_image
+from crosssite.data.canonical import canonical_view
 from crosssite.data.sites import Site
 from crosssite.evaluation import card_loader, evaluate_model
 from crosssite.experiment import git_commit, machine_info
@@ -79,17 +81,29 @@ def _extra_strategies(model: torch.nn.Module) -> tuple[str, ...]:
     return ("standardise", "tent", "ensemble") if site_bn else ("standardise",)
 
 
+def canonical_fallbacks(site: Site) -> int:
+    """How many of the site's slices have no lung field found, so the canonical frame shows them whole."""
+    return sum(not canonical_view(read_image(s.path, s.frame)).found for s in site.samples)
+
+
 def score_targets(run_dir: Path, targets: dict[str, Site], seed: int) -> list[dict[str, Any]]:
-    """AUC (with its bootstrap interval) of the run's model on each target site under every strategy."""
+    """AUC (with its bootstrap interval) of the run's model on each target site under every strategy; with the
+    canonical frame, each target's count of slices shown whole for want of a lung field."""
     model, card = load(run_dir / "model")
     tta = str(card.get("tta", "none"))
+    canonical = (card.get("preprocessing") or {}).get("frame") == "canonical"
     rows = []
     for name, site in targets.items():
         loader = card_loader(site, card, batch_size=64)
+        fallback = {"canonical_fallback": canonical_fallbacks(site)} if canonical else {}
+        if fallback.get("canonical_fallback"):
+            print(f"{name}: no lung field found in {fallback['canonical_fallback']} of {len(site)} slices "
+                  "(shown whole)", flush=True)
         for e in evaluate_model(model, list(card["site_names"]), {}, {name: loader}, n_boot=N_BOOT, seed=seed,
                                 strategies=_extra_strategies(model), tta=tta):
             rows.append({"target": name, "kind": site.layout, "hospital": site.params.get("hospital"),
-                         "strategy": e.strategy, "n": e.n, "auc": e.metrics["auc"], "auc_ci": list(e.ci["auc"])})
+                         "strategy": e.strategy, "n": e.n, "auc": e.metrics["auc"], "auc_ci": list(e.ci["auc"]),
+                         **fallback})
     return rows
 
 

@@ -63,7 +63,8 @@ def test_the_runner_trains_leaves_one_site_out_scores_and_resumes(protocol, tmp_
              for name, shift in (("north", 0.2), ("south", 1.2))}
     argv = ["--out", str(tmp_path), "--variant", "tiny", "--hospitals", "2", "--seeds", "0", "--limit", "4",
             *[a for name, path in sites.items() for a in ("--site", f"{name}={path}")],
-            *[a for kv in ("image_size=32", "width=0.0625", "epochs=1", "batch_per_site=4") for a in ("--set", kv)]]
+            *[a for kv in ("image_size=32", "width=0.0625", "epochs=1", "batch_per_site=4", "frame=canonical")
+              for a in ("--set", kv)]]
     protocol.main(argv)
     records = protocol.read_results(tmp_path / protocol.RESULTS)
     assert [(r["held_out"], r["train_sites"]) for r in records] == [("north", ["south"]), ("south", ["north"])]
@@ -75,8 +76,10 @@ def test_the_runner_trains_leaves_one_site_out_scores_and_resumes(protocol, tmp_
         assert {"adabn", "standardise", "tent", "ensemble", "mean"} <= strategies
         for row in record["scores"]:
             assert row["n"] == 8 and 0.0 <= row["auc"] <= 1.0
+            assert 0 <= row["canonical_fallback"] <= 8
             assert row["kind"] == ("simulated" if "~h" in row["target"] else "csv")
-        assert record["set"] == {"image_size": "32", "width": "0.0625", "epochs": "1", "batch_per_site": "4"}
+        assert record["set"] == {"image_size": "32", "width": "0.0625", "epochs": "1", "batch_per_site": "4",
+                                 "frame": "canonical"}
     capsys.readouterr()
     protocol.main(argv)  # resumes: nothing trained or scored again
     assert capsys.readouterr().out.count(": done") == 2
