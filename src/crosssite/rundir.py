@@ -135,6 +135,8 @@ def site_spec(site: Site) -> dict[str, str | None]:
     if site.layout == "synthetic":
         options = ",".join(f"{k}={v}" for k, v in sorted(site.params.items()))
         return {"name": site.name, "path": f"synthetic:{options}", "layout": "synthetic"}
+    if site.layout == "simulated":
+        return {"name": site.name, "path": str(site.params["spec"]), "layout": "simulated"}
     return {"name": site.name, "path": str(site.root), "layout": site.layout}
 
 
@@ -196,6 +198,7 @@ _FRAME_TEXT = {
     "resize": "whole slice resized to a square",
     "pad": "whole slice padded to a square (median border grey), then resized",
     "crop": "short side to image_size, central square",
+    "canonical": "lung field in canonical greys (crosssite.data.canonical), padded to a square, then resized",
 }
 
 

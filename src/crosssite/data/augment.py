@@ -15,6 +15,19 @@ its transforms, in a fixed order, with probability ``p``, each with its own rand
 * ``fov``: another field of view: zoom z ~ U(0.85, 1.15) about the centre, z > 1 crops and resizes back,
   z < 1 shrinks and pads with the median grey of the border, the frame's size kept.
 
+Two appearance randomisations for invariance training sit beside it:
+
+* `HospitalAugment(p)`: with probability ``p`` the framed slice is re-rendered by a freshly drawn simulated
+  hospital (`crosssite.data.simulate`: window, field of view, matrix, kernel, noise, overlays, file format) and
+  read back as grey; the caller frames the result again (`TrainTransform`), so with the ``"canonical"`` frame the
+  network sees the canonical view of the re-rendered slice;
+* `RandConv(p)`: with probability ``p`` the normalised network input (3, H, W) goes through a random shallow
+  convolution (Xu et al., ICLR 2021, "Robust and generalizable visual representation learning via random
+  convolutions"): one k x k convolution, k drawn from (1, 3, 5, 7), weights ~ N(0, 1 / (3 k^2)), its output
+  standardised back to the input's per-channel mean and std and mixed with the input by a ~ U(0, 1).
+
+Neither sees a label, so both classes are altered alike: no class can be told by its rendering.
+
 Randomness comes from torch's global generator (as `TrainTransform`'s crop and flips), so a `DataLoader`
 worker's seed fixes it. ``p = 0`` applies nothing and draws no random number.
 """
@@ -26,9 +39,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-__all__ = ["SCANNER_TRANSFORMS", "ScannerAugment"]
+from crosssite.data.simulate import draw_hospital, rendered_grey
+
+__all__ = ["SCANNER_TRANSFORMS", "ScannerAugment", "HospitalAugment", "RandConv"]
 
 
 def _uniform(low: float, high: float) -> float:
@@ -124,6 +140,52 @@ class ScannerAugment:
             if float(torch.rand(())) < self.p:
                 image = fn(image)
         return np.ascontiguousarray(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+def _check_probability(name: str, p: float) -> float:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} (probability per slice) must lie in [0, 1], got {p}")
+    return float(p)
+
+
+class HospitalAugment:
+    """With probability ``p``, a uint8 (H, W) slice re-rendered by a freshly drawn simulated hospital: float32
+    (H', W') in [0, 1] (its size follows the hospital's field of view and matrix); otherwise the slice itself."""
+
+    def __init__(self, p: float) -> None:
+        self.p = _check_probability("augment_hospital", p)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.p == 0.0 or float(torch.rand(())) >= self.p:
+            return image
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+        return rendered_grey(image, draw_hospital(rng), rng)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class RandConv:
+    """With probability ``p``, a random shallow convolution of a normalised input (3, H, W) (see the module)."""
+
+    KERNEL_SIZES = (1, 3, 5, 7)
+
+    def __init__(self, p: float) -> None:
+        self.p = _check_probability("augment_randconv", p)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or float(torch.rand(())) >= self.p:
+            return x
+        k = self.KERNEL_SIZES[int(torch.randint(len(self.KERNEL_SIZES), ()))]
+        weight = torch.randn(3, 3, k, k) / (3 * k * k) ** 0.5
+        out = F.conv2d(x[None], weight, padding=k // 2)[0]  # (3, H, W)
+        mean, std = x.mean(dim=(1, 2), keepdim=True), x.std(dim=(1, 2), keepdim=True)
+        out = (out - out.mean(dim=(1, 2), keepdim=True)) / (out.std(dim=(1, 2), keepdim=True) + 1e-6) * std + mean
+        a = float(torch.rand(()))
+        return a * x + (1.0 - a) * out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p})"

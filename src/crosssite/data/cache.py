@@ -29,7 +29,7 @@ import numpy as np
 
 from crosssite.data.io import LUNG_WINDOW, READER_VERSION, check_image_size, read_image
 from crosssite.data.sites import Sample
-from crosssite.data.transforms import frame_slice
+from crosssite.data.transforms import frame_slice, frame_tag
 from crosssite.errors import ImageReadError
 from crosssite.ioutil import cache_root, guard_output
 
@@ -135,7 +135,7 @@ class SliceCache:
     # ------------------------------------------------------------------------------------------ build
 
     def _key(self, file_digest: str, sample: Sample) -> str:
-        framing = self.short_side if self.frame == "crop" else f"{self.short_side}|{self.frame}"
+        framing = self.short_side if self.frame == "crop" else f"{self.short_side}|{frame_tag(self.frame)}"
         text = f"{file_digest}|{sample.frame}|{framing}|{READER_VERSION}|{self.window}"
         return hashlib.sha1(text.encode()).hexdigest()
 

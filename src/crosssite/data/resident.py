@@ -42,7 +42,8 @@ def resident_reason(frame: str, scanner: bool) -> str | None:
     if frame == "crop":
         return "frame 'crop' keeps each slice's aspect ratio, so the framed slices do not stack into one tensor"
     if scanner:
-        return "scanner-style augmentation (augment_scanner > 0) runs on numpy slices on the CPU"
+        return ("scanner-style and hospital augmentation and RandConv (augment_scanner, augment_hospital, "
+                "augment_randconv > 0) run on the slices in the loader's workers, on the CPU")
     return None
 
 

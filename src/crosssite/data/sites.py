@@ -10,6 +10,8 @@ forced:
 * ``csv``: a manifest with columns ``path,label[,patient][,site][,frame]``; relative paths are resolved
   against the manifest's folder. With a ``site`` column only the rows whose site equals NAME are kept.
 * ``synthetic``: ``NAME=synthetic[:shift=0.5,n=200,seed=0,size=256]``, see `crosssite.data.synthetic`.
+* ``simulated``: ``NAME=simulated:SOURCE,hospital=K,seed=S[,limit=N]``, the slices of the site at SOURCE
+  re-rendered as a simulated hospital's export (labels and patient ids kept), see `crosssite.data.simulate`.
 
 DICOM files with several frames and NIfTI volumes found in a ``folder`` or ``csv`` site expand into one
 sample per slice (``Sample.frame``); the volume's path is the patient id when the layout gives none.
@@ -26,12 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+from crosssite.data.simulate import SourceItem, parse_simulated_spec
+from crosssite.data.simulate import materialise as materialise_simulated
 from crosssite.data.synthetic import SyntheticParams, materialise, parse_synthetic_spec
 from crosssite.errors import ImageReadError, SiteError
 
 __all__ = [
     "synthetic_site",
     "load_synthetic_site",
+    "load_simulated_site",
     "CLASS_NAMES",
     "CLASS_ALIASES",
     "LAYOUTS",
@@ -59,7 +64,7 @@ CLASS_ALIASES: dict[int, frozenset[str]] = {
     }),
 }
 
-LAYOUTS: tuple[str, ...] = ("sars_cov2_ct", "covid_ct", "folder", "csv", "synthetic")
+LAYOUTS: tuple[str, ...] = ("sars_cov2_ct", "covid_ct", "folder", "csv", "synthetic", "simulated")
 
 # Files that may sit in a class folder without being images.
 _IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
@@ -81,7 +86,8 @@ class Site:
     """A named list of samples read with one layout from one root (folder, manifest or synthetic folder).
 
     ``has_patients``: every sample has a patient id (folds are then grouped by patient). ``params``: the
-    generator parameters of a synthetic site (``shift``, ``n``, ``seed``, ``size``), empty otherwise.
+    generator parameters of a synthetic site (``shift``, ``n``, ``seed``, ``size``) or the spec, source and draw of a
+    simulated one, empty otherwise.
     """
 
     name: str
@@ -166,6 +172,8 @@ def load_site(spec: str | tuple[str, Path | str, str | None] | Site) -> Site:
         raise SiteError(f"site {name!r}: unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if layout == "synthetic" or (layout is None and _is_synthetic_spec(path)):
         return load_synthetic_site(name, str(path))
+    if layout == "simulated" or (layout is None and str(path).startswith("simulated:")):
+        return load_simulated_site(name, str(path))
     path = Path(path).expanduser()
     if not path.exists():
         head, colon, tail = str(path).rpartition(":")
@@ -416,3 +424,17 @@ def synthetic_site(name: str, params: SyntheticParams | None = None, root: Path 
 def load_synthetic_site(name: str, spec: str):
     """Load the synthetic site ``NAME=synthetic[:key=value,...]``."""
     return synthetic_site(name, parse_synthetic_spec(spec))
+
+
+def load_simulated_site(name: str, spec: str) -> Site:
+    """Load ``NAME=simulated:SOURCE,hospital=K,seed=S[,limit=N]``: the source site's slices re-rendered by one
+    simulated hospital (`crosssite.data.simulate`), with the source's labels and patient ids."""
+    parsed = parse_simulated_spec(spec)
+    source = load_site(f"{name}={parsed.source}")
+    items = [SourceItem(s.path, s.frame, s.label, s.patient) for s in source.samples]
+    folder = materialise_simulated(parsed, items)
+    loaded = load_manifest(name, folder / "manifest.csv")
+    params = {"spec": spec, "source": str(source.root), "source_layout": source.layout,
+              "hospital": parsed.hospital, "seed": parsed.seed, "limit": parsed.limit}
+    return Site(name=name, layout="simulated", root=folder, samples=loaded.samples,
+                has_patients=source.has_patients, params=params)

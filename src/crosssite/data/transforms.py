@@ -8,7 +8,10 @@ The paper: "all images are first resized to 224 x 224" -- the whole slice. A sli
 * ``"resize"``: the whole slice resized to a 256 x 256 square (the aspect ratio is not kept);
 * ``"crop"``: the short side resized to 256, the long side kept; training crops at random along it and
   evaluation keeps the central square (the authors' release; kept so models trained with it stay reproducible,
-  though 26-30% of a landscape slice's width, the lateral lungs, is never seen at evaluation).
+  though 26-30% of a landscape slice's width, the lateral lungs, is never seen at evaluation);
+* ``"canonical"``: the slice's canonical view (`crosssite.data.canonical`: the lung field with a margin, what lies
+  outside the body blanked, greys mapped from the lung and tissue medians), then framed as ``"pad"`` (padded with
+  the canonical background, 0); a slice without a found lung field is framed as ``"pad"`` as it is.
 
 Training (the paper's augmentation inside that frame): a random ``image_size`` square of the framed slice,
 flipped horizontally and vertically, each with probability 1/2. Evaluation: the framed square resized to
@@ -16,7 +19,10 @@ flipped horizontally and vertically, each with probability 1/2. Evaluation: the 
 side resized to ``image_size`` and the central square kept.
 
 With ``scanner > 0`` the training transform first applies scanner-style augmentation to the framed slice
-(`crosssite.data.augment.ScannerAugment`, each transform with probability ``scanner``).
+(`crosssite.data.augment.ScannerAugment`, each transform with probability ``scanner``). With ``hospital > 0`` a
+slice is first, with that probability, re-rendered by a random simulated hospital and framed again
+(`crosssite.data.augment.HospitalAugment`); with ``randconv > 0`` the normalised input goes, with that probability,
+through a random shallow convolution (`crosssite.data.augment.RandConv`).
 
 Both end with float conversion, the grey slice repeated to three channels and per-channel normalisation
 (`Normalise`): output float32 (3, image_size, image_size). Each transform is a geometric part, ``crop``
@@ -35,7 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crosssite.data.augment import ScannerAugment
+from crosssite.data.augment import HospitalAugment, RandConv, ScannerAugment
+from crosssite.data.canonical import CANONICAL_VERSION, canonical_view
 from crosssite.errors import ConfigError
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "FRAMES",
     "DEFAULT_FRAME",
     "frame_slice",
+    "frame_tag",
     "short_side_for",
     "resize_short_side",
     "to_uint8",
@@ -70,7 +78,7 @@ DEFAULT_MEAN: tuple[float, float, float] = (0.63, 0.63, 0.63)
 DEFAULT_STD: tuple[float, float, float] = (0.29, 0.29, 0.29)
 
 
-FRAMES = ("resize", "pad", "crop")
+FRAMES = ("resize", "pad", "crop", "canonical")
 DEFAULT_FRAME = "pad"
 
 
@@ -116,14 +124,15 @@ def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return to_uint8(np.asarray(resized))
 
 
-def pad_to_square(image: np.ndarray) -> np.ndarray:
-    """The slice centred on a square canvas filled with the median of its border pixels (same dtype)."""
+def pad_to_square(image: np.ndarray, fill: float | None = None) -> np.ndarray:
+    """The slice centred on a square canvas filled with ``fill``, by default the median of its border pixels
+    (same dtype)."""
     h, w = image.shape
     side = max(h, w)
     if h == w:
         return image
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    canvas = np.full((side, side), np.median(border), dtype=image.dtype)
+    canvas = np.full((side, side), np.median(border) if fill is None else fill, dtype=image.dtype)
     top, left = (side - h) // 2, (side - w) // 2
     canvas[top : top + h, left : left + w] = image
     return canvas
@@ -133,14 +142,26 @@ def frame_slice(image: np.ndarray, size: int, frame: str = DEFAULT_FRAME) -> np.
     """A decoded slice (H, W), uint8 or float in [0, 1], framed as the decode cache stores it; uint8.
 
     ``"resize"``: (size, size), the whole slice; ``"pad"``: padded to a square, then (size, size);
-    ``"crop"``: short side ``size``, aspect ratio kept (see the module docstring).
+    ``"crop"``: short side ``size``, aspect ratio kept; ``"canonical"``: the canonical view, padded with 0 to a
+    square, then (size, size) (see the module docstring).
     """
     _check_frame(frame)
     if frame == "crop":
         return resize_short_side(image, size)
+    if frame == "canonical":
+        view = canonical_view(image)
+        if view.found:
+            return resize_to(pad_to_square(view.image, fill=0.0), size, size)
+        frame = "pad"
     if frame == "pad":
         image = pad_to_square(image)
     return resize_to(image, size, size)
+
+
+def frame_tag(frame: str) -> str:
+    """The name under which slices framed with ``frame`` are cached: the canonical view carries its version, so a
+    changed view is never read from slices an earlier one cached."""
+    return f"canonical-v{CANONICAL_VERSION}" if frame == "canonical" else frame
 
 
 def is_framed(image: np.ndarray, size: int, frame: str) -> bool:
@@ -188,8 +209,9 @@ class TrainTransform:
     Input: a uint8 or float [0, 1] slice (H, W); a slice not yet framed at ``short_side`` is framed first
     (`frame_slice`; slices from `SliceCache` already are). `crop` is the geometric part (uint8 out),
     `normalise` the rest. ``scanner`` > 0: `ScannerAugment(scanner)` on the framed slice before the crop (0: not
-    applied, no random number drawn). Randomness comes from torch's global generator, which a `DataLoader`
-    seeds in each worker.
+    applied, no random number drawn); ``hospital`` > 0: `HospitalAugment(hospital)` before that, the rendering
+    framed again; ``randconv`` > 0: `RandConv(randconv)` on the normalised output. Randomness comes from torch's
+    global generator, which a `DataLoader` seeds in each worker.
     """
 
     def __init__(
@@ -201,10 +223,14 @@ class TrainTransform:
         std: Sequence[float] = DEFAULT_STD,
         frame: str = DEFAULT_FRAME,
         scanner: float = 0.0,
+        hospital: float = 0.0,
+        randconv: float = 0.0,
     ) -> None:
         _check_frame(frame)
         self.image_size = image_size
         self.scanner = ScannerAugment(scanner) if scanner > 0 else None
+        self.hospital = HospitalAugment(hospital) if hospital > 0 else None
+        self.randconv = RandConv(randconv) if randconv > 0 else None
         self.short_side = short_side or short_side_for(image_size)
         if self.short_side < image_size:
             raise ValueError(f"short side {self.short_side} is smaller than the crop {image_size}")
@@ -216,6 +242,10 @@ class TrainTransform:
         """uint8 (image_size, image_size): random crop, then random vertical and horizontal flips."""
         if not is_framed(image, self.short_side, self.frame):
             image = frame_slice(image, self.short_side, self.frame)
+        if self.hospital is not None:
+            rendered = self.hospital(image)
+            if rendered is not image:
+                image = frame_slice(rendered, self.short_side, self.frame)
         if self.scanner is not None:
             image = self.scanner(image)
         h, w = image.shape
@@ -229,11 +259,13 @@ class TrainTransform:
         return np.ascontiguousarray(crop)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return self.normalise(self.crop(image))
+        x = self.normalise(self.crop(image))
+        return x if self.randconv is None else self.randconv(x)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(image_size={self.image_size}, short_side={self.short_side}, "
-                f"flips={self.flips}, frame={self.frame!r}, scanner={self.scanner})")
+                f"flips={self.flips}, frame={self.frame!r}, scanner={self.scanner}, hospital={self.hospital}, "
+                f"randconv={self.randconv})")
 
 
 class EvalTransform:

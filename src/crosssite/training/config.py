@@ -75,7 +75,8 @@ class TrainConfig:
     image_size: int = 224
     # how a slice becomes a square (crosssite.data.transforms): "pad" / "resize" keep the whole slice in view
     # ("pad", the default, chosen on validation: docs/METHODS.md), "crop" keeps a central square of a
-    # short-side-resized slice (kept so models trained with it stay reproducible)
+    # short-side-resized slice (kept so models trained with it stay reproducible), "canonical" the lung field in
+    # canonical greys (crosssite.data.canonical)
     frame: str = "pad"
     # input normalisation: "train" = pixel mean / std of the run's training part (stored in the model card);
     # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (the same for every run). A federated client sees only its
@@ -95,6 +96,12 @@ class TrainConfig:
     # with which each of its transforms (window, gamma, contrast, blur, sharpen, noise, resolution, JPEG, field
     # of view) is applied; 0 = off (off until leave-one-site-out evidence says it helps an unseen site)
     augment_scanner: float = 0.0
+    # invariance training (crosssite.data.augment), both off until the unseen-hospital protocol
+    # (scripts/unseen_protocol.py) chooses: the probability that a training slice is re-rendered by a freshly drawn
+    # simulated hospital (window, field of view, matrix, kernel, noise, overlays, file format; framed again), and the
+    # probability that its input goes through a random shallow convolution (RandConv)
+    augment_hospital: float = 0.0
+    augment_randconv: float = 0.0
     oversample: int = 4  # a site with < half the largest site's training items is repeated this often per epoch
     lr: float = 1e-4
     lr_min: float = 1e-6
@@ -193,6 +200,9 @@ class TrainConfig:
             raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
         if not 0 <= self.augment_scanner <= 1:
             raise ConfigError(f"augment_scanner: must be in [0, 1] (probability per transform), got {self.augment_scanner!r}")
+        for key in ("augment_hospital", "augment_randconv"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{key}: must be in [0, 1] (probability per slice), got {getattr(self, key)!r}")
         for key in ("label_smoothing", "ema_decay"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)!r}")

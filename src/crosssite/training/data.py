@@ -145,7 +145,8 @@ def _recalibration_sampling(config: TrainConfig, sampling: dict) -> dict:
 def data_on_device(config: TrainConfig, device: torch.device | None) -> bool:
     """Whether the run keeps its slices on ``device`` (`crosssite.data.resident`): ``data_on_device="on"`` (an error
     naming the reason when the frame or augmentation forbid it), ``"off"``, or ``"auto"``: on CUDA when allowed."""
-    reason = resident_reason(config.frame, config.augment and config.augment_scanner > 0)
+    numpy_augment = config.augment_scanner > 0 or config.augment_hospital > 0 or config.augment_randconv > 0
+    reason = resident_reason(config.frame, config.augment and numpy_augment)
     if config.data_on_device == "on":
         if reason:
             raise ConfigError(f"data_on_device: 'on' is not possible: {reason}")
@@ -175,7 +176,8 @@ def build_run_data(
     mean, std = _normalisation(config, sites, splits, cache)
     view = eval_transform(config.image_size, frame=config.frame, mean=mean, std=std)
     augment = (train_transform(config.image_size, short_side=cache.short_side, frame=config.frame, mean=mean, std=std,
-                               scanner=config.augment_scanner)
+                               scanner=config.augment_scanner, hospital=config.augment_hospital,
+                               randconv=config.augment_randconv)
                if config.augment else view)
     train_indices = [s.train for s in splits]
     sampling = dict(batch_per_site=config.batch_per_site, oversample=config.oversample, seed=config.seed,
