@@ -22,7 +22,7 @@ from crosssite.data.simulate import (
     rendered_grey,
 )
 from crosssite.errors import SiteError
-from crosssite.training.rundir import site_spec
+from crosssite.rundir import site_spec
 
 PLAIN = HospitalSettings()  # the identity export: lung window, native field, no noise, 8-bit PNG
 
