@@ -238,11 +238,15 @@ def test_bad_file_stops_the_run_unless_skip_bad(sites3, tmp_path: Path) -> None:
     from crosssite.errors import ImageReadError
 
     root = tmp_path / "site"
+    root.mkdir()
+    lines = ["path,label,patient"]
     for sample in sites3[0].samples:
-        folder = root / ("COVID" if sample.label == 1 else "non-COVID")
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(sample.path, folder / f"{sample.patient}_{sample.path.name}")
-    (root / "COVID" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        shutil.copy(sample.path, root / f"{sample.patient}_{sample.path.name}")
+        lines.append(f"{sample.patient}_{sample.path.name},{'covid' if sample.label else 'non-covid'},{sample.patient}")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    lines.append("broken.png,covid,broken")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    root = root / "manifest.csv"
     spec = [f"bad={root}", SPECS[1]]
     with pytest.raises(ImageReadError, match="broken.png"):
         train(tiny(method="joint"), spec, tmp_path / "strict", progress=False)
