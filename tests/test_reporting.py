@@ -281,3 +281,20 @@ def test_busy_hours_count_overlapping_runs_once_and_skip_gaps() -> None:
     runs = [at("11:00:00", 3600.0), at("11:30:00", 3600.0), at("13:30:00", 1800.0)]
     assert busy_hours(runs) == pytest.approx(2.0)
     assert busy_hours(runs[:1] * 2) == pytest.approx(1.0)  # the same interval twice counts once
+
+
+def test_the_protocol_says_how_a_site_without_patients_was_grouped(tmp_path: Path) -> None:
+    """Runs whose results record pseudo-patient grouping are described as grouped; older runs of the same layout
+    (no "grouping" recorded: random folds) keep the warning that their numbers are optimistic."""
+    from crosssite.reporting.report import PATIENT_GROUPING, PSEUDO_PATIENT_GROUPING, _grouping_text
+
+    rows = [r for r in _rows() if r["method"] == "single"]
+    (tmp_path / "old.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for r in rows:
+        r["site_info"] = {"sars_cov2_ct": {"layout": "sars_cov2_ct", "has_patients": False,
+                                           "grouping": "pseudo-patient"}}
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    old, _ = load_results(tmp_path / "old.jsonl")
+    new, _ = load_results(tmp_path / "new.jsonl")
+    assert _grouping_text(old, "sars_cov2_ct") == PATIENT_GROUPING["sars_cov2_ct"]
+    assert _grouping_text(new, "sars_cov2_ct") == PSEUDO_PATIENT_GROUPING

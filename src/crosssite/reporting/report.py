@@ -41,7 +41,14 @@ from crosssite.reporting.tables import Table, interval_table, site_letter, table
 
 __all__ = ["ReportOutput", "build_report", "PATIENT_GROUPING"]
 
-# How each real site's slices are grouped into patients, and what that means for the test numbers.
+# How each real site's slices are grouped into patients, and what that means for the test numbers. The
+# sars_cov2_ct text is that of runs made before their folds were grouped by pseudo-patient (their results carry no
+# "grouping"); `PSEUDO_PATIENT_GROUPING` is said of the runs that were.
+PSEUDO_PATIENT_GROUPING = (
+    "no patient ids; folds and validation parts are grouped by pseudo-patient (near-duplicate slices and runs of "
+    "consecutive file numbers, `crosssite.data.groups`), so no near-duplicate pair of slices sits on both sides of "
+    "a split; unlike slices of one patient still may."
+)
 PATIENT_GROUPING = {
     "sars_cov2_ct": (
         "no per-image patient ids (about 120 patients in all), so folds split slices, not patients: slices of "
@@ -167,6 +174,8 @@ def _config_values(runs: Sequence[RunResult], key: str) -> str:
 
 def _grouping_text(runs: Sequence[RunResult], site: str) -> str:
     layout = site_layout(runs, site)
+    if next((r.site_info[site].get("grouping") for r in runs if site in r.site_info), None) == "pseudo-patient":
+        return PSEUDO_PATIENT_GROUPING
     if layout in PATIENT_GROUPING:
         return PATIENT_GROUPING[layout]
     has_patients = next((r.site_info[site].get("has_patients") for r in runs if site in r.site_info), None)
