@@ -91,10 +91,36 @@ class _FileResult:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # "<name>: <warning>", each once
+
+    def warn(self, name: str, warnings: list[str]) -> None:
+        for w in warnings:
+            line = f"{name}: {w}"
+            if line not in self.warnings:
+                self.warnings.append(line)
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.name, "slices": self.slices, "volumes": self.volumes, "errors": self.errors,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "warnings": self.warnings}
+
+
+def describe_normalisation(norm: str) -> str:
+    """A `Predictor` normalisation label (``mean-of-sites+standardise``, ``B``, ``adabn:40``, ...) in words."""
+    base, standardised = norm.removesuffix("+standardise"), norm.endswith("+standardise")
+    kind, _, count = base.partition(":")
+    if base == "mean-of-sites":
+        text = "scanner differences evened out with the average of the training hospitals' statistics"
+    elif base == "shared":
+        text = "one normalisation shared by every training hospital"
+    elif kind in ("adabn", "tent"):
+        text = f"normalisation re-estimated on {count} slices of this hospital ({kind.upper()})"
+    elif kind == "ensemble":
+        text = f"P(COVID) averaged over the normalisations of the {count} training hospitals"
+    else:
+        text = f"normalised as the training hospital {base!r}"
+    if standardised:
+        text = "each slice first brought to the training images' brightness and contrast, then " + text
+    return text
 
 
 def _file_digest(path: Path) -> str:
@@ -128,7 +154,7 @@ class Service:
         self.limits = limits
         self.batcher = MicroBatcher(predictor.backend.probabilities, max_batch=max_batch, max_wait_s=max_wait_s)
         self.batched = copy.copy(predictor)
-        self.batched.backend = BatchedBackend(self.batcher)
+        self.batched.backend = BatchedBackend(self.batcher, getattr(predictor.backend, "model", None))
         self.grad_cam = isinstance(predictor.backend, TorchBackend)
         card = predictor.card
         self.model_id = str(card.get("model_id") or model_file.name.removesuffix(model_file.suffix))
@@ -200,7 +226,9 @@ class Service:
                 "metrics", "added_sites", "quantization", "package_version")
         return {
             "id": self.model_id, "version": self.model_version, "backend": self.backend_name,
-            "grad_cam": self.grad_cam, "normalisation": self.direct.norm, "threshold": self.direct.threshold,
+            "grad_cam": self.grad_cam, "normalisation": self.direct.norm,
+            "normalisation_text": describe_normalisation(self.direct.norm), "threshold": self.direct.threshold,
+            "ood_threshold": self.direct.ood_threshold,
             "tta": self.direct.tta, "top_k": self.direct.top_k, **{k: card.get(k) for k in keys}, "notice": NOTICE,
         }
 
@@ -262,11 +290,25 @@ class Service:
             return result, result.name
         return result, "/".join((result.name, *parts[1:]))
 
+    def _warnings(self, r: Record) -> list[str]:
+        """What `crosssite predict` warns of for this row: why the file may not be a chest-CT slice, and a scan
+        far from every training site."""
+        found = r.warning.split("; ") if r.warning else []
+        if r.ood:
+            found.append(f"far from every training site (ood_score {r.ood_score:.2f} > {self.direct.ood_threshold:g}):"
+                         " the prediction may be unreliable")
+        return found
+
     def _add(self, r: Record, tmp: Path, results: list[_FileResult], images: bool) -> None:
         result, name = self._where(r.path, tmp, results)
+        warnings = self._warnings(r)
+        if r.kind in ("slice", "volume") and (r.kind == "volume" or r.volume is None or not r.ood):
+            result.warn(name, warnings)  # a series' slices far from the sites are said once, by its volume row
+        elif r.kind == "slice":
+            result.warn(name, [w for w in warnings if not w.startswith("far from every")])
         if r.kind == "slice":
             entry: dict[str, Any] = {"name": name, "frame": r.frame, "slice": r.slice, "p_covid": r.p_covid,
-                                     "label": r.label}
+                                     "label": r.label, "warnings": warnings, "ood": r.ood, "ood_score": r.ood_score}
             entry["volume"] = None if r.volume is None else self._where(r.volume, tmp, results)[1]
             if r.cam is not None:
                 entry["cam_png"] = base64.b64encode(Path(r.cam).read_bytes()).decode("ascii")
@@ -275,7 +317,7 @@ class Service:
             result.slices.append(entry)
         elif r.kind == "volume":
             result.volumes.append({"name": name, "p_covid": r.p_covid, "label": r.label, "n_slices": r.n_slices,
-                                   "top_k": r.top_k})
+                                   "top_k": r.top_k, "warnings": warnings, "ood": r.ood, "ood_score": r.ood_score})
         elif r.kind == "error":
             reason = (r.error or "cannot be read").replace(r.path, name).replace(str(tmp), "")
             result.errors.append({"name": name, "error": reason})
@@ -293,6 +335,7 @@ class Service:
             "model": {"id": self.model_id, "version": self.model_version, "backend": self.backend_name},
             "normalisation": self.direct.norm,
             "threshold": self.direct.threshold,
+            "ood_threshold": self.direct.ood_threshold,
             "tta": self.direct.tta,
             "class_names": list(self.direct.class_names),
             "files": [r.to_dict() for r in results],
@@ -301,6 +344,7 @@ class Service:
                 "slices": sum(len(r.slices) for r in results),
                 "volumes": sum(len(r.volumes) for r in results),
                 "errors": sum(len(r.errors) for r in results),
+                "warnings": sum(len(r.warnings) for r in results),
             },
             "notice": NOTICE,
         }
