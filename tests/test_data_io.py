@@ -286,3 +286,14 @@ def test_sizes_declared_past_the_limits_are_refused_before_decoding(tmp_path: Pa
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(ImageReadError, match=r"bomb.dcm: DICOM pixel data of 4096 MiB declared .* refused before"):
         read_image(path, frame=0)
+
+
+def test_nifti_declaring_too_many_voxels_is_refused_from_its_header(tmp_path: Path) -> None:
+    header = nib.Nifti1Header()
+    header.set_data_shape((2048, 2048, 128))  # 512 M voxels declared; a few bytes of data on disk
+    header.set_data_dtype(np.int16)
+    path = tmp_path / "huge.nii"
+    with open(path, "wb") as f:
+        f.write(header.binaryblock + b"\0" * 4 + b"\0" * 64)
+    with pytest.raises(ImageReadError, match=r"huge.nii: NIfTI volume of shape \(2048, 2048, 128\) is larger"):
+        num_frames(path)

@@ -47,6 +47,7 @@ __all__ = [
     "MIN_IMAGE_SIDE",
     "MAX_IMAGE_PIXELS",
     "MAX_DICOM_PIXEL_BYTES",
+    "MAX_VOLUME_VOXELS",
     "check_image_size",
     "too_small",
     "input_warnings",
@@ -69,6 +70,10 @@ from the header, before any pixel is decoded."""
 MAX_DICOM_PIXEL_BYTES = 2**30
 """Most bytes of decoded pixel data (rows x columns x frames x samples x bits) one DICOM file may declare: a
 2000-frame 512 x 512 16-bit file. Checked from the header, before the pixel data is decoded."""
+
+MAX_VOLUME_VOXELS = 2**28
+"""Most voxels of one NIfTI volume read (1 GiB as float32; a 600-slice 512 x 512 series is 157 M), checked from its
+header before the data is decompressed."""
 
 MIN_IMAGE_SIDE = 8
 """Fewest pixels along either side of an image that is trained on, evaluated, or predicted without a warning:
@@ -286,7 +291,11 @@ def _nifti_volume(path: Path):
     """The canonical (RAS+) image, and its shape as 3D (a 2D image gets a slice axis of 1)."""
     import nibabel as nib
 
-    img = nib.as_closest_canonical(nib.load(str(path)))
+    loaded = nib.load(str(path))  # the header only: the data stays on disk until asked for
+    if int(np.prod(loaded.shape[:3], dtype=np.int64)) > MAX_VOLUME_VOXELS:
+        raise ValueError(f"NIfTI volume of shape {tuple(loaded.shape[:3])} is larger than the limit of "
+                         f"{MAX_VOLUME_VOXELS / 2**20:.0f} M voxels; refused before decoding")
+    img = nib.as_closest_canonical(loaded)
     shape = img.shape
     if len(shape) == 2:
         shape = (*shape, 1)
