@@ -16,7 +16,6 @@ from pathlib import Path
 import typer
 
 from crosssite.cli.app import app, fail
-from crosssite.data.io import MIN_IMAGE_SIDE
 from crosssite.errors import CrossSiteError
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect sites: classes, patients, formats, bad files, duplicates.")
@@ -27,6 +26,8 @@ app.add_typer(data_app, name="data")
 def _print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from crosssite.data.io import MIN_IMAGE_SIDE
 
     table = Table(title="sites")
     for column in ("site", "layout", "COVID", "non-COVID", "patients", "formats", "modes", "width", "height",

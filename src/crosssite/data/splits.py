@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from crosssite.data.sites import SPLIT_PARTS, Site
 from crosssite.errors import SiteError
@@ -85,6 +84,8 @@ def groups_of(site: Site) -> np.ndarray | None:
 
 def _kfold(labels: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> list[np.ndarray]:
     """Test indices of ``k`` stratified (and grouped) folds of ``labels``."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # here: predicting needs no sklearn
+
     x = np.zeros(len(labels))
     if groups is None:
         splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
