@@ -172,7 +172,12 @@ def test_viewer_uploads_a_real_slice_and_shows_probability_and_overlay(
 
     browser.find_element(By.ID, "files").send_keys(f"{slice_file}\n{nifti}")
     wait_for(browser, "document.getElementById('status').textContent.includes('slice(s)')")
-    assert "2 file(s): 7 slice(s), 1 series/volume(s), 0 error(s)" in browser.find_element(By.ID, "status").text
+    status = browser.find_element(By.ID, "status").text
+    assert "2 file(s): 7 slice(s), 1 series/volume(s), 0 error(s)" in status
+    # a slice far from the training sites is a warning, unless its whole volume is (then the volume's one says it)
+    far_volume = any(r.ood for r in expected if r.kind == "volume")
+    flagged = sum(bool(r.ood) for r in expected if r.kind == "slice" and not (far_volume and r.volume))
+    assert f" {flagged + far_volume} warning(s)" in status
 
     # the real slice: its probability and its Grad-CAM overlay
     assert browser.find_element(By.ID, "view-title").text == slice_file.name

@@ -66,6 +66,9 @@ NOTICE = "Research tool, not a medical device: not for diagnosis or treatment de
 MiB = 2**20
 
 
+_FAR = "far from every training site"
+
+
 class ServiceError(CrossSiteError):
     """A request the service refuses as a whole (e.g. Grad-CAM asked of an ONNX export)."""
 
@@ -108,17 +111,23 @@ class _FileResult:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # "<name>: <warning>", each once
 
-    def warn(self, name: str, warnings: list[str]) -> None:
-        for w in warnings:
-            line = f"{name}: {w}"
-            if line not in self.warnings:
-                self.warnings.append(line)
+    def warnings(self) -> list[str]:
+        """Every row's warnings as ``"<name>: <warning>"``, each once; the slices of a series that is itself far
+        from the training sites are not each said to be (its volume row says it)."""
+        far = {v["name"] for v in self.volumes if v["ood"]}
+        lines: list[str] = []
+        for row in [*self.slices, *self.volumes]:
+            for w in row["warnings"]:
+                if row.get("volume") in far and w.startswith(_FAR):
+                    continue
+                if f"{row['name']}: {w}" not in lines:
+                    lines.append(f"{row['name']}: {w}")
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.name, "slices": self.slices, "volumes": self.volumes, "errors": self.errors,
-                "skipped": self.skipped, "warnings": self.warnings}
+                "skipped": self.skipped, "warnings": self.warnings()}
 
 
 def describe_normalisation(norm: str) -> str:
@@ -360,17 +369,13 @@ class Service:
         far from every training site."""
         found = r.warning.split("; ") if r.warning else []
         if r.ood:
-            found.append(f"far from every training site (ood_score {r.ood_score:.2f} > {self.direct.ood_threshold:g}):"
+            found.append(f"{_FAR} (ood_score {r.ood_score:.2f} > {self.direct.ood_threshold:g}):"
                          " the prediction may be unreliable")
         return found
 
     def _add(self, r: Record, tmp: Path, results: list[_FileResult], images: bool) -> None:
         result, name = self._where(r.path, tmp, results)
         warnings = self._warnings(r)
-        if r.kind in ("slice", "volume") and (r.kind == "volume" or r.volume is None or not r.ood):
-            result.warn(name, warnings)  # a series' slices far from the sites are said once, by its volume row
-        elif r.kind == "slice":
-            result.warn(name, [w for w in warnings if not w.startswith("far from every")])
         if r.kind == "slice":
             entry: dict[str, Any] = {"name": name, "frame": r.frame, "slice": r.slice, "p_covid": r.p_covid,
                                      "label": r.label, "warnings": warnings, "ood": r.ood, "ood_score": r.ood_score}
@@ -409,7 +414,7 @@ class Service:
                 "slices": sum(len(r.slices) for r in results),
                 "volumes": sum(len(r.volumes) for r in results),
                 "errors": sum(len(r.errors) for r in results),
-                "warnings": sum(len(r.warnings) for r in results),
+                "warnings": sum(len(r.warnings()) for r in results),
             },
             "notice": NOTICE,
         }
