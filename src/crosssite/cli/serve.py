@@ -86,7 +86,7 @@ def serve(
         typer.echo(f"warning: serving on {host} without a token: anyone who can reach this port can use the "
                    f"model; set {TOKEN_ENV} or --token", err=True)
     typer.echo(f"model {service.model_id} ({service.model_version}, {service.backend_name}, normalisation "
-               f"{service.direct.norm}); viewer at http://{host}:{port}/", err=True)
+               f"{service.direct.norm}); viewer at http://{host}:{sock.getsockname()[1]}/", err=True)
     _run(create_app(service, token=token or None, cors_origins=cors_origin), sock, protocol)
 
 
