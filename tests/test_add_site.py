@@ -186,3 +186,15 @@ def test_save_refuses_non_finite_weights(tmp_path):
     with pytest.raises(NonFiniteModelError, match="1 weight tensor"):
         models.save(model, tmp_path / "m", CARD)
     assert list(tmp_path.iterdir()) == []
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        next(model.parameters())[0].zero_()
+    models.save(model, tmp_path / "m", CARD)  # finite: written; then its weights replaced by hand, as elsewhere
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    with pytest.raises(NonFiniteModelError, match="m.safetensors: 1 weight tensor.* the model is broken"):
+        models.load(tmp_path / "m")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "m"), str(tmp_path / "m.json")])
+    assert result.exit_code == 1 and "NaN or infinite" in result.output and "Traceback" not in result.output

@@ -18,7 +18,8 @@ The card is a JSON object. `save` fills in what it knows about the network; the 
 A missing file, a card from another format version, unreadable JSON, a corrupt or truncated weights file,
 or weights that do not fit the card's architecture raise `crosssite.errors.CheckpointError` naming the file.
 `save` refuses a model with any non-finite weight or buffer (`NonFiniteModelError`) before writing anything:
-every writer of a model goes through it, so a diverged fine-tuning never leaves a model that predicts NaN.
+every writer of a model goes through it, so a diverged fine-tuning never leaves a model that predicts NaN;
+`load` refuses such a file written elsewhere.
 """
 
 from __future__ import annotations
@@ -156,4 +157,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
         raise CheckpointError(
             f"{weights_path}: weights do not fit {card['architecture']} ({state_mismatch(model.state_dict(), state)})"
         ) from exc
+    bad = non_finite_tensors(model)
+    if bad:  # written by an older crosssite, or by hand: it would predict NaN for every slice
+        raise NonFiniteModelError(f"{weights_path}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. "
+                                  f"{', '.join(bad[:3])}); the model is broken, train or add the site again")
     return model.to(map_location).eval(), card
