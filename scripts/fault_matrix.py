@@ -125,9 +125,17 @@ def make_fixtures(work: Path, data: Path) -> dict[str, Path]:
     shutil.copytree(site, broken)
     shutil.copy(bad / "truncated.png", broken / "covid" / "truncated.png")
     (work / "file").write_text("a file, not a folder\n")
+    from safetensors.torch import load_file, save_file
+
     from crosssite.pretrained import shipped_model
 
-    return {"model": shipped_model(), "site": site, "bad": bad, "mixed": mixed, "broken": broken, "work": work}
+    shipped = shipped_model()
+    state = load_file(f"{shipped}.safetensors")
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first].clone().fill_(float("nan"))  # as a diverged run of an older version wrote it
+    save_file(state, work / "nan.safetensors")
+    shutil.copy(f"{shipped}.json", work / "nan.json")
+    return {"model": shipped, "site": site, "bad": bad, "mixed": mixed, "broken": broken, "work": work}
 
 
 # ------------------------------------------------------------------------------------------------ runners
@@ -245,6 +253,7 @@ def cases(fx: dict[str, Path]) -> list[Case]:
         ("predict", "--out under a file", ["predict", m, w(site), "--out", w(work / "file" / "p.csv")], "error"),
         ("predict", "unknown --site", ["predict", m, w(site), "--site", "Z"], "error"),
         ("predict", "unknown --adapt-strategy", ["predict", m, w(site), "--adapt-strategy", "magic"], "error"),
+        ("predict", "model whose weights hold NaN", ["predict", w(work / "nan"), w(site / "covid" / GOOD_SLICE)], "error"),
         ("predict", "model that does not exist", ["predict", w(work / "nomodel.safetensors"), w(site)], "error"),
         # train
         ("train", "site that does not exist", ["train", "--site", f"A={work / 'missing'}", "--out", out + "-t1"], "error"),
