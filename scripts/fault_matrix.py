@@ -15,8 +15,7 @@ real slices of site A, and is classed as
 * ``unformatted``: a library's own warning or path reached the output.
 
 The table (markdown) goes to stdout or ``--out``; docs/RELIABILITY.md holds the latest one with the command and
-the machine that produced it. The review that found issue #31 reran a matrix like this one by hand; this script
-is the rerunnable form.
+the machine that produced it, so a review reruns the matrix instead of rebuilding it.
 """
 
 from __future__ import annotations
