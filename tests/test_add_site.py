@@ -156,3 +156,45 @@ def test_learning_curve_command_runs_on_a_tiny_setting(site_a_path, site_b_path,
     table = subprocess.run([sys.executable, str(REPO / "scripts" / "add_site_curve.py"), "table", "--out", str(out)],
                            capture_output=True, text=True, env=env, timeout=120)
     assert table.returncode == 0 and "| k |" in table.stdout
+
+
+def test_a_diverging_or_invalid_learning_rate_writes_no_model(base_model, hospital, tmp_path):
+    """``--lr 1e9`` drives the slot's weights to NaN: the one model writer refuses them (no file, a named line);
+    ``--lr nan`` is refused before any work; a missing folder is said to be missing."""
+    runner = CliRunner()
+    out = tmp_path / "diverged"
+    huge = runner.invoke(app, ["add-site", str(base_model), "--site", f"h={hospital}", "--labels", "folders",
+                               "--out", str(out), "--steps", "10", "--lr", "1e9"])
+    assert huge.exit_code == 1 and "NaN or infinite" in huge.output and "no model written" in huge.output
+    assert not out.with_suffix(".safetensors").exists() and not out.with_suffix(".json").exists()
+    nan = runner.invoke(app, ["add-site", str(base_model), "--site", f"h={hospital}", "--labels", "folders",
+                              "--out", str(out), "--lr", "nan"])
+    assert nan.exit_code == 1 and "--lr" in nan.output and "positive finite" in nan.output
+    missing = runner.invoke(app, ["add-site", str(base_model), "--site", f"new={tmp_path / 'missing'}",
+                                  "--out", str(out)])
+    assert missing.exit_code == 1 and "does not exist" in missing.output and "unreadable" not in missing.output
+    assert "Traceback" not in huge.output + nan.output + missing.output
+
+
+def test_save_refuses_non_finite_weights(tmp_path):
+    from crosssite.errors import NonFiniteModelError
+
+    torch.manual_seed(0)
+    model = models.create_model("covidnet_redesign", num_sites=2, norm="site", width=0.0625, image_size=32)
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("inf"))
+    with pytest.raises(NonFiniteModelError, match="1 weight tensor"):
+        models.save(model, tmp_path / "m", CARD)
+    assert list(tmp_path.iterdir()) == []
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        next(model.parameters())[0].zero_()
+    models.save(model, tmp_path / "m", CARD)  # finite: written; then its weights replaced by hand, as elsewhere
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    with pytest.raises(NonFiniteModelError, match="m.safetensors: 1 weight tensor.* the model is broken"):
+        models.load(tmp_path / "m")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "m"), str(tmp_path / "m.json")])
+    assert result.exit_code == 1 and "NaN or infinite" in result.output and "Traceback" not in result.output

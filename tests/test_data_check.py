@@ -83,3 +83,34 @@ def test_bad_sites_exit_1_with_one_line(tmp_path: Path, make_arg, message: str) 
     assert result.exit_code == 1
     assert result.stdout == ""
     assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_non_ct_dicom_is_named_and_refused_with_strict(tmp_path: Path, site_a_path: Path) -> None:
+    """An MR DICOM among the slices of a site: `data check` and `train` name the file and count it; --strict refuses
+    it (train: before any work)."""
+    import pydicom
+
+    from test_data_io import write_dicom
+
+    folder = tmp_path / "site"
+    for cls, name in (("covid", A_FILES[0]), ("normal", A_FILES[4])):
+        (folder / cls).mkdir(parents=True)
+        shutil.copy(site_a_path / name, folder / cls / Path(name).name)
+    hu = np.full((64, 64), -800, np.int16)
+    hu[20:40, 20:40] = 40
+    mr = write_dicom(folder / "normal" / "mr.dcm", hu)
+    ds = pydicom.dcmread(mr)
+    ds.Modality = "MR"
+    ds.save_as(mr, enforce_file_format=True)
+
+    report = json.loads(run(f"X={folder}", "--json").stdout)
+    assert report["sites"][0]["not_ct"] == [{"path": str(mr), "warning": "Modality MR, not CT: scored as if it were "
+                                                                           "a chest CT slice"}]
+    table = run(f"X={folder}")
+    assert table.exit_code == 0 and "in X, 1 DICOM file(s) may not be chest-CT slices" in table.stderr
+    assert f"{mr}: Modality MR, not CT" in table.stderr
+    strict = run(f"X={folder}", "--strict")
+    assert strict.exit_code == 1 and "--strict: 1 DICOM file(s) may not be chest-CT slices" in strict.stderr
+    trained = CliRunner().invoke(app, ["train", "--site", f"X={folder}", "--out", str(tmp_path / "run"), "--strict"])
+    assert trained.exit_code == 1 and f"{mr}: Modality MR, not CT" in trained.stderr
+    assert "error: --strict: 1 DICOM file(s)" in trained.stderr and not (tmp_path / "run").exists()

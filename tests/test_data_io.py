@@ -244,3 +244,56 @@ def test_volumes_in_a_folder_site_expand_per_slice(tmp_path: Path) -> None:
     site = load_site(f"V={tmp_path}")
     (report,) = check_sites([site])["sites"]
     assert [Path(p).name for p in report["unreadable"]] == ["broken.dcm"]
+
+
+# ------------------------------------------------------------------------------- what is refused, and how
+
+
+def test_files_that_are_not_dicom_say_so_at_once(tmp_path: Path) -> None:
+    """An empty, a zero-filled (20 MB) and a random-byte ``.dcm`` are "not a DICOM file" (read from the first 132
+    bytes, not parsed as millions of empty elements); a real DICOM without pixels "holds no pixel data"."""
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with open(tmp_path / "zeros.dcm", "wb") as f:
+        f.truncate(20 * 2**20)
+    (tmp_path / "random.dcm").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    for name in ("empty.dcm", "zeros.dcm", "random.dcm"):
+        with pytest.raises(ImageReadError, match=rf"{name}: not a DICOM file"):
+            read_image(tmp_path / name)
+        with pytest.raises(ImageReadError, match="not a DICOM file"):
+            num_frames(tmp_path / name)
+    ds = pydicom.dcmread(write_dicom(tmp_path / "ct.dcm", np.zeros((4, 4), np.int16)))
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopixels.dcm", enforce_file_format=True)
+    with pytest.raises(ImageReadError, match="holds no pixel data"):
+        read_image(tmp_path / "nopixels.dcm")
+
+
+def test_sizes_declared_past_the_limits_are_refused_before_decoding(tmp_path: Path) -> None:
+    """A 10000 x 10000 PNG gets our named error, not Pillow's DecompressionBombWarning; a DICOM declaring 4 GiB of
+    pixels (a few bytes stored) is refused from its header."""
+    import warnings
+
+    Image.new("1", (10000, 10000)).save(tmp_path / "huge.png")  # 100 megapixels in a few kB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any library warning fails the test
+        with pytest.raises(ImageReadError, match=r"huge.png: image of 10000 x 10000 pixels is larger than the limit"):
+            read_image(tmp_path / "huge.png")
+        with pytest.raises(ImageReadError, match="larger than the limit"):
+            inspect_image(tmp_path / "huge.png")
+    path = write_dicom(tmp_path / "bomb.dcm", np.zeros((2, 2), np.int16))
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 8192, 8192, 32
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageReadError, match=r"bomb.dcm: DICOM pixel data of 4096 MiB declared .* refused before"):
+        read_image(path, frame=0)
+
+
+def test_nifti_declaring_too_many_voxels_is_refused_from_its_header(tmp_path: Path) -> None:
+    header = nib.Nifti1Header()
+    header.set_data_shape((2048, 2048, 128))  # 512 M voxels declared; a few bytes of data on disk
+    header.set_data_dtype(np.int16)
+    path = tmp_path / "huge.nii"
+    with open(path, "wb") as f:
+        f.write(header.binaryblock + b"\0" * 4 + b"\0" * 64)
+    with pytest.raises(ImageReadError, match=r"huge.nii: NIfTI volume of shape \(2048, 2048, 128\) is larger"):
+        num_frames(path)

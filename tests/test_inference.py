@@ -215,12 +215,13 @@ def test_dicom_series_with_a_corrupt_file(model_path: Path, real: tuple, tmp_pat
     (tmp_path / "series" / "broken.dcm").write_bytes(b"garbage" * 20)
     records = Predictor.from_file(model_path).predict([tmp_path / "series", dicoms[1]])
     assert [(r.kind, Path(r.path).name, r.slice) for r in records] == [
+        ("error", "broken.dcm", None),  # not a DICOM file: known from its first bytes, so among the inputs that failed
         ("slice", "slice02.dcm", 0), ("slice", "slice01.dcm", 1), ("slice", "slice00.dcm", 2),
-        ("volume", "series", None), ("error", "broken.dcm", None),
+        ("volume", "series", None),
         ("slice", "slice01.dcm", None),  # a DICOM file given alone is a lone slice
     ]
-    assert records[3].n_slices == 3 and records[4].error
-    assert records[5].p_covid == pytest.approx(records[1].p_covid, abs=1e-6)
+    assert records[4].n_slices == 3 and records[0].error.startswith("not a DICOM file")
+    assert records[5].p_covid == pytest.approx(records[2].p_covid, abs=1e-6)
 
 
 def test_dicom_series_with_an_unreadable_header(model_path: Path, real: tuple, tmp_path: Path) -> None:

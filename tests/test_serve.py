@@ -107,7 +107,7 @@ def test_real_slices_of_both_sites_equal_predictor(client: TestClient, model_pat
     assert [r["label"] for r in rows] == [r.label for r in expected]
     assert np.std([r["p_covid"] for r in rows]) > 0.05  # the test model tells the slices apart
     assert answer["normalisation"] == "mean-of-sites+standardise" and answer["counts"] == {
-        "files": 8, "slices": 8, "volumes": 0, "errors": 0}
+        "files": 8, "slices": 8, "volumes": 0, "errors": 0, "warnings": 0}
     assert answer["model"]["id"] == "model" and answer["model"]["version"].startswith("sha256:")
     assert answer["model"]["backend"] == "pytorch" and "not a medical device" in answer["notice"]
     assert "cam_png" not in rows[0] and "image_png" not in rows[0]  # pixels only when asked for
@@ -233,7 +233,8 @@ def test_patient_attributes_never_in_response_or_log(client: TestClient, files: 
         response = post(client, parts, "?cam=true&images=true")
     assert response.status_code == 200
     answer = response.json()
-    assert answer["counts"] == {"files": 3, "slices": 4, "volumes": 1, "errors": 1}
+    assert {k: v for k, v in answer["counts"].items() if k != "warnings"} == {"files": 3, "slices": 4, "volumes": 1,
+                                                                             "errors": 1}
     assert answer["files"][2]["errors"][0]["name"] == "cut.dcm"
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert "scored 3 file(s)" in caplog.text
@@ -468,3 +469,34 @@ def test_cors_only_for_the_origins_given(model_path: Path) -> None:
         other = c.options("/v1/predict", headers={"Origin": "https://evil.example", **preflight})
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://pacs.example"
     assert "access-control-allow-origin" not in other.headers
+
+
+# --------------------------------------------------------------------------------- warnings, like the CLI
+
+
+def test_answer_carries_every_warning_the_cli_prints(client: TestClient, files: list[Path], tmp_path: Path) -> None:
+    """An MR DICOM and a 4 x 4 slice are scored with the CLI's warnings, per slice and per file; every slice
+    and volume row has ``ood`` / ``ood_score``, equal to `Predictor`'s."""
+    import pydicom
+
+    (mr,) = write_dicom_series(tmp_path / "mr", [read_image(files[0])[:120, :160]])
+    ds = pydicom.dcmread(mr)
+    ds.Modality = "MR"
+    ds.save_as(mr, enforce_file_format=True)
+    tiny = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 90, np.uint8)).save(tiny, format="PNG")
+    series = zip_bytes({p.name: p.read_bytes() for p in dicom_series(tmp_path / "series", files, n=3)})
+    answer = post(client, [("files", ("mr.dcm", mr.read_bytes())), ("files", ("tiny.png", tiny.getvalue())),
+                           ("files", ("ct.zip", series))] + upload(files[:1])).json()
+    mr_file, tiny_file, ct_file, real = answer["files"]
+    assert mr_file["slices"][0]["warnings"][0].startswith("Modality MR, not CT")
+    assert mr_file["warnings"][0].startswith("mr.dcm: Modality MR, not CT")
+    assert "below the minimum" in tiny_file["slices"][0]["warnings"][0]
+    assert tiny_file["warnings"] and tiny_file["warnings"][0].startswith("tiny.png: image of 4 x 4 pixels")
+    rows = [*slice_rows(answer), *ct_file["volumes"]]
+    assert all(isinstance(r["ood"], bool) and r["ood_score"] > 0 for r in rows)
+    for r in rows:  # the flag and its warning go together
+        assert r["ood"] == any(w.startswith("far from every training site") for w in r["warnings"])
+    assert not [w for w in real["slices"][0]["warnings"] if not w.startswith("far from")]
+    assert answer["counts"]["warnings"] == sum(len(f["warnings"]) for f in answer["files"]) >= 2
+    assert answer["ood_threshold"] > 0

@@ -91,6 +91,67 @@ def wait_for(driver: object, condition: str, timeout: float = 30.0) -> object:
     raise AssertionError(f"timed out waiting for: {condition}")
 
 
+def dark_fraction(png: Path) -> float:
+    """The share of a screenshot's pixels that are (near) black: the empty image stage is a black box."""
+    from PIL import Image
+
+    grey = np.asarray(Image.open(png).convert("L"))
+    return float((grey < 16).mean())
+
+
+def test_viewer_before_any_upload_shows_no_empty_panel_and_no_error(
+        browser: object, server: str, files: list[Path], tmp_path: Path) -> None:  # noqa: F811
+    """Before any upload the result panel stays hidden (no black box), the header asks for the token instead of
+    reporting an error, and once the token is in, says in words how scans are normalised; after an upload of a
+    4 x 4 image, the slice and its warning are on the page."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server)
+    wait_for(browser, "!document.getElementById('token-box').hidden")
+    line = browser.find_element(By.ID, "model-line").text
+    assert "not available" not in line and "missing bearer token" not in line and "token" in line
+    assert not browser.find_element(By.ID, "results").is_displayed()
+    assert not browser.find_element(By.ID, "stage").is_displayed()
+    before = tmp_path / "before.png"
+    browser.save_screenshot(str(before))
+    assert dark_fraction(before) < 0.01  # no empty black image stage
+
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#token-box button").click()
+    wait_for(browser, "document.getElementById('model-line').textContent.includes('covidnet_redesign')")
+    line = browser.find_element(By.ID, "model-line").text
+    assert "mean-of-sites" not in line and "+standardise" not in line
+    assert "average of the training hospitals' statistics" in line and "brightness and contrast" in line
+    assert not browser.find_element(By.ID, "results").is_displayed()
+
+    from PIL import Image
+
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.full((4, 4), 90, np.uint8)).save(tiny)
+    browser.find_element(By.ID, "files").send_keys(f"{files[0]}\n{tiny}")
+    wait_for(browser, "document.getElementById('status').textContent.includes('slice(s)')")
+    assert " 0 warning(s)" not in browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.ID, "results").is_displayed()
+    assert browser.find_element(By.ID, "warnings").is_displayed()
+    assert "tiny.png: image of 4 x 4 pixels" in browser.find_element(By.ID, "warning-list").text
+    buttons = browser.find_elements(By.CSS_SELECTOR, "#views button")
+    assert buttons[1].find_elements(By.CSS_SELECTOR, ".flag")  # the tiny image's entry is flagged
+    buttons[1].click()
+    assert "below the minimum" in browser.find_element(By.ID, "slice-warnings").text
+    assert "distance to the training sites" in browser.find_element(By.ID, "ood-line").text
+    buttons[0].click()
+    wait_for(browser, "document.getElementById('slice-img').complete && "
+                      "document.getElementById('slice-img').naturalWidth")
+    after = tmp_path / "after.png"
+    browser.save_screenshot(str(after))
+    rect = browser.execute_script("const r = document.getElementById('stage').getBoundingClientRect(); "
+                                  "return [r.left, r.top, r.right, r.bottom].map((v) => v * devicePixelRatio);")
+    from PIL import Image
+
+    stage = np.asarray(Image.open(after).convert("L").crop(tuple(int(v) for v in rect)))
+    assert stage.size > 300 * 300 and stage.std() > 20  # the slice (and its overlay) painted in the stage
+
+
 def test_viewer_uploads_a_real_slice_and_shows_probability_and_overlay(
         browser: object, server: str, model_path: Path, files: list[Path], tmp_path: Path) -> None:  # noqa: F811
     from selenium.webdriver.common.by import By
@@ -111,7 +172,12 @@ def test_viewer_uploads_a_real_slice_and_shows_probability_and_overlay(
 
     browser.find_element(By.ID, "files").send_keys(f"{slice_file}\n{nifti}")
     wait_for(browser, "document.getElementById('status').textContent.includes('slice(s)')")
-    assert "2 file(s): 7 slice(s), 1 series/volume(s), 0 error(s)" in browser.find_element(By.ID, "status").text
+    status = browser.find_element(By.ID, "status").text
+    assert "2 file(s): 7 slice(s), 1 series/volume(s), 0 error(s)" in status
+    # a slice far from the training sites is a warning, unless its whole volume is (then the volume's one says it)
+    far_volume = any(r.ood for r in expected if r.kind == "volume")
+    flagged = sum(bool(r.ood) for r in expected if r.kind == "slice" and not (far_volume and r.volume))
+    assert f" {flagged + far_volume} warning(s)" in status
 
     # the real slice: its probability and its Grad-CAM overlay
     assert browser.find_element(By.ID, "view-title").text == slice_file.name

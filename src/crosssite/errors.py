@@ -31,6 +31,11 @@ class CheckpointError(CrossSiteError):
     """A model or checkpoint file that is corrupt, truncated, or from an incompatible version."""
 
 
+class NonFiniteModelError(CheckpointError):
+    """A model whose weights or buffers hold a NaN or an infinity: refused by `crosssite.models.save`, so no
+    writer (training, add-site, adaptation) can leave a broken model file behind."""
+
+
 class OutputError(CrossSiteError):
     """An output that cannot be written: not a directory, permission, read-only file system, full disk, quota.
 

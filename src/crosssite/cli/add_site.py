@@ -56,6 +56,8 @@ def _new_site_slices(name: str, root: Path, labels: str, preprocess):
     """(unlabelled images, None) or (None, labelled slices) of the new site, as ``--labels`` says."""
     from crosssite.training.add_site import decode_site
 
+    if not root.exists():
+        raise CrossSiteError(f"{root}: the new site's folder (--site {name}=...) does not exist")
     mode = labels
     if mode == "auto":
         mode = "folders" if any((root / d).is_dir() for d in ("COVID", "CT_COVID", "covid")) else "none"

@@ -1,10 +1,11 @@
 """``crosssite data ...``: commands that inspect sites.
 
-    crosssite data check SITE... [--json] [--allow-unreadable] [--split RUN/split.json]
+    crosssite data check SITE... [--json] [--allow-unreadable] [--strict] [--split RUN/split.json]
 
 SITE is ``NAME=PATH[:LAYOUT]`` (``NAME=synthetic[:shift=0.5,n=200,seed=0,size=256]`` for a built-in
 synthetic site). Bad input (missing path, unknown layout, empty site...) gives a one-line message on stderr
-and exit status 1; so does a check that found unreadable files (unless ``--allow-unreadable``).
+and exit status 1; so does a check that found unreadable files (unless ``--allow-unreadable``), and with
+``--strict`` one that found DICOM files that may not be chest-CT slices (MR, RT dose, localizers...).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from pathlib import Path
 import typer
 
 from crosssite.cli.app import app, fail
-from crosssite.data.groups import NEAR_DUPLICATE_BITS
-from crosssite.data.io import MIN_IMAGE_SIDE
 from crosssite.errors import CrossSiteError
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect sites: classes, patients, formats, bad files, duplicates.")
@@ -27,6 +26,9 @@ app.add_typer(data_app, name="data")
 def _print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from crosssite.data.groups import NEAR_DUPLICATE_BITS
+    from crosssite.data.io import MIN_IMAGE_SIDE
 
     table = Table(title="sites")
     for column in ("site", "layout", "COVID", "non-COVID", "patients", "formats", "modes", "width", "height",
@@ -79,6 +81,18 @@ def _print_report(report: dict) -> None:
                           f"starting with '.', Thumbs.db, desktop.ini), e.g. {s['ignored'][0]}", markup=False)
 
 
+def not_ct_lines(site_name: str, found: list[dict[str, str]], shown: int = 5) -> list[str]:
+    """Warning lines naming a site's DICOM files that may not be chest-CT slices, and how many there are."""
+    if not found:
+        return []
+    lines = [f"warning: in {site_name}, {len(found)} DICOM file(s) may not be chest-CT slices; training would use "
+             "them as CT (--strict refuses them):"]
+    lines += [f"  {f['path']}: {f['warning']}" for f in found[:shown]]
+    if len(found) > shown:
+        lines.append(f"  ... and {len(found) - shown} more (--json lists every one)")
+    return lines
+
+
 def _add_ignored(report: dict, sites: list) -> None:
     """Each site's hidden and system files (skipped on purpose) as ``ignored`` in its report."""
     from crosssite.data.sites import ignored_files
@@ -111,6 +125,8 @@ def check(
     split: Path | None = typer.Option(
         None, "--split", help="A run's split.json: count the near-duplicate slices between its parts."
     ),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a DICOM file may not be a chest-CT slice "
+                                "(Modality MR, RT dose, ..., a localizer or non-axial slice)."),
 ) -> None:
     """Count classes and patients, list formats, modes, sizes, unreadable files and duplicate images.
 
@@ -131,6 +147,14 @@ def check(
         typer.echo(json.dumps(report, indent=1))
     else:
         _print_report(report)
+        for s in report["sites"]:
+            for line in not_ct_lines(s["name"], s["not_ct"]):
+                typer.echo(line, err=True)
+    not_ct = {s["name"]: len(s["not_ct"]) for s in report["sites"] if s["not_ct"]}
+    if strict and not_ct:
+        shown = ", ".join(f"{n} in {name}" for name, n in not_ct.items())
+        raise fail(f"--strict: {sum(not_ct.values())} DICOM file(s) may not be chest-CT slices ({shown}), listed "
+                   "above; remove them from the sites")
     bad = {s["name"]: len(s["unreadable"]) + len(s["too_small"]) for s in report["sites"]
            if s["unreadable"] or s["too_small"]}
     if bad and not allow_unreadable:

@@ -56,11 +56,14 @@ def train_command(
         False, "--skip-bad", help="Skip unreadable images (listed in DIR/skipped.json) instead of stopping."
     ),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine (via torchrun)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse DICOM files that may not be chest-CT slices "
+                                "(Modality MR, RT dose, ..., localizer, non-axial) instead of warning."),
 ) -> None:
     """Train a method on sites; write the run directory and print per-site test metrics."""
     set_ = [*(set_ or []), *(["skip_bad=true"] if skip_bad else [])]
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        args = _cli_args(site or [], method, backbone, out, config, set_ or [], resume, quiet)
+        args = _cli_args(site or [], method, backbone, out, config, set_ or [], resume, quiet) + (
+            ["--strict"] if strict else [])
         raise typer.Exit(_launch(nproc, args))
     try:
         if resume is not None and out is not None and resume.resolve() != out.resolve():
@@ -68,7 +71,7 @@ def train_command(
         out = resume if resume is not None else out
         if out is None:
             raise CrossSiteError("missing --out DIR (or --resume DIR to continue a run)")
-        metrics = _run(site or [], method, backbone, out, config, set_ or [], resume is not None, not quiet)
+        metrics = _run(site or [], method, backbone, out, config, set_ or [], resume is not None, not quiet, strict)
     except CrossSiteError as error:
         raise fail(error) from None
     if int(os.environ.get("RANK", 0)) == 0:
@@ -97,7 +100,7 @@ def _launch(nproc: int, args: list[str]) -> int:
 
 def _run(
     specs: list[str], method: str | None, backbone: str | None, out: Path, config_file: Path | None,
-    overrides: list[str], resume: bool, progress: bool,
+    overrides: list[str], resume: bool, progress: bool, strict: bool = False,
 ) -> dict[str, Any]:
     from crosssite.data import load_sites
     from crosssite.training import load_config, train
@@ -117,7 +120,24 @@ def _run(
     sites = load_sites(specs) if specs else (read_sites(out) if resume else None)
     if not sites:
         raise CrossSiteError("no site given: use --site NAME=PATH (at least one)")
+    _check_non_ct(sites, strict)
     return train(config, sites, out, resume=resume, progress=progress)
+
+
+def _check_non_ct(sites: list[Any], strict: bool) -> None:
+    """Name the DICOM files that may not be chest-CT slices (once, on rank 0); refuse them with ``strict``."""
+    from crosssite.cli.data import not_ct_lines
+    from crosssite.data.check import dicom_warnings
+
+    found = {site.name: dicom_warnings(site) for site in sites}
+    if int(os.environ.get("RANK", 0)) == 0:
+        for name, files in found.items():
+            for line in not_ct_lines(name, files):
+                typer.echo(line, err=True)
+    total = sum(len(files) for files in found.values())
+    if strict and total:
+        raise CrossSiteError(f"--strict: {total} DICOM file(s) may not be chest-CT slices (listed above); remove "
+                             "them from the sites")
 
 
 def _fmt(value: float | None) -> str:

@@ -7,6 +7,7 @@
                 "shortcuts": [{"attribute", "value", "class", "count", "fraction"}, ...],
                 "width": [min, max], "height": [min, max],
                 "unreadable": [path, ...], "errors": [{"path", "frame", "reason"}], "too_small": [path, ...],
+                "not_ct": [{"path", "warning"}, ...],
                 "duplicates": n, "duplicate_groups": [[path, ...], ...]}, ...],
      "cross_site_duplicates": [[{"site", "path"}, ...], ...]}
 
@@ -23,6 +24,11 @@ a split that tests on slices whose twins it trained on shows it here.
 or colour mode found in one class only, covering at least `SHORTCUT_FRACTION` of the site's readable slices
 (site B: every COVID slice is PNG, 202 of 397 non-COVID slices are JPEG, 179 of them RGB). A model can learn such
 a cue (compression artefacts, colour) instead of the disease.
+
+``not_ct`` lists the DICOM files that may not be chest-CT slices (`crosssite.data.io.input_warnings`: a Modality
+other than CT such as MR or an RT dose map, a localizer, a non-axial slice), read from their headers only
+(`dicom_warnings`); training would use them as CT slices, so `data check` and `train` name them and ``--strict``
+refuses them.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from crosssite.data.groups import group_sizes, near_duplicate_pairs, site_hashes, straddling_pairs
-from crosssite.data.io import MIN_IMAGE_SIDE, ImageInfo, inspect_image
+from crosssite.data.io import MIN_IMAGE_SIDE, ImageInfo, image_kind, input_warnings, inspect_image
 from crosssite.data.sites import Sample, Site
 from crosssite.data.splits import groups_of
 from crosssite.errors import ImageReadError
 
-__all__ = ["SHORTCUT_FRACTION", "check_sites", "sample_name", "class_shortcuts", "near_duplicate_report", "split_parts"]
+__all__ = ["SHORTCUT_FRACTION", "check_sites", "dicom_warnings", "sample_name", "class_shortcuts",
+           "near_duplicate_report", "split_parts"]
 
 SHORTCUT_FRACTION = 0.05
 _CLASS_NAMES = ("non-COVID", "COVID")
@@ -80,6 +87,14 @@ def class_shortcuts(per_class: dict[str, dict[str, dict[str, int]]], min_fractio
                     out.append({"attribute": attribute, "value": value, "class": cls, "count": n,
                                 "fraction": round(n / total, 4)})
     return out
+
+
+def dicom_warnings(site: Site, threads: int | None = None) -> list[dict[str, str]]:
+    """Each DICOM file of ``site`` that may not be a chest-CT slice, once per file: ``{"path", "warning"}``."""
+    paths = list(dict.fromkeys(s.path for s in site.samples if image_kind(s.path) == "dicom"))
+    with ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1)) as pool:
+        found = list(pool.map(input_warnings, paths))
+    return [{"path": str(p), "warning": "; ".join(w)} for p, w in zip(paths, found) if w]
 
 
 def _site_report(site: Site, results: Sequence[ImageInfo | ImageReadError]) -> dict:
@@ -157,7 +172,8 @@ def check_sites(sites: Sequence[Site], threads: int | None = None, splits: dict 
     with ThreadPoolExecutor(threads) as pool:
         for site in sites:
             results = list(pool.map(_inspect, site.samples))
-            reports.append(_site_report(site, results) | near_duplicate_report(site, splits))
+            reports.append({**_site_report(site, results), **near_duplicate_report(site, splits),
+                            "not_ct": dicom_warnings(site, threads)})
             for sample, r in zip(site.samples, results):
                 if isinstance(r, ImageInfo):
                     owners[r.digest].append({"site": site.name, "path": sample_name(sample)})

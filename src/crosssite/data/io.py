@@ -45,6 +45,9 @@ __all__ = [
     "ImageInfo",
     "inspect_image",
     "MIN_IMAGE_SIDE",
+    "MAX_IMAGE_PIXELS",
+    "MAX_DICOM_PIXEL_BYTES",
+    "MAX_VOLUME_VOXELS",
     "check_image_size",
     "too_small",
     "input_warnings",
@@ -58,6 +61,19 @@ LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 
 MIN_AIR_HU = -500.0
 """A chest CT slice in Hounsfield units holds air (about -1000 outside the body, -850 in the lungs) below this."""
+
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Most pixels of one 2D image (or one frame) read: far above any CT slice (512 x 512 to 2048 x 2048), below what
+lets a small compressed file (a "decompression bomb") take gigabytes of memory and minutes to decode. Checked
+from the header, before any pixel is decoded."""
+
+MAX_DICOM_PIXEL_BYTES = 2**30
+"""Most bytes of decoded pixel data (rows x columns x frames x samples x bits) one DICOM file may declare: a
+2000-frame 512 x 512 16-bit file. Checked from the header, before the pixel data is decoded."""
+
+MAX_VOLUME_VOXELS = 2**28
+"""Most voxels of one NIfTI volume read (1 GiB as float32; a 600-slice 512 x 512 series is 157 M), checked from its
+header before the data is decompressed."""
 
 MIN_IMAGE_SIDE = 8
 """Fewest pixels along either side of an image that is trained on, evaluated, or predicted without a warning:
@@ -148,10 +164,26 @@ def _pil_to_grey(img) -> np.ndarray:
     raise ValueError(f"unsupported image mode {mode}")
 
 
-def _read_pil(path: Path, frame: int | None) -> np.ndarray:
+def _open_pil(path: Path):
+    """``Image.open`` with our own size limit, checked from the header: a named error instead of Pillow's
+    DecompressionBombWarning (a library path on stderr), whose threshold lies above `MAX_IMAGE_PIXELS`."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as img:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise ValueError(f"image of {width} x {height} pixels is larger than the limit of "
+                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels for a CT slice; refused before decoding")
+    return img
+
+
+def _read_pil(path: Path, frame: int | None) -> np.ndarray:
+    with _open_pil(path) as img:
         if frame:
             img.seek(frame)
         img.load()
@@ -203,10 +235,39 @@ def _dicom_num_frames(ds) -> int:
     return int(ds.get("NumberOfFrames", 1) or 1)
 
 
+_DICOM_GROUPS = (0x0002, 0x0008)  # the first group of a DICOM data set written without the 128-byte preamble
+
+
+def _dicom_header(path: Path):
+    """The data set up to its pixel data; "not a DICOM file" for a file with neither the DICM marker nor a DICOM
+    group first (an empty, zero-filled or random file: pydicom's forced reading would parse zeros as millions of
+    empty elements), and a pixel data size past `MAX_DICOM_PIXEL_BYTES` refused before anything is decoded."""
+    import pydicom
+
+    with open(path, "rb") as f:
+        head = f.read(132)
+    raw_group = int.from_bytes(head[:2], "little") if len(head) >= 2 else -1
+    if head[128:132] != b"DICM" and raw_group not in _DICOM_GROUPS and raw_group not in (0x0200, 0x0800):
+        raise ValueError("not a DICOM file (no DICM marker and no DICOM header)"
+                         if head else "not a DICOM file (empty, 0 bytes)")
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows * columns > MAX_IMAGE_PIXELS:
+        raise ValueError(f"DICOM image of {columns} x {rows} pixels is larger than the limit of "
+                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; refused before decoding")
+    declared = (rows * columns * _dicom_num_frames(ds) * int(ds.get("SamplesPerPixel", 1) or 1)
+                * int(ds.get("BitsAllocated", 16) or 16) // 8)
+    if declared > MAX_DICOM_PIXEL_BYTES:
+        raise ValueError(f"DICOM pixel data of {declared / 2**20:.0f} MiB declared ({columns} x {rows} x "
+                         f"{_dicom_num_frames(ds)} frames), more than the limit of {MAX_DICOM_PIXEL_BYTES / 2**20:.0f}"
+                         " MiB; refused before decoding")
+    return ds
+
+
 def _read_dicom(path: Path, frame: int | None, window: tuple[float, float] | None) -> np.ndarray:
     import pydicom
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    ds = _dicom_header(path)
     n = _dicom_num_frames(ds)
     if n > 1:
         if frame is None:
@@ -230,7 +291,11 @@ def _nifti_volume(path: Path):
     """The canonical (RAS+) image, and its shape as 3D (a 2D image gets a slice axis of 1)."""
     import nibabel as nib
 
-    img = nib.as_closest_canonical(nib.load(str(path)))
+    loaded = nib.load(str(path))  # the header only: the data stays on disk until asked for
+    if int(np.prod(loaded.shape[:3], dtype=np.int64)) > MAX_VOLUME_VOXELS:
+        raise ValueError(f"NIfTI volume of shape {tuple(loaded.shape[:3])} is larger than the limit of "
+                         f"{MAX_VOLUME_VOXELS / 2**20:.0f} M voxels; refused before decoding")
+    img = nib.as_closest_canonical(loaded)
     shape = img.shape
     if len(shape) == 2:
         shape = (*shape, 1)
@@ -272,6 +337,7 @@ def _load_volume(path: str, kind: str, size: int, mtime_ns: int):
         return np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     import pydicom
 
+    _dicom_header(path)
     ds = pydicom.dcmread(path, force=True)
     if "PixelData" not in ds:
         raise ValueError("DICOM file holds no pixel data")
@@ -373,12 +439,10 @@ def _image_size(path: Path, kind: str) -> tuple[int, int] | None:
     if kind == "pil":
         from PIL import Image
 
-        with Image.open(path) as img:
+        with _open_pil(path) as img:
             return img.size
     if kind == "dicom":
-        import pydicom
-
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = _dicom_header(path)
         return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
     shape = _nifti_volume(path)[1]
     return shape[0], shape[1]
@@ -393,9 +457,7 @@ def input_warnings(path: Path | str) -> list[str]:
     found = []
     try:
         if kind == "dicom":
-            import pydicom
-
-            found += _dicom_header_warnings(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+            found += _dicom_header_warnings(_dicom_header(path))
         size = _image_size(path, kind) if kind is not None else None
     except Exception:  # the read itself reports it
         return found
@@ -412,9 +474,7 @@ def num_frames(path: Path | str) -> int | None:
         return None
     try:
         if kind == "dicom":
-            import pydicom
-
-            n = _dicom_num_frames(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+            n = _dicom_num_frames(_dicom_header(path))
         else:
             n = _nifti_volume(path)[1][2]
     except Exception as e:
@@ -440,12 +500,10 @@ def read_volume(
 
 def dicom_series_order(files: list[Path]) -> list[Path]:
     """Sort the files of a DICOM series along the patient axis (position, else instance number, else name)."""
-    import pydicom
-
     keys = []
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            ds = _dicom_header(f)
         except Exception as e:
             raise _fail(f, e) from e
         position = ds.get("ImagePositionPatient")
@@ -492,7 +550,7 @@ def _inspect(path: Path, frame: int | None, window: tuple[float, float] | None) 
     if kind == "pil":
         from PIL import Image
 
-        with Image.open(path) as img:
+        with _open_pil(path) as img:
             if frame:
                 img.seek(frame)
             img.load()

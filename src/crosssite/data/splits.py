@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from crosssite.data.groups import pseudo_patients
 from crosssite.data.sites import SPLIT_PARTS, Site
@@ -87,6 +86,8 @@ def groups_of(site: Site) -> np.ndarray:
 
 def _kfold(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     """Test indices of ``k`` stratified, grouped folds of ``labels``."""
+    from sklearn.model_selection import StratifiedGroupKFold  # here: predicting needs no sklearn
+
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = [test for _, test in splitter.split(np.zeros(len(labels)), labels, groups)]
     return [np.sort(f).astype(np.int64) for f in folds]

@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-from scipy.special import expit
 
 from crosssite.errors import SiteError
 from crosssite.ioutil import cache_root
@@ -105,6 +103,8 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
 
 def _paint_vessels(rng: np.random.Generator, size: int, hila: list[tuple[float, float]]) -> np.ndarray:
     """Branching vessel tree from each hilum plus vessel cross-sections, as a blurred density map."""
+    from scipy import ndimage  # imported where used: reading and predicting never need scipy
+
     t = np.linspace(0.0, 1.0, 48)[None, :]  # position along a vessel, (1, 48)
     rows, cols, weights = [], [], []
     for hx, hy in hila:
@@ -140,6 +140,9 @@ def _lesions(
     rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lungs: np.ndarray, count: int, kinds: tuple[str, ...]
 ) -> np.ndarray:
     """Sum of ground-glass (faint, large, ragged) and consolidation (dense, smaller) blobs in the lungs."""
+    from scipy import ndimage
+    from scipy.special import expit
+
     size = x.shape[0]
     rough = ndimage.gaussian_filter(rng.standard_normal((size, size)).astype(np.float32), sigma=size / 40)
     rough /= rough.std() + 1e-6
@@ -165,6 +168,8 @@ def _lesions(
 def render_slice(rng: np.random.Generator, anatomy: dict[str, float], covid: bool, size: int, z: float) -> np.ndarray:
     """One clean slice (before the scanner model), float32 (size, size) in [0, 1]; ``z`` in [-1, 1] moves
     the slice along the patient axis (lungs grow and shrink a little)."""
+    from scipy import ndimage
+
     a = anatomy
     x, y = _grid(size)
     scale = 1.0 - 0.08 * z * z
@@ -206,6 +211,8 @@ def render_slice(rng: np.random.Generator, anatomy: dict[str, float], covid: boo
 def scanner(rng: np.random.Generator, image: np.ndarray, shift: float) -> np.ndarray:
     """Render a clean slice as a scanner of the given ``shift`` would: resolution, blur, gamma, contrast,
     brightness and noise all degrade or move with ``shift``."""
+    from scipy import ndimage
+
     size = image.shape[0]
     if shift > 0:
         low = max(16, int(round(size / (1.0 + 0.75 * shift))))

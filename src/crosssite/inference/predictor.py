@@ -504,10 +504,13 @@ class Predictor:
             images = torch.stack([inputs[i] for i in good])  # (B, 3, S, S)
             model = getattr(self.backend, "model", None)
             raw_shift = None
-            if self.adapt == "standardise":  # the distance to the known sites is of the slices as they came
+            # the distance to the known sites is of the slices as they came, measured here when the forward pass
+            # sees other inputs (standardised ones) or runs in another thread (the server's micro-batcher)
+            if self.adapt == "standardise" or not isinstance(self.backend, TorchBackend):
                 raw_shift = FirstNormShift(model, len(self.site_names))
                 if model is not None:
                     raw_shift.measure(model, images.to(self.device))
+            if self.adapt == "standardise":
                 images = standardise_images(images)
             cams: list[Path | None] = [None] * len(good)
             # the distance to the known sites, read in the forward pass at the first norm layer's input

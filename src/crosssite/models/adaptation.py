@@ -18,6 +18,7 @@ normalisation layer (the output of the shared stem convolution, before anything 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -129,6 +130,8 @@ class FirstNormShift:
     with m_ic, v_ic image i's mean and variance of channel c over its pixels; the score is min_s d_s(i). The
     first term measures a shifted brightness, the second a changed contrast or texture (a log-ratio of
     variances). A model without batch norm (or None, an ONNX backend) gives no score (`scores` stays None).
+    Only forward passes of the thread that entered it are read, so threads sharing one model (the server's
+    requests) each measure their own slices.
     """
 
     def __init__(self, model: nn.Module | None, num_known: int) -> None:
@@ -137,6 +140,7 @@ class FirstNormShift:
         self.num_known = num_known
         self.scores: Tensor | None = None
         self._handle = None
+        self._thread: int | None = None
 
     @torch.no_grad()
     def measure(self, model: nn.Module, images: Tensor) -> Tensor | None:
@@ -153,6 +157,7 @@ class FirstNormShift:
 
     def __enter__(self) -> FirstNormShift:
         if self.norm is not None:
+            self._thread = threading.get_ident()
             self._handle = self.norm.register_forward_hook(self._hook)
         return self
 
@@ -169,7 +174,7 @@ class FirstNormShift:
     @torch.no_grad()
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         x = args[0].float()
-        if x.dim() != 4:
+        if x.dim() != 4 or threading.get_ident() != self._thread:
             return
         m = x.mean(dim=(2, 3))  # (B, C)
         v = x.var(dim=(2, 3), unbiased=False).clamp_min(1e-8)

@@ -17,6 +17,9 @@ The card is a JSON object. `save` fills in what it knows about the network; the 
 
 A missing file, a card from another format version, unreadable JSON, a corrupt or truncated weights file,
 or weights that do not fit the card's architecture raise `crosssite.errors.CheckpointError` naming the file.
+`save` refuses a model with any non-finite weight or buffer (`NonFiniteModelError`) before writing anything:
+every writer of a model goes through it, so a diverged fine-tuning never leaves a model that predicts NaN;
+`load` refuses such a file written elsewhere.
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 import crosssite
-from crosssite.errors import CheckpointError, CrossSiteError
+from crosssite.errors import CheckpointError, CrossSiteError, NonFiniteModelError
 from crosssite.ioutil import atomic_write_bytes, atomic_write_text
 from crosssite.models.registry import create_model
 
-__all__ = ["FORMAT_VERSION", "save", "load", "model_paths", "state_mismatch"]
+__all__ = ["FORMAT_VERSION", "save", "load", "model_paths", "non_finite_tensors", "state_mismatch"]
 
 FORMAT_VERSION = 1
 _DEFAULT_STEM = "model"
@@ -50,6 +53,12 @@ def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding a NaN or an infinity."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def save(model: nn.Module, path: str | os.PathLike, card: dict[str, Any] | None = None) -> tuple[Path, Path]:
@@ -69,8 +78,13 @@ def save(model: nn.Module, path: str | os.PathLike, card: dict[str, Any] | None 
         num_sites=num_sites,
     )
     text = json.dumps(card, indent=2, sort_keys=True, default=str)  # fails before anything is written
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights_path, card_path = model_paths(path)
+    bad = non_finite_tensors(model)
+    if bad:
+        raise NonFiniteModelError(
+            f"{weights_path}: not written: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. "
+            f"{', '.join(bad[:3])}); the training diverged (try a lower learning rate)")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = safetensors_bytes(tensors, metadata={"format_version": str(FORMAT_VERSION)})
     atomic_write_bytes(weights_path, data, "model weights")  # through Python's I/O: a full disk is an OutputError
     atomic_write_text(card_path, text + "\n", "model card")
@@ -143,4 +157,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
         raise CheckpointError(
             f"{weights_path}: weights do not fit {card['architecture']} ({state_mismatch(model.state_dict(), state)})"
         ) from exc
+    bad = non_finite_tensors(model)
+    if bad:  # written by an older crosssite, or by hand: it would predict NaN for every slice
+        raise NonFiniteModelError(f"{weights_path}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. "
+                                  f"{', '.join(bad[:3])}); the model is broken, train or add the site again")
     return model.to(map_location).eval(), card

@@ -12,13 +12,16 @@ and a request slot taken *before* the body is read, so neither an unauthenticate
 server receives uploads; a body over the size limit is refused from its Content-Length, or as soon as more
 bytes arrive than the limit allows; receiving plus scoring is bounded by the request timeout (504); CORS is off
 unless origins are given; responses carry ``Cache-Control: no-store``, ``nosniff`` and a strict Content
-Security Policy (except the OpenAPI pages, whose Swagger UI comes from a CDN). Logs hold counts and timings,
-never file names, pixels or DICOM attributes.
+Security Policy (except the OpenAPI pages, whose Swagger UI comes from a CDN). A credential in the query string
+is refused and blanked before the access log sees it. Logs hold counts and timings, never file names, pixels,
+DICOM attributes or tokens.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -54,6 +57,28 @@ _UPLOAD_SCHEMA = {
         }}},
     }
 }
+
+
+_CREDENTIAL = re.compile(rb"(?i)(^|&)((?:access_?)?token|api_?key|key|auth|authorization|bearer|password|secret)"
+                         rb"=([^&]*)")
+
+
+class NoCredentialsInURL:
+    """ASGI middleware: a query string carrying a credential (``?token=...``, ``api_key``, ...) is refused (400),
+    and its value is blanked in the request's scope first, so the access log (which prints the scope's query
+    string after the response) never holds it. URLs end up in logs, proxies and browser history."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = scope.get("query_string", b"") if scope["type"] == "http" else b""
+        if not _CREDENTIAL.search(query):
+            await self.app(scope, receive, send)
+            return
+        scope["query_string"] = _CREDENTIAL.sub(rb"\1\2=[redacted]", query)
+        detail = "credentials in the URL are refused: send the token as the header 'Authorization: Bearer TOKEN'"
+        await JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
 
 
 class BodyLimit:
@@ -102,6 +127,7 @@ def create_app(service: Service, *, token: str | None = None, cors_origins: Sequ
     app = FastAPI(title="crosssite serve", version=crosssite.__version__, lifespan=lifespan,
                   description=f"P(COVID) of chest-CT slices and scans. {NOTICE}")
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
+    app.add_middleware(NoCredentialsInURL)  # added last: runs first, before anything else sees the URL
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization"])
@@ -141,9 +167,9 @@ def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]
     """``POST /v1/predict``: admitted into the bounded queue, read within the timeout, scored in a thread."""
     limits = service.limits
 
-    def score(uploads: list[Upload], cam: bool, images: bool) -> dict[str, Any]:
+    def score(uploads: list[Upload], cam: bool, images: bool, cancel: threading.Event) -> dict[str, Any]:
         try:
-            return service.predict(uploads, cam=cam, images=images)
+            return service.predict(uploads, cam=cam, images=images, cancel=cancel)
         finally:
             service.release()
 
@@ -159,6 +185,7 @@ def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]
             raise HTTPException(503, "server busy: too many requests waiting; retry later",
                                 headers={"Retry-After": str(limits.retry_after_s)})
         handed_over = False
+        cancel = threading.Event()  # set when this handler ends, however: a timed-out request's work stops too
         try:
             with anyio.fail_after(limits.timeout_s):
                 form = await request.form(max_files=limits.max_files, max_fields=16)
@@ -168,7 +195,7 @@ def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]
                         raise HTTPException(400, "no files uploaded: send slices, DICOM, zip or NIfTI files as "
                                                  "the multipart form field 'files'")
                     handed_over = True
-                    return await anyio.to_thread.run_sync(partial(score, uploads, cam, images),
+                    return await anyio.to_thread.run_sync(partial(score, uploads, cam, images, cancel),
                                                           abandon_on_cancel=True)
                 finally:
                     await form.close()
@@ -177,6 +204,7 @@ def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]
         except CrossSiteError as e:
             raise HTTPException(400, str(e)) from None
         finally:
+            cancel.set()
             if not handed_over:
                 service.release()
 

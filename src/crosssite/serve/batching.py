@@ -132,10 +132,13 @@ class MicroBatcher:
 
 
 class BatchedBackend:
-    """The backend interface of `Predictor` (``probabilities``), answered through a `MicroBatcher`."""
+    """The backend interface of `Predictor` (``probabilities``), answered through a `MicroBatcher`; ``model``: the
+    PyTorch network behind it (None for ONNX), which `Predictor` reads each request's out-of-distribution score
+    from in the request's own thread."""
 
-    def __init__(self, batcher: MicroBatcher) -> None:
+    def __init__(self, batcher: MicroBatcher, model: torch.nn.Module | None = None) -> None:
         self.batcher = batcher
+        self.model = model
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         return self.batcher.submit(images)

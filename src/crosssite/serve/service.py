@@ -14,6 +14,12 @@ Each request is scored by `Predictor` on files written to a private folder (`cro
 forward passes merged with those of concurrent requests (`crosssite.serve.batching`); Grad-CAM requests run
 the PyTorch model directly (they need a gradient). The answer names files only by the names the client gave,
 holds no pixel data unless overlays or slice images were asked for, and no DICOM attributes at all.
+
+A request's work stops when its ``cancel`` event is set (the HTTP layer sets it at the request timeout): storing
+and extraction check it between chunks, scoring before every forward pass (each batch of decoded slices), so a
+timed-out upload does not keep decoding. Request folders live in the service's own temporary folder, created by
+`Service.start` and removed by `Service.stop` (which first cancels every request still running), so a stopped
+server (SIGTERM included) leaves no uploads behind.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import hashlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -40,7 +48,15 @@ from crosssite.errors import CrossSiteError
 from crosssite.inference import InferenceError, Predictor, Record
 from crosssite.inference.predictor import TorchBackend
 from crosssite.serve.batching import BatchedBackend, MicroBatcher
-from crosssite.serve.uploads import UploadError, display_name, extract_zip, is_zip, request_folder, save_upload
+from crosssite.serve.uploads import (
+    UploadError,
+    check_cancel,
+    display_name,
+    extract_zip,
+    is_zip,
+    request_folder,
+    save_upload,
+)
 
 __all__ = ["Limits", "Upload", "Service", "ServiceError", "NOTICE"]
 
@@ -48,6 +64,9 @@ log = logging.getLogger("crosssite.serve")
 
 NOTICE = "Research tool, not a medical device: not for diagnosis or treatment decisions."
 MiB = 2**20
+
+
+_FAR = "far from every training site"
 
 
 class ServiceError(CrossSiteError):
@@ -58,11 +77,12 @@ class ServiceError(CrossSiteError):
 class Limits:
     """What one request may send and how long it may take; every figure is configurable (`crosssite serve`)."""
 
+    # sized to a CT series: 600 slices of 512 x 512 at 16 bits are 315 MB uncompressed
     max_upload_bytes: int = 512 * MiB  # request body
     max_files: int = 64  # uploaded files per request
-    max_unzipped_bytes: int = 2048 * MiB  # all members of one zip archive, decompressed
-    max_zip_entries: int = 4096  # members of one zip archive
-    timeout_s: float = 120.0  # receiving the upload and scoring it
+    max_unzipped_bytes: int = 512 * MiB  # all members of one zip archive, decompressed
+    max_zip_entries: int = 2048  # members of one zip archive
+    timeout_s: float = 120.0  # receiving the upload and scoring it; then its work is stopped
     max_pending: int = 32  # requests admitted at once (waiting or being scored); more get 503
     retry_after_s: int = 2  # the Retry-After of a 503
 
@@ -92,9 +112,56 @@ class _FileResult:
     errors: list[dict[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
+    def warnings(self) -> list[str]:
+        """Every row's warnings as ``"<name>: <warning>"``, each once; the slices of a series that is itself far
+        from the training sites are not each said to be (its volume row says it)."""
+        far = {v["name"] for v in self.volumes if v["ood"]}
+        lines: list[str] = []
+        for row in [*self.slices, *self.volumes]:
+            for w in row["warnings"]:
+                if row.get("volume") in far and w.startswith(_FAR):
+                    continue
+                if f"{row['name']}: {w}" not in lines:
+                    lines.append(f"{row['name']}: {w}")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.name, "slices": self.slices, "volumes": self.volumes, "errors": self.errors,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "warnings": self.warnings()}
+
+
+def describe_normalisation(norm: str) -> str:
+    """A `Predictor` normalisation label (``mean-of-sites+standardise``, ``B``, ``adabn:40``, ...) in words."""
+    base, standardised = norm.removesuffix("+standardise"), norm.endswith("+standardise")
+    kind, _, count = base.partition(":")
+    if base == "mean-of-sites":
+        text = "scanner differences evened out with the average of the training hospitals' statistics"
+    elif base == "shared":
+        text = "one normalisation shared by every training hospital"
+    elif kind in ("adabn", "tent"):
+        text = f"normalisation re-estimated on {count} slices of this hospital ({kind.upper()})"
+    elif kind == "ensemble":
+        text = f"P(COVID) averaged over the normalisations of the {count} training hospitals"
+    else:
+        text = f"normalised as the training hospital {base!r}"
+    if standardised:
+        text = "each slice first brought to the training images' brightness and contrast, then " + text
+    return text
+
+
+def _cancellable(backend: Any, cancel: threading.Event) -> Any:
+    """A shallow copy of ``backend`` (of the same class, so `Predictor` treats it alike) whose forward passes
+    first check ``cancel``: the scoring of a cancelled request stops before its next batch."""
+    checked = copy.copy(backend)
+    for name in ("probabilities", "grad_cam"):
+        method = getattr(backend, name, None)
+        if method is not None:
+            def guarded(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                check_cancel(cancel)
+                return _method(*args, **kwargs)
+
+            setattr(checked, name, guarded)
+    return checked
 
 
 def _file_digest(path: Path) -> str:
@@ -128,7 +195,7 @@ class Service:
         self.limits = limits
         self.batcher = MicroBatcher(predictor.backend.probabilities, max_batch=max_batch, max_wait_s=max_wait_s)
         self.batched = copy.copy(predictor)
-        self.batched.backend = BatchedBackend(self.batcher)
+        self.batched.backend = BatchedBackend(self.batcher, getattr(predictor.backend, "model", None))
         self.grad_cam = isinstance(predictor.backend, TorchBackend)
         card = predictor.card
         self.model_id = str(card.get("model_id") or model_file.name.removesuffix(model_file.suffix))
@@ -137,6 +204,8 @@ class Service:
         self._pending = 0
         self._lock = threading.Lock()
         self._ready = False
+        self._running: set[threading.Event] = set()  # the cancel events of the requests being scored
+        self._tmp: Path | None = None  # the service's temporary folder, between `start` and `stop`
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, site: str | None = None, adapt: Sequence[str | os.PathLike] = (),
@@ -161,15 +230,30 @@ class Service:
     # ------------------------------------------------------------------------------------------ life
 
     def start(self) -> None:
-        """Start the micro-batching worker and run one forward pass, so the first request is not slow."""
+        """Create the temporary folder, start the micro-batching worker and run one forward pass, so the first
+        request is not slow."""
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="crosssite-serve-"))
         self.batcher.start()
         size = self.direct.preprocess.image_size
         self.batcher.submit(torch.zeros(1, 3, size, size))
         self._ready = True
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Cancel the requests still running, wait up to ``wait_s`` for them to stop, end the worker and remove
+        the temporary folder with every upload in it."""
         self._ready = False
+        with self._lock:
+            running = list(self._running)
+        for cancel in running:
+            cancel.set()
+        deadline = time.monotonic() + wait_s
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.batcher.stop()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     @property
     def ready(self) -> bool:
@@ -200,7 +284,9 @@ class Service:
                 "metrics", "added_sites", "quantization", "package_version")
         return {
             "id": self.model_id, "version": self.model_version, "backend": self.backend_name,
-            "grad_cam": self.grad_cam, "normalisation": self.direct.norm, "threshold": self.direct.threshold,
+            "grad_cam": self.grad_cam, "normalisation": self.direct.norm,
+            "normalisation_text": describe_normalisation(self.direct.norm), "threshold": self.direct.threshold,
+            "ood_threshold": self.direct.ood_threshold,
             "tta": self.direct.tta, "top_k": self.direct.top_k, **{k: card.get(k) for k in keys}, "notice": NOTICE,
         }
 
@@ -212,15 +298,29 @@ class Service:
             raise ServiceError("Grad-CAM overlays (cam=true) need the PyTorch model file; this server runs an ONNX "
                                "export")
 
-    def predict(self, uploads: Sequence[Upload], *, cam: bool = False, images: bool = False) -> dict[str, Any]:
-        """Score every upload; a file that cannot be used is reported by name and the others still run."""
+    def predict(self, uploads: Sequence[Upload], *, cam: bool = False, images: bool = False,
+                cancel: threading.Event | None = None) -> dict[str, Any]:
+        """Score every upload; a file that cannot be used is reported by name and the others still run. Setting
+        ``cancel`` stops the work (`crosssite.serve.uploads.RequestCancelled`)."""
         self.check(cam)
+        cancel = cancel or threading.Event()
+        with self._lock:
+            self._running.add(cancel)
+        try:
+            return self._predict(uploads, cam, images, cancel)
+        finally:
+            with self._lock:
+                self._running.discard(cancel)
+
+    def _predict(self, uploads: Sequence[Upload], cam: bool, images: bool, cancel: threading.Event) -> dict[str, Any]:
         started = time.perf_counter()
-        with request_folder() as tmp:
-            results, inputs = self._store(uploads, tmp)
+        with request_folder(self._tmp) as tmp:
+            results, inputs = self._store(uploads, tmp, cancel)
             records: list[Record] = []
             if inputs:
-                predictor = self.direct if cam else self.batched
+                base = self.direct if cam else self.batched
+                predictor = copy.copy(base)  # this request's: its own warnings, and a backend that can be cancelled
+                predictor.backend = _cancellable(base.backend, cancel)
                 try:
                     records = predictor.predict(inputs, cam_dir=tmp / "cam" if cam else None, progress=False)
                 except InferenceError:  # only archives without a single image file: no rows at all
@@ -235,9 +335,11 @@ class Service:
                  counts["slices"], counts["volumes"], counts["errors"], 1e3 * (time.perf_counter() - started))
         return answer
 
-    def _store(self, uploads: Sequence[Upload], tmp: Path) -> tuple[list[_FileResult], list[Path]]:
+    def _store(self, uploads: Sequence[Upload], tmp: Path, cancel: threading.Event
+               ) -> tuple[list[_FileResult], list[Path]]:
         results, inputs = [], []
         for i, upload in enumerate(uploads):
+            check_cancel(cancel)
             result = _FileResult(display_name(upload.filename, i))
             results.append(result)
             folder = tmp / f"{i:04d}"
@@ -247,9 +349,9 @@ class Service:
             try:
                 if result.archive:
                     inputs.append(extract_zip(upload.file, folder, max_bytes=self.limits.max_unzipped_bytes,
-                                              max_entries=self.limits.max_zip_entries))
+                                              max_entries=self.limits.max_zip_entries, cancel=cancel))
                 else:
-                    inputs.append(save_upload(upload.file, folder, result.name))
+                    inputs.append(save_upload(upload.file, folder, result.name, cancel))
             except UploadError as e:
                 result.errors.append({"name": result.name, "error": str(e)})
         return results, inputs
@@ -262,11 +364,21 @@ class Service:
             return result, result.name
         return result, "/".join((result.name, *parts[1:]))
 
+    def _warnings(self, r: Record) -> list[str]:
+        """What `crosssite predict` warns of for this row: why the file may not be a chest-CT slice, and a scan
+        far from every training site."""
+        found = r.warning.split("; ") if r.warning else []
+        if r.ood:
+            found.append(f"{_FAR} (ood_score {r.ood_score:.2f} > {self.direct.ood_threshold:g}):"
+                         " the prediction may be unreliable")
+        return found
+
     def _add(self, r: Record, tmp: Path, results: list[_FileResult], images: bool) -> None:
         result, name = self._where(r.path, tmp, results)
+        warnings = self._warnings(r)
         if r.kind == "slice":
             entry: dict[str, Any] = {"name": name, "frame": r.frame, "slice": r.slice, "p_covid": r.p_covid,
-                                     "label": r.label}
+                                     "label": r.label, "warnings": warnings, "ood": r.ood, "ood_score": r.ood_score}
             entry["volume"] = None if r.volume is None else self._where(r.volume, tmp, results)[1]
             if r.cam is not None:
                 entry["cam_png"] = base64.b64encode(Path(r.cam).read_bytes()).decode("ascii")
@@ -275,7 +387,7 @@ class Service:
             result.slices.append(entry)
         elif r.kind == "volume":
             result.volumes.append({"name": name, "p_covid": r.p_covid, "label": r.label, "n_slices": r.n_slices,
-                                   "top_k": r.top_k})
+                                   "top_k": r.top_k, "warnings": warnings, "ood": r.ood, "ood_score": r.ood_score})
         elif r.kind == "error":
             reason = (r.error or "cannot be read").replace(r.path, name).replace(str(tmp), "")
             result.errors.append({"name": name, "error": reason})
@@ -293,6 +405,7 @@ class Service:
             "model": {"id": self.model_id, "version": self.model_version, "backend": self.backend_name},
             "normalisation": self.direct.norm,
             "threshold": self.direct.threshold,
+            "ood_threshold": self.direct.ood_threshold,
             "tta": self.direct.tta,
             "class_names": list(self.direct.class_names),
             "files": [r.to_dict() for r in results],
@@ -301,6 +414,7 @@ class Service:
                 "slices": sum(len(r.slices) for r in results),
                 "volumes": sum(len(r.volumes) for r in results),
                 "errors": sum(len(r.errors) for r in results),
+                "warnings": sum(len(r.warnings()) for r in results),
             },
             "notice": NOTICE,
         }

@@ -11,6 +11,9 @@ skipped, non-image file).
 
 Names shown to the client are the upload's own file name (folder parts removed) and, inside an archive, the
 member's path: never a path of the server.
+
+Work on a request stops when its ``cancel`` event is set (the request timed out, or the server is stopping):
+copying and extraction check it between 1 MiB chunks and raise `RequestCancelled`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -27,7 +31,8 @@ from typing import BinaryIO
 
 from crosssite.errors import CrossSiteError
 
-__all__ = ["UploadError", "ZIP_SUFFIX", "display_name", "is_zip", "request_folder", "save_upload", "extract_zip"]
+__all__ = ["RequestCancelled", "UploadError", "ZIP_SUFFIX", "check_cancel", "display_name", "is_zip",
+           "request_folder", "save_upload", "extract_zip"]
 
 ZIP_SUFFIX = ".zip"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -37,6 +42,16 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 class UploadError(CrossSiteError):
     """An uploaded file refused as a whole (a zip bomb, an unreadable archive, an empty file)."""
+
+
+class RequestCancelled(CrossSiteError):
+    """The request's work was stopped: it ran past the request timeout, or the server is shutting down."""
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    """Raise `RequestCancelled` once ``cancel`` is set."""
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelled("request cancelled (timed out, or the server is stopping); its work was stopped")
 
 
 def display_name(filename: str | None, index: int) -> str:
@@ -57,19 +72,21 @@ def is_zip(name: str, head: bytes) -> bool:
 
 
 @contextlib.contextmanager
-def request_folder() -> Iterator[Path]:
-    """A private temporary folder (mode 0700) for one request, removed with everything in it afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix="crosssite-serve-"))
+def request_folder(parent: Path | None = None) -> Iterator[Path]:
+    """A private temporary folder (mode 0700) for one request, in ``parent`` (the service's own temporary folder;
+    None: the system's), removed with everything in it afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="crosssite-serve-", dir=parent))
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _copy(src: BinaryIO, dest: Path, limit: int | None, what: str) -> int:
+def _copy(src: BinaryIO, dest: Path, limit: int | None, what: str, cancel: threading.Event | None = None) -> int:
     written = 0
     with open(dest, "wb") as out:
         while chunk := src.read(_CHUNK):
+            check_cancel(cancel)
             written += len(chunk)
             if limit is not None and written > limit:
                 raise UploadError(f"{what} decompresses to more than {_mb(limit)} (the server's limit); refused")
@@ -81,11 +98,11 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:g} MiB"
 
 
-def save_upload(src: BinaryIO, folder: Path, name: str) -> Path:
+def save_upload(src: BinaryIO, folder: Path, name: str, cancel: threading.Event | None = None) -> Path:
     """Write an uploaded file into ``folder`` (created) under a safe name; return its path."""
     folder.mkdir(parents=True)
     dest = folder / _stored_name(name)
-    if _copy(src, dest, None, name) == 0:
+    if _copy(src, dest, None, name, cancel) == 0:
         raise UploadError("empty file (0 bytes)")
     return dest
 
@@ -97,7 +114,8 @@ def _member_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
     return tuple(_stored_name(_UNSAFE.sub("", p)) for p in path.parts if p not in ("", "."))
 
 
-def extract_zip(src: BinaryIO, folder: Path, *, max_bytes: int, max_entries: int) -> Path:
+def extract_zip(src: BinaryIO, folder: Path, *, max_bytes: int, max_entries: int,
+                cancel: threading.Event | None = None) -> Path:
     """Extract the zip archive ``src`` into ``folder`` (created) within the limits; return ``folder``."""
     folder.mkdir(parents=True)
     try:
@@ -125,7 +143,7 @@ def extract_zip(src: BinaryIO, folder: Path, *, max_bytes: int, max_entries: int
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with archive.open(info) as member:
-                    left -= _copy(member, target, left, "archive")
+                    left -= _copy(member, target, left, "archive", cancel)
             except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
                 raise UploadError(f"member {info.filename!r} cannot be extracted ({e}); archive refused") from None
     return folder

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from crosssite import models
 from crosssite.data import Site, card_tta, read_image, tta_average
-from crosssite.errors import ConfigError, ImageReadError, SiteError
+from crosssite.errors import ConfigError, ImageReadError, SiteError, TrainingDiverged
 from crosssite.losses import supervised_contrastive_loss
 from crosssite.models import SiteModule
 from crosssite.models.adaptation import MIN_ADAPT_IMAGES
@@ -212,6 +212,10 @@ def _fit(model: nn.Module, params: list[nn.Parameter], train: LabelledSlices, va
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if not bool(torch.isfinite(loss)) or any(not bool(torch.isfinite(p).all()) for p in params):
+            # stop at once: validating NaN probabilities would fail deep in scikit-learn
+            raise TrainingDiverged(f"fine-tuning diverged at step {step} (the loss or a tuned weight became NaN or "
+                                   f"infinite at learning rate {lr:g}); no model written: try a lower --lr")
         if step % eval_every and step != steps:
             continue
         auc = site_auc(model, val, site, tta)
@@ -284,6 +288,8 @@ def add_site(
         known: labelled slices of known sites, by site name, mixed into the contrastive batches.
     """
     names = _check_model(model, card, name)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"learning rate (--lr) must be a positive finite number, got {lr}")
     if images is None and labelled is None:
         raise ConfigError("add_site needs the new site's slices: unlabelled images, labelled slices, or both")
     model = copy.deepcopy(model).float().eval()

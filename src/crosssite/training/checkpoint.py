@@ -20,6 +20,7 @@ import torch
 
 from crosssite.errors import CheckpointError
 from crosssite.ioutil import atomic_write_bytes
+from crosssite.models.hub import non_finite_tensors  # re-exported: the one finite check of a model
 
 __all__ = [
     "non_finite_tensors",
@@ -68,7 +69,3 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``model`` holding a NaN or an infinity."""
-    return [name for name, t in model.state_dict().items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]

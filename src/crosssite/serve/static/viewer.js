@@ -9,6 +9,8 @@ function headers() {
   return state.token ? { Authorization: `Bearer ${state.token}` } : {};
 }
 
+class Unauthorised extends Error {}
+
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: headers() });
   let body = null;
@@ -20,6 +22,7 @@ async function api(path, options = {}) {
   if (!response.ok) {
     const detail = body && typeof body.detail === "string" ? body.detail : response.statusText;
     const retry = response.headers.get("Retry-After");
+    if (response.status === 401) throw new Unauthorised(detail);
     throw new Error(`${detail}${retry ? ` (retry in ${retry} s)` : ""}`);
   }
   return body;
@@ -36,12 +39,15 @@ async function loadModel() {
     state.threshold = m.threshold;
     const sites = (m.site_names || []).join(", ");
     $("model-line").textContent = `model ${m.id} (${m.version}), ${m.architecture || "?"} on ${m.backend}; ` +
-      `sites: ${sites}; normalisation: ${m.normalisation}; threshold ${m.threshold}`;
+      `trained on: ${sites}; ${m.normalisation_text || m.normalisation}; P(COVID) >= ${m.threshold} is labelled COVID`;
     if (m.notice) $("notice").textContent = m.notice;
     $("token-box").hidden = true;
     if (state.pending) { const files = state.pending; state.pending = null; upload(files); }
   } catch (e) {
-    $("model-line").textContent = `model card not available: ${e.message}`;
+    // before a token is entered, a 401 only means: ask for it (the token box is shown)
+    if (e instanceof Unauthorised && !state.token) $("model-line").textContent = "enter the access token to load the model";
+    else if (e instanceof Unauthorised) $("model-line").textContent = `token refused: ${e.message}`;
+    else $("model-line").textContent = `model card not available: ${e.message}`;
   }
 }
 
@@ -56,7 +62,7 @@ async function upload(files) {
     const answer = await api(`/v1/predict?${query}`, { method: "POST", body: form });
     const c = answer.counts;
     $("status").textContent = `${c.files} file(s): ${c.slices} slice(s), ${c.volumes} series/volume(s), ` +
-      `${c.errors} error(s); normalisation ${answer.normalisation}`;
+      `${c.errors} error(s), ${c.warnings} warning(s)`;
     render(answer);
   } catch (e) {
     $("status").textContent = `upload refused: ${e.message}`;
@@ -88,6 +94,14 @@ function render(answer) {
     p.className = "p";
     const score = view.kind === "series" ? view.p_covid : view.slices[0].p_covid;
     p.textContent = fmt(score);
+    const rows = view.kind === "series" ? [view, ...view.slices] : view.slices;
+    if (rows.some((r) => r.warnings.length)) {
+      const flag = document.createElement("span");
+      flag.className = "flag";
+      flag.textContent = "!";
+      flag.title = "scored with a warning";
+      button.append(flag);
+    }
     const name = document.createElement("span");
     name.textContent = view.kind === "series" ? `${view.name} (${view.slices.length} slices)` : view.name;
     button.append(p, name);
@@ -102,6 +116,13 @@ function render(answer) {
     return li;
   }));
   $("errors").hidden = errors.length === 0;
+  const warnings = answer.files.flatMap((f) => f.warnings);
+  $("warning-list").replaceChildren(...warnings.map((w) => {
+    const li = document.createElement("li");
+    li.textContent = w;
+    return li;
+  }));
+  $("warnings").hidden = warnings.length === 0;
   $("results").hidden = state.views.length === 0;
   if (state.views.length) select(0, 0);
 }
@@ -121,7 +142,16 @@ function select(viewIndex, sliceIndex) {
   $("p-covid").textContent = fmt(s.p_covid);
   $("label").textContent = s.label;
   $("label").className = labelClass(s.label);
+  $("ood-line").textContent = s.ood_score === null ? "" :
+    `distance to the training sites ${s.ood_score.toFixed(2)}${s.ood ? " (far: out of distribution)" : ""}`;
   const series = view.kind === "series";
+  const shown = [...s.warnings, ...(series ? view.warnings : [])];
+  $("slice-warnings").replaceChildren(...shown.map((w) => {
+    const li = document.createElement("li");
+    li.textContent = w;
+    return li;
+  }));
+  $("slice-warnings").hidden = shown.length === 0;
   $("slice-box").hidden = !series;
   $("series-box").hidden = !series;
   if (series) {
