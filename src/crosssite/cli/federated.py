@@ -23,15 +23,14 @@ import typer
 
 from crosssite.cli.app import app, fail
 from crosssite.errors import CrossSiteError
-from crosssite.training.methods import federated_methods
 
 __all__ = ["federated_command", "federated_server_command", "federated_client_command"]
 
 _STRATEGY_HELP = "fedbn (batch norms stay local), fedavg, or fedprox."
 # the paper's method by default: `crosssite train`'s default method has no federated form
 _DEFAULT_METHOD = "sepnorm-contrastive"
-_METHOD_HELP = f"One of {', '.join(federated_methods())} (the methods registered with federated=True; default " \
-               f"{_DEFAULT_METHOD})."
+_METHOD_HELP = (f"A method registered with federated=True (default {_DEFAULT_METHOD}); `crosssite models "
+                "--architectures` lists them.")
 
 
 def _require_flower() -> None:

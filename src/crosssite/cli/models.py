@@ -62,4 +62,4 @@ def _list_architectures(as_json: bool) -> None:
     for name, arch in archs.items():
         typer.echo(f"architecture {name}  options: {', '.join(arch['options'])}")
     for name, description in methods.items():
-        typer.echo(f"method {name}: {description}")
+        typer.echo(f"method {name}{' (federated too)' if METHODS[name].federated else ''}: {description}")

@@ -31,9 +31,6 @@ import typer
 
 from crosssite.cli.app import app, fail
 from crosssite.errors import CrossSiteError
-from crosssite.models import list_models
-from crosssite.training.config import TrainConfig
-from crosssite.training.methods import METHODS
 
 __all__ = ["train_command"]
 
@@ -41,10 +38,11 @@ __all__ = ["train_command"]
 @app.command("train")
 def train_command(
     site: list[str] = typer.Option(None, "--site", help="NAME=PATH[:LAYOUT] (repeat for each site)."),
-    method: str = typer.Option(None, "--method", help=f"One of {', '.join(METHODS)} (default {TrainConfig.method}); "
-                               "each trains with its recipe under your --config and --set values."),
-    backbone: str = typer.Option(None, "--backbone", help=f"One of {', '.join(list_models())} (default "
-                                 f"{TrainConfig.backbone})."),
+    method: str = typer.Option(None, "--method", help="A registered method (default: crosssite); each trains with "
+                               "its recipe under your --config and --set values. `crosssite models --architectures` "
+                               "lists the methods and backbones (read from the registries, so the help imports no "
+                               "torch)."),
+    backbone: str = typer.Option(None, "--backbone", help="A registered backbone (default: covidnet_redesign)."),
     out: Path = typer.Option(None, "--out", help="Run directory (required unless --resume)."),
     config: Path = typer.Option(None, "--config", help="YAML file of config keys."),
     set_: list[str] = typer.Option(None, "--set", help="key=value config override (repeatable)."),

@@ -47,7 +47,6 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 
 from crosssite.errors import SiteError
 from crosssite.ioutil import cache_root
@@ -224,6 +223,8 @@ def render(slice_: np.ndarray, settings: HospitalSettings, rng: np.random.Genera
     """One decoded slice (H, W), uint8 or float in [0, 1], as the hospital's export: uint8 or uint16 pixels,
     (H', W') or (H', W', 3) for an RGB export (before `encode`'s JPEG compression). ``rng`` draws the noise and
     the annotation text."""
+    from scipy import ndimage  # here: loading a site (sites.py imports this module) needs no SciPy
+
     s = settings
     g = _grey01(slice_)
     g = np.clip((g - (s.level - s.width / 2)) / s.width, 0.0, 1.0) ** s.gamma

@@ -42,7 +42,6 @@ import torch
 from PIL import Image
 
 from crosssite.data.augment import HospitalAugment, RandConv, ScannerAugment
-from crosssite.data.canonical import CANONICAL_VERSION, canonical_view
 from crosssite.errors import ConfigError
 
 __all__ = [
@@ -149,6 +148,8 @@ def frame_slice(image: np.ndarray, size: int, frame: str = DEFAULT_FRAME) -> np.
     if frame == "crop":
         return resize_short_side(image, size)
     if frame == "canonical":
+        from crosssite.data.canonical import canonical_view  # here: SciPy and scikit-image only for this frame
+
         view = canonical_view(image)
         if view.found:
             return resize_to(pad_to_square(view.image, fill=0.0), size, size)
@@ -161,7 +162,11 @@ def frame_slice(image: np.ndarray, size: int, frame: str = DEFAULT_FRAME) -> np.
 def frame_tag(frame: str) -> str:
     """The name under which slices framed with ``frame`` are cached: the canonical view carries its version, so a
     changed view is never read from slices an earlier one cached."""
-    return f"canonical-v{CANONICAL_VERSION}" if frame == "canonical" else frame
+    if frame != "canonical":
+        return frame
+    from crosssite.data.canonical import CANONICAL_VERSION
+
+    return f"canonical-v{CANONICAL_VERSION}"
 
 
 def is_framed(image: np.ndarray, size: int, frame: str) -> bool:
