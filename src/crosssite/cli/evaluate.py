@@ -152,11 +152,12 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
 
 def _check_strategies(strategies: list[str], external: list[str]) -> None:
     """``--adapt-strategy`` values: known strategies, and only with ``--external`` sites."""
-    from crosssite.models.adaptation import STRATEGIES
+    from crosssite.models.adaptation import STRATEGIES, adaptation_strategies
 
     for key in strategies:
         if key not in STRATEGIES:
-            raise CrossSiteError(f"--adapt-strategy: unknown strategy {key!r}; choose from {', '.join(STRATEGIES)}")
+            raise CrossSiteError(f"--adapt-strategy: unknown strategy {key!r}; choose from "
+                                 f"{', '.join(adaptation_strategies())}")
     if strategies and not external:
         raise CrossSiteError("--adapt-strategy applies to --external sites; give at least one --external")
 
