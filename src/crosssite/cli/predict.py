@@ -147,7 +147,7 @@ def _strategy(adapt_flag: bool, strategy: str | None, site: str | None, save_ada
     if save_adapted is not None and not adapt:
         raise CrossSiteError("--save-adapted needs --adapt")
     if save_adapted is not None and not STRATEGIES[adapt].fits:
-        raise CrossSiteError(f"--save-adapted needs a strategy that adds a site, such as adabn or tent "
+        raise CrossSiteError(f"--save-adapted needs AdaBN or TENT, a strategy that adds a site "
                              f"(--adapt-strategy {adapt} adds none)")
     return adapt
 
