@@ -9,6 +9,7 @@ Each strategy's adaptation runs once per site, and the site's batches are read f
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -56,13 +57,15 @@ def _own_sites(model: torch.nn.Module, image: torch.Tensor, site: torch.Tensor, 
 
 @torch.inference_mode()
 def _collect(model: torch.nn.Module, loader: Iterable, device: str | torch.device, tta: str,
-             adapted: Adapted | None, standardise: bool) -> Probabilities:
+             adapted: Adapted | None, standardise: bool, channels_last: bool = False) -> Probabilities:
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {"index": [], "site": [], "label": [], "p_covid": []}
     try:
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
             if adapted is not None:
                 p = adapted.probabilities(image, tta)
             else:
@@ -226,6 +229,9 @@ def evaluate_model(
         One `SiteEvaluation` per known site, then per external site and strategy.
     """
     results = []
+    # a channels-last copy: oneDNN's convolutions run about twice as fast on it, with the same values to float32
+    # rounding, and the caller's model keeps its layout
+    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
 
     def scored(name: str, loader: Iterable, probs: Probabilities, key: str, description: str) -> SiteEvaluation:
         return evaluate_predictions(name, probs.label, probs.p_covid, strategy=key, description=description,
@@ -238,7 +244,8 @@ def evaluate_model(
                 f"site {name!r} is not one the model was trained on ({', '.join(site_names)}); "
                 "evaluate it as an external site"
             )
-        probs = collect_probabilities(model, loader, device, site_override=site_names.index(name), tta=tta)
+        own = _adapted(model, site_names.index(name), len(site_names), False)
+        probs = _collect(model, loader, device, tta, own, False, channels_last=True)
         results.append(scored(name, loader, probs, "own", "the site's own statistics"))
     rows = _strategy_rows(model, site_names, strategies) if external else []
     for name, loader in (external or {}).items():
@@ -246,6 +253,6 @@ def evaluate_model(
         for row in rows:
             images = (batch["image"].to(device) for batch in replay)
             adapted = row.adapt(model, images, len(site_names))  # AdaBN / TENT: a new slot, on a copy
-            probs = _collect(adapted.model, replay, device, tta, adapted, False)
+            probs = _collect(adapted.model, replay, device, tta, adapted, False, channels_last=True)
             results.append(scored(name, loader, probs, row.key, row.description))
     return results

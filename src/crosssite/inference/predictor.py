@@ -30,7 +30,7 @@ prediction, and a volume the mean over its slices; ``ood`` is set where the scor
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import os
 import sys
 from collections import deque
@@ -52,7 +52,7 @@ from crosssite.inference.cams import save_cams
 from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
 from crosssite.inference.preprocess import Preprocess
 from crosssite.inference.records import DEFAULT_TOP_K, Record, volume_score
-from crosssite.inference.threads import torch_threads
+from crosssite.inference.threads import free_cores, split_cores, torch_threads, usable_cores
 from crosssite.models.adaptation import (
     MEAN_OF_SITES,
     MIN_ADAPT_IMAGES,
@@ -170,7 +170,7 @@ class Predictor:
         top_k: slices averaged into a volume's score (None: all).
         threshold: P(COVID) at which a slice is labelled COVID; default the card's ``threshold`` or 0.5.
         device: where the PyTorch model runs.
-        workers: threads decoding files (default min(4, CPUs)).
+        workers: threads decoding files (None: half the free cores, `crosssite.inference.threads.split_cores`).
         strict: refuse (as ``"error"`` rows) the slices of files that would otherwise be scored with a
             ``warning`` (a DICOM whose Modality is not CT, a localizer or non-axial slice, a tiny image).
         ood_threshold: `FirstNormShift` score above which a slice / volume is flagged ``ood``; default the
@@ -180,8 +180,9 @@ class Predictor:
         draft: decode JPEGs much larger than the model input at a reduced DCT scale
             (`crosssite.inference.preprocess`); off by default: it moved site B's test AUC by more than 0.2 points
             (docs/PERFORMANCE.md), so every file decodes in full, as evaluation does.
-        threads: torch threads while predicting (None: the cores free at the start of each `predict` call,
-            `crosssite.inference.threads.free_cores`; 0: leave torch's setting alone).
+        threads: torch threads while predicting (None: the free cores the decoding threads leave, counted at
+            the start of each `predict` call, `crosssite.inference.threads.split_cores`; 0: leave torch's setting
+            alone).
     """
 
     def __init__(
@@ -220,7 +221,8 @@ class Predictor:
         self.batch_size = batch_size
         self.top_k = top_k
         self.device = torch.device(device)
-        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.workers = workers
+        self.decoders = 1  # decoding threads of the current call
         self.threads = threads
         self.adapt = adapt
         self.strict = strict
@@ -296,12 +298,21 @@ class Predictor:
     def _readable_batches(self, items: Sequence[SliceItem], counter: list[int]) -> Iterator[torch.Tensor]:
         """Batches of the readable slices' model inputs; ``counter[0]`` counts the slices yielded."""
         batch_size = max(self.batch_size, MIN_ADAPT_IMAGES)
-        with ThreadPoolExecutor(self.workers) as pool:
+        with ThreadPoolExecutor(self.decoders) as pool:
             for _, loaded in _decoded(items, batch_size, self.preprocess.load, pool):
                 images = [x for x in loaded if isinstance(x, torch.Tensor)]
                 if images:
                     counter[0] += len(images)
                     yield torch.stack(images)
+
+    def _threads(self) -> tuple[int, int]:
+        """(decoding threads, torch threads) for this call (see the ``workers`` and ``threads`` arguments)."""
+        free = free_cores() if self.threads is None or self.workers is None else usable_cores()
+        decoders, torch_n = split_cores(free, self.workers)
+        return decoders, torch_n if self.threads is None else self.threads
+
+    def _torch_threads(self, n: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.threads == 0 else torch_threads(n)
 
     # ------------------------------------------------------------------------------------ adaptation
 
@@ -324,7 +335,8 @@ class Predictor:
         counter = [0]
         adapted = None
         try:
-            with torch_threads(self.threads) if self.threads != 0 else _same_threads():
+            self.decoders, torch_n = self._threads()
+            with self._torch_threads(torch_n):
                 adapted = strategy(self.model, self._readable_batches(plan.items, counter), len(self.site_names))
         except ValueError:
             if counter[0]:
@@ -480,9 +492,10 @@ class Predictor:
         cam_path = None if cam_dir is None else Path(cam_dir)
         slices: list[Record] = [Record(kind="error", path=str(e.path), error=e.reason) for e in plan.errors]
         slices += [Record(kind="error", path=str(p), error=EMPTY_FOLDER) for p in plan.empty]
-        with ThreadPoolExecutor(self.workers) as pool, _Progress(
+        self.decoders, torch_n = self._threads()
+        with ThreadPoolExecutor(self.decoders) as pool, _Progress(
             progress, len(plan.items), f"predicting {len(plan.items)} slices"
-        ) as advance, torch.inference_mode(cam_path is None), (torch_threads(self.threads) if self.threads != 0 else _same_threads()):
+        ) as advance, torch.inference_mode(cam_path is None), self._torch_threads(torch_n):
             start = 0
             for batch, loaded in _decoded(plan.items, self.batch_size, self.preprocess.load, pool):
                 slices.extend(self._predict_batch(batch, loaded, start, cam_path))
@@ -491,13 +504,3 @@ class Predictor:
         skipped = [Record(kind="skipped", path=str(p), error="not an image file (unsupported type)")
                    for p in plan.skipped]
         return self._volume_records(slices) + skipped
-
-
-class _same_threads:
-    """A context that leaves torch's thread count as it is."""
-
-    def __enter__(self) -> int:
-        return torch.get_num_threads()
-
-    def __exit__(self, *exc: object) -> None:
-        return None

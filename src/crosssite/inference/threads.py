@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["usable_cores", "free_cores", "torch_threads"]
+__all__ = ["usable_cores", "free_cores", "split_cores", "torch_threads"]
 
 _SAMPLES = 5
 _SAMPLE_GAP_S = 0.002
@@ -53,6 +53,14 @@ def free_cores() -> int:
             time.sleep(_SAMPLE_GAP_S)
     others = max(0, int(statistics.median(samples)) - 1)
     return max(1, min(cores, cores - others))
+
+
+def split_cores(free: int, workers: int | None = None) -> tuple[int, int]:
+    """``(decoding threads, torch threads)`` for ``free`` cores: decoding a slice costs about as much CPU as its
+    forward passes (docs/PERFORMANCE.md), so each gets half (``workers`` fixes the decoding side), one at least;
+    together they never ask for more than the free cores, so no OpenMP thread spins on a core a decoder holds."""
+    decode = max(1, free // 2) if workers is None else max(1, workers)
+    return decode, max(1, free - decode)
 
 
 @contextlib.contextmanager
