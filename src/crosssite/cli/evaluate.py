@@ -183,7 +183,10 @@ def evaluate(
 ) -> None:
     """Accuracy, F1, recall, specificity, precision and AUC per site (COVID positive), with 95% bootstrap
     intervals and confusion matrices."""
+    import torch
+
     from crosssite.data import load_site
+    from crosssite.inference.threads import torch_threads
     from crosssite.models.adaptation import DEFAULT_STRATEGY
     from crosssite.training.step import resolve_device
 
@@ -205,13 +208,16 @@ def evaluate(
                     f"site {name!r} is not one {source} was trained on "
                     f"({', '.join(n for m in models for n in m.site_names)}); pass it with --external"
                 )
-        for m in models:
-            # external sites: always the default strategy for an unseen site, then every --adapt-strategy
-            strategies = tuple(dict.fromkeys([DEFAULT_STRATEGY, *(adapt or [])])) if external_sites else ()
-            for r, row in _evaluate_one(m, source, known_sites, external_sites, all_images, batch_size, workers,
-                                        device, bootstrap, seed, strategies):
-                report["results"].append(row)
-                results.append(r)
+        # torch on the cores that are free: OpenMP threads spinning on a core another process holds slow every
+        # forward pass many times over (crosssite.inference.threads)
+        with torch_threads(None if device == "cpu" else torch.get_num_threads()):
+            for m in models:
+                # external sites: always the default strategy for an unseen site, then every --adapt-strategy
+                strategies = tuple(dict.fromkeys([DEFAULT_STRATEGY, *(adapt or [])])) if external_sites else ()
+                for r, row in _evaluate_one(m, source, known_sites, external_sites, all_images, batch_size, workers,
+                                            device, bootstrap, seed, strategies):
+                    report["results"].append(row)
+                    results.append(r)
     except CrossSiteError as e:
         raise fail(e) from None
     if out is not None:
