@@ -261,6 +261,20 @@ def _combined(modes: list[Mode]) -> Mode:
     return Mode(**{f.name: any(getattr(m, f.name) for m in modes) for f in dataclasses.fields(Mode)})
 
 
+def _makers(args: argparse.Namespace, part: str, modes: list[Mode], workdir: Path
+            ) -> dict[str, Callable[[], Callable[[], None]]]:
+    """Name -> builder of the call to time, per mode, for ``part`` (``train_step`` or ``eval_batch``)."""
+    if part == "train_step":
+        return {m.name: (lambda m=m: train_step_fn(m, args.width, args.image_size, args.per_site)) for m in modes}
+    return {m.name: (lambda m=m: eval_fn(m, args.width, args.image_size, 2 * args.per_site, workdir)) for m in modes}
+
+
+def _entries(timings: dict, batch: int, work: float) -> dict[str, dict]:
+    return {name: report_part(t.times, t.peak_rss_gb, batch, work) | {"warmup_s": round(t.warmup_s, 3),
+                                                                      "spread": round(t.spread, 3)}
+            for name, t in timings.items()}
+
+
 def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     load_before = machine_load()  # before this process adds its own load
     torch.set_num_threads(args.threads)
@@ -288,24 +302,13 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         "forward_gflop_per_image": round(flops / 1e9, 3),
     }
 
-    def makers(part: str, modes: list[Mode]) -> dict[str, Callable[[], Callable[[], None]]]:
-        if part == "train_step":
-            return {m.name: (lambda m=m: train_step_fn(m, args.width, args.image_size, args.per_site)) for m in modes}
-        return {m.name: (lambda m=m: eval_fn(m, args.width, args.image_size, batch, workdir)) for m in modes}
-
-    def entries_of(part: str, timings: dict) -> dict[str, dict]:
-        work = (3 if part == "train_step" else 1) * flops * batch
-        return {name: report_part(t.times, t.peak_rss_gb, batch, work) | {"warmup_s": round(t.warmup_s, 3),
-                                                                          "spread": round(t.spread, 3)}
-                for name, t in timings.items()}
-
     # (a) and (b): the plain path, each lever alone and every PyTorch lever together, in one interleaved run; the
     # fast path is the quickest of them (ONNX Runtime replaces PyTorch, so it combines with nothing)
     for part, candidates in (("train_step", levers), ("eval_batch", inference_levers)):
         torch_levers = [m for m in candidates if not m.replaces_torch]
         combined = [_combined(torch_levers)] if len(torch_levers) > 1 else []
-        timings = interleaved(makers(part, [Mode(), *candidates, *combined]), steps, warmup)
-        entries = entries_of(part, timings)
+        timings = interleaved(_makers(args, part, [Mode(), *candidates, *combined], workdir), steps, warmup)
+        entries = _entries(timings, batch, (3 if part == "train_step" else 1) * flops * batch)
         for name, entry in entries.items():
             if name != "plain":
                 entry["speedup"] = round(entries["plain"]["seconds"] / entry["seconds"], 2)

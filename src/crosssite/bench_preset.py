@@ -105,6 +105,29 @@ def path_step(config: TrainConfig, n_sites: int, batches: _Stream) -> Callable[[
     return step
 
 
+def _entries(timings: dict, steps_of: dict[str, Callable[[], None]], work: float, batch: int,
+             peaks: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each path's figures from its timings; ``work``: FLOPs of one step; the speed-up is over the mean of both
+    plain paths."""
+    paths: dict[str, dict[str, float]] = {}
+    for name, t in timings.items():
+        paths[name] = {"seconds": t.median, "warmup_s": round(t.warmup_s, 3), "spread": round(t.spread, 3)}
+        forward = getattr(steps_of[name], "forward", None)
+        if isinstance(forward, CompiledForward):
+            paths[name]["compile_seconds"] = forward.compile_seconds
+    plain = (paths["plain"]["seconds"] + paths["plain (again)"]["seconds"]) / 2
+    for entry in paths.values():
+        entry |= {
+            "images_per_s": round(batch / entry["seconds"], 1),
+            "gflops": round(work / entry["seconds"] / 1e9, 1),
+            "of_fp32_matmul": round(work / entry["seconds"] / 1e9 / peaks["fp32"], 3),
+            "of_bf16_matmul": round(work / entry["seconds"] / 1e9 / peaks["bf16"], 3),
+            "speedup": round(plain / entry["seconds"], 2),
+            "seconds": round(entry["seconds"], 4),
+        }
+    return paths
+
+
 def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threads: int | None = None,
                          compile: bool = False, device: str = "cpu", data_root: Path | None = None) -> dict[str, Any]:
     """The preset's engine step on the plain path, with each lever alone, and on the fast path (see the module)."""
@@ -139,22 +162,7 @@ def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threa
 
     timings = interleaved({name: maker(name, changes) for name, changes in order}, steps, warmup)
     trusted, why = ratio_verdict(timings, load_before, machine_load(), same=("plain", "plain (again)"))
-    paths: dict[str, dict[str, float]] = {}
-    for name, t in timings.items():
-        paths[name] = {"seconds": t.median, "warmup_s": round(t.warmup_s, 3), "spread": round(t.spread, 3)}
-        forward = getattr(steps_of[name], "forward", None)
-        if isinstance(forward, CompiledForward):
-            paths[name]["compile_seconds"] = forward.compile_seconds
-    plain = (paths["plain"]["seconds"] + paths["plain (again)"]["seconds"]) / 2
-    for entry in paths.values():
-        entry |= {
-            "images_per_s": round(batch / entry["seconds"], 1),
-            "gflops": round(3 * flops * batch / entry["seconds"] / 1e9, 1),
-            "of_fp32_matmul": round(3 * flops * batch / entry["seconds"] / 1e9 / peaks["fp32"], 3),
-            "of_bf16_matmul": round(3 * flops * batch / entry["seconds"] / 1e9 / peaks["bf16"], 3),
-            "speedup": round(plain / entry["seconds"], 2),
-            "seconds": round(entry["seconds"], 4),
-        }
+    paths = _entries(timings, steps_of, 3 * flops * batch, batch, peaks)
     return {
         "preset": preset,
         "machine": {"cpu": cpu_model(), **cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

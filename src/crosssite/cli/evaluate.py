@@ -208,18 +208,23 @@ def evaluate(
                     f"site {name!r} is not one {source} was trained on "
                     f"({', '.join(n for m in models for n in m.site_names)}); pass it with --external"
                 )
+        # external sites: always the default strategy for an unseen site, then every --adapt-strategy
+        strategies = tuple(dict.fromkeys([DEFAULT_STRATEGY, *(adapt or [])])) if external_sites else ()
         # torch on the cores that are free: OpenMP threads spinning on a core another process holds slow every
         # forward pass many times over (crosssite.inference.threads)
         with torch_threads(None if device == "cpu" else torch.get_num_threads()):
             for m in models:
-                # external sites: always the default strategy for an unseen site, then every --adapt-strategy
-                strategies = tuple(dict.fromkeys([DEFAULT_STRATEGY, *(adapt or [])])) if external_sites else ()
                 for r, row in _evaluate_one(m, source, known_sites, external_sites, all_images, batch_size, workers,
                                             device, bootstrap, seed, strategies):
                     report["results"].append(row)
                     results.append(r)
     except CrossSiteError as e:
         raise fail(e) from None
+    _output(report, results, out, as_json)
+
+
+def _output(report: dict[str, Any], results: list[Any], out: Path | None, as_json: bool) -> None:
+    """The report as JSON or tables on stdout, and its files under ``out``."""
     if out is not None:
         _save(out, report, results)
     if as_json:

@@ -16,8 +16,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from crosssite.data import TTA_MODES
 from crosssite.evaluation.metrics import EvaluationError, SiteEvaluation, evaluate_predictions
-from crosssite.models.adaptation import MEAN_OF_SITES, STRATEGIES, Adapted, Strategy, has_site_modules
+from crosssite.models.adaptation import (
+    MEAN_OF_SITES,
+    STRATEGIES,
+    Adapted,
+    Strategy,
+    has_site_modules,
+    standardise_images,
+)
 from crosssite.models.norms import SiteBatchNorm
 
 __all__ = ["MEAN_OF_SITES", "ENSEMBLE", "Probabilities", "collect_probabilities", "norm_strategies", "patients_of",
@@ -69,8 +77,6 @@ def _collect(model: torch.nn.Module, loader: Iterable, device: str | torch.devic
             if adapted is not None:
                 p = adapted.probabilities(image, tta)
             else:
-                from crosssite.models.adaptation import standardise_images
-
                 image = standardise_images(image) if standardise else image
                 p = _own_sites(model, image, batch["site"].to(device), tta)
             parts["p_covid"].append(p.cpu().double().numpy())
@@ -105,8 +111,6 @@ def collect_probabilities(
         tta: test-time augmentation (`crosssite.data.TTA_MODES`): ``"flip"`` averages P(COVID) over each image
             and its left-right mirror (both in one forward pass).
     """
-    from crosssite.data import TTA_MODES
-
     if site_override not in (None, MEAN_OF_SITES, ENSEMBLE) and not isinstance(site_override, int):
         raise EvaluationError(
             f"site_override must be None, an int, {MEAN_OF_SITES!r} or {ENSEMBLE!r}, got {site_override!r}"

@@ -252,7 +252,7 @@ class Predictor:
                     raise InferenceError(f"{self.source}: {self.adapt} needs site-specific layers; this model has "
                                          "one shared normalisation")
                 self.norm = SHARED
-            elif strategy is not None and not strategy.fits:  # fixed from the start: no image to read first
+            if strategy is not None and not strategy.fits:  # fixed from the start: no image to read first
                 adapted = strategy(self.model, (), len(self.site_names))
                 self.backend = TorchBackend(adapted.model, adapted.sites, self.device)
                 self.standardise = adapted.standardise

@@ -26,7 +26,7 @@ The registered strategies:
   by entropy minimization", ICLR 2021). AdaBN first, then the new slot's BN affine parameters -- and nothing
   else -- are trained to minimise the mean entropy of the predictions on the unseen site's unlabelled images:
   ``epochs`` passes, Adam at ``lr``, batch statistics in the forward pass as in the paper. On a copy.
-* ``ensemble`` (`ensemble_probabilities`): P(COVID) averaged over every known site's normalisation branch.
+* ``ensemble``: P(COVID) averaged over every known site's normalisation branch (`Adapted` with every known site).
 
 `FirstNormShift` measures how far a batch of images sits from every known site at the input of the first
 normalisation layer (the output of the shared stem convolution, before anything site-specific): see its doc.
@@ -47,7 +47,7 @@ from crosssite.models.norms import BatchNorm, SiteBatchNorm, SiteModule, _image_
 
 __all__ = ["Adapted", "Strategy", "STRATEGIES", "register_strategy", "get_strategy", "adaptation_strategies",
            "MEAN_OF_SITES", "DEFAULT_STRATEGY", "MIN_ADAPT_IMAGES", "TENT_EPOCHS", "TENT_LR", "standardise_images",
-           "tent_adapt", "ensemble_probabilities", "FirstNormShift"]
+           "tent_adapt", "has_site_modules", "FirstNormShift"]
 
 MEAN_OF_SITES = "mean-of-sites"
 """The strategy (and normalisation label) of no adaptation: the mean of the known sites' statistics."""
@@ -273,18 +273,6 @@ def tent_adapt(
             p.requires_grad_(flag)
         model.train(was_training)
     return new_site
-
-
-@torch.no_grad()
-def ensemble_probabilities(model: nn.Module, images: Tensor, num_sites: int) -> Tensor:
-    """P(COVID) (B,) averaged over the normalisation branches of sites ``0 .. num_sites - 1``."""
-    if num_sites < 1:
-        raise ConfigError(f"the ensemble needs at least one known site, got {num_sites}")
-    total = torch.zeros(images.shape[0], device=images.device)
-    for s in range(num_sites):
-        site = torch.full((images.shape[0],), s, dtype=torch.long, device=images.device)
-        total += torch.softmax(model(images, site).logits.float(), dim=1)[:, 1]
-    return total / num_sites
 
 
 class FirstNormShift:
