@@ -17,13 +17,13 @@ from crosssite.evaluation import (
     CLASS_NAMES,
     METRICS,
     EvaluationError,
-    _metrics_from_counts,
     binary_metrics,
     bootstrap_ci,
     collect_probabilities,
     confusion_matrix,
     paired_ttest,
 )
+from crosssite.evaluation.metrics import _metrics_from_counts
 
 
 
@@ -129,7 +129,7 @@ def test_bootstrap_contains_point_estimate_and_narrows() -> None:
 
 
 def test_bootstrap_chunking_does_not_change_intervals(monkeypatch: pytest.MonkeyPatch) -> None:
-    import crosssite.evaluation as evaluation
+    import crosssite.evaluation.metrics as evaluation
 
     y, p = _random_predictions(300, 4)
     whole = bootstrap_ci(y, p, n=100)
@@ -209,7 +209,7 @@ def test_collect_probabilities_softmax_and_site_override() -> None:
     forced = collect_probabilities(model, loader, site_override=1)
     np.testing.assert_allclose(forced.p_covid, torch.sigmoid(means + 1).numpy(), rtol=1e-6)
     assert forced.site.tolist() == out.site.tolist()  # the items' own sites are still reported
-    mean = collect_probabilities(model, loader, site_override="mean")
+    mean = collect_probabilities(model, loader, site_override="mean-of-sites")
     np.testing.assert_allclose(mean.p_covid, torch.sigmoid(means).numpy(), rtol=1e-6)
     with pytest.raises(EvaluationError, match="site_override"):
         collect_probabilities(model, loader, site_override="first")
@@ -237,7 +237,7 @@ def test_evaluate_model_strategies_and_no_side_effects() -> None:
         b["site"] = torch.zeros_like(b["site"])
     results = evaluate_model(model, ["a", "b"], {"b": loader}, {"x": loader}, n_boot=50)
     assert [(r.site, r.strategy) for r in results] == [
-        ("b", "own"), ("x", "site:a"), ("x", "site:b"), ("x", "mean"), ("x", "adabn"),
+        ("b", "own"), ("x", "site:a"), ("x", "site:b"), ("x", "mean-of-sites"), ("x", "adabn"),
     ]  # fmt: skip
     own = collect_probabilities(model, loader, site_override=1)
     assert results[0].metrics == binary_metrics(own.label, own.p_covid)
@@ -292,7 +292,7 @@ def test_evaluate_command(run_dir: tuple[Path, list[str]], tmp_path: Path) -> No
     report = json.loads(res.output)
     rows = report["results"]
     assert [(r["site"], r["strategy"], r["part"]) for r in rows] == [
-        ("b", "own", "test"), ("x", "site:a", "all"), ("x", "site:b", "all"), ("x", "mean", "all"),
+        ("b", "own", "test"), ("x", "site:a", "all"), ("x", "site:b", "all"), ("x", "mean-of-sites", "all"),
         ("x", "adabn", "all"), ("x", "standardise", "all"),
     ]  # fmt: skip
     assert [r["strategy"] for r in rows if r["default"]] == ["standardise"]  # an unseen site's default

@@ -110,7 +110,7 @@ def test_predictions_match_evaluation_pipeline(model_path: Path, real: tuple, si
     model, _ = load(model_path)
     cache = build_cache(sites, indices, IMAGE_SIZE, progress=False, frame=FRAME)
     loader = eval_loader(sites, indices, cache, IMAGE_SIZE, batch_size=3)
-    expected = collect_probabilities(model, loader, site_override="mean" if site is None else 1).p_covid
+    expected = collect_probabilities(model, loader, site_override="mean-of-sites" if site is None else 1).p_covid
 
     records = Predictor.from_file(model_path, site=site, batch_size=5).predict(files)
     assert [r.kind for r in records] == ["slice"] * len(files)

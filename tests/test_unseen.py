@@ -137,13 +137,13 @@ def test_evaluate_model_scores_each_requested_strategy(world: World, scores: dic
         results = evaluate_model(model, ["a", "b"], {}, {"c": loader}, n_boot=10,
                                  strategies=("standardise", "tent", "ensemble"))
     auc = {r.strategy: r.metrics["auc"] for r in results}
-    assert list(auc) == ["site:a", "site:b", "mean", "adabn", "standardise", "tent", "ensemble"]
+    assert list(auc) == ["site:a", "site:b", "mean-of-sites", "adabn", "standardise", "tent", "ensemble"]
     # the same numbers as the Predictor's (same slices, same preprocessing)
-    for key, adapt in (("mean", None), ("adabn", "adabn"), ("standardise", "standardise"), ("tent", "tent"),
+    for key, adapt in (("mean-of-sites", None), ("adabn", "adabn"), ("standardise", "standardise"), ("tent", "tent"),
                        ("ensemble", "ensemble")):
         assert auc[key] == pytest.approx(scores[adapt][0], abs=1e-3), key
     default = evaluate_model(model, ["a", "b"], {}, {"c": loader}, n_boot=10)
-    assert [r.strategy for r in default] == ["site:a", "site:b", "mean", "adabn"]
+    assert [r.strategy for r in default] == ["site:a", "site:b", "mean-of-sites", "adabn"]
 
 
 def test_tent_updates_only_the_new_affine_parameters_and_lowers_entropy(world: World) -> None:
@@ -279,7 +279,7 @@ def test_evaluate_cli_scores_external_site_per_strategy(world: World, scores: di
                  "--adapt-strategy", "standardise", "--bootstrap", "10", "--json")
     assert result.exit_code == 0, result.output
     auc = {r["strategy"]: r["metrics"]["auc"] for r in json.loads(result.stdout)["results"]}
-    assert list(auc) == ["site:a", "site:b", "mean", "adabn", "standardise", "ensemble"]
+    assert list(auc) == ["site:a", "site:b", "mean-of-sites", "adabn", "standardise", "ensemble"]
     defaults = [r["strategy"] for r in json.loads(result.stdout)["results"] if r["default"]]
     assert defaults == ["standardise"]  # the row of the default strategy for an unseen site
     assert auc["ensemble"] == pytest.approx(scores["ensemble"][0], abs=1e-3)

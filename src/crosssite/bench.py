@@ -6,7 +6,8 @@
     (`crosssite.bench_preset`; the CLI dispatches on ``--preset``)
 
 Network: ``covidnet_redesign``, 2 sites, site-specific BN, projection head (SepNorm + contrastive), width 1,
-224 px. Measured in one process, each figure the median of ``--steps`` runs after a warm-up:
+224 px. Measured in one process (`crosssite.bench_timing`): every path of a workload is built and warmed first (the
+warm-up's seconds are reported), then the paths run in turn, ``--steps`` rounds, and each figure is the median:
 
 (a) training step of 16 + 16 images: forward, cross-entropy + contrastive loss, backward, gradient-norm
     clip 2.0, Adam step;
@@ -18,13 +19,17 @@ a training step), the ratio to an fp32 and a bf16 square matmul (up to 2048) mea
 the start and at the end; the better rate counts), and peak RSS (the kernel's high-water mark, reset once the
 workload is built and before it runs).
 
-The plain path is fp32, eager, contiguous, one forward per site. Each lever is then switched on alone --
+The plain path is fp32, eager, contiguous, one forward per site. Each lever is switched on alone --
 one forward for the mixed-site batch, channels_last, bf16 autocast (skipped where a bf16 matmul is
 slower than an fp32 one, i.e. no native bf16), torch.compile (``--compile``), and for inference ONNX Runtime on
 the exported model and on its int8 quantisation (when onnx and onnxruntime are installed; the int8 ranges are
 calibrated on random inputs here, which sets the speed, not the accuracy: see benchmarks/fast_path_accuracy.py)
--- and the fast path combines the PyTorch levers that helped on their own in this run, or is an ONNX Runtime
-path if that is quicker. ``--json`` prints one JSON object.
+-- and with every PyTorch lever together; the fast path is the quickest of these in this run (an ONNX Runtime
+path where that is quicker). ``--json`` prints one JSON object.
+
+The report holds the machine's load before and after (1-minute load average, runnable threads, cores), the CPU
+model and its AMX / AVX-512 flags; where the load or the spread of a path's repeats says a neighbour distorted the
+timings, the speed-ups are withheld from the table with the reason (``ratios_trusted`` / ``ratios_note`` in JSON).
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -47,6 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from crosssite.bench_timing import cpu_flags, interleaved, machine_load, ratio_verdict
 from crosssite.data import eval_transform, read_image
 from crosssite.inference.export import missing_onnx_packages
 from crosssite.losses import supervised_contrastive_loss
@@ -81,21 +86,6 @@ class Mode:
 
 
 # --- measurement helpers -------------------------------------------------------------------------------
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's resident-set high-water mark of this process (Linux >= 4.0)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_gb() -> float:
-    """Resident-set high-water mark since the last `reset_peak_rss`, in GB."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def timed(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
@@ -244,15 +234,6 @@ def latency_fn(mode: Mode, width: float, image_size: int, file: Path, workdir: P
 # --- driver --------------------------------------------------------------------------------------------
 
 
-def measure(make: Callable[[], Callable[[], None]], steps: int, warmup: int) -> tuple[list[float], float]:
-    """Times of ``make()``'s workload and the peak RSS while it runs (building it -- a model, an export, an
-    int8 calibration -- is not part of the figure)."""
-    fn = make()
-    reset_peak_rss()
-    times = timed(fn, steps, warmup)
-    return times, peak_rss_gb()
-
-
 def report_part(times: list[float], rss: float, n_images: int, flops: float) -> dict:
     t = statistics.median(times)
     return {
@@ -280,7 +261,22 @@ def _combined(modes: list[Mode]) -> Mode:
     return Mode(**{f.name: any(getattr(m, f.name) for m in modes) for f in dataclasses.fields(Mode)})
 
 
+def _makers(args: argparse.Namespace, part: str, modes: list[Mode], workdir: Path
+            ) -> dict[str, Callable[[], Callable[[], None]]]:
+    """Name -> builder of the call to time, per mode, for ``part`` (``train_step`` or ``eval_batch``)."""
+    if part == "train_step":
+        return {m.name: (lambda m=m: train_step_fn(m, args.width, args.image_size, args.per_site)) for m in modes}
+    return {m.name: (lambda m=m: eval_fn(m, args.width, args.image_size, 2 * args.per_site, workdir)) for m in modes}
+
+
+def _entries(timings: dict, batch: int, work: float) -> dict[str, dict]:
+    return {name: report_part(t.times, t.peak_rss_gb, batch, work) | {"warmup_s": round(t.warmup_s, 3),
+                                                                      "spread": round(t.spread, 3)}
+            for name, t in timings.items()}
+
+
 def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
+    load_before = machine_load()  # before this process adds its own load
     torch.set_num_threads(args.threads)
     steps, warmup = args.steps, args.warmup
     peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
@@ -296,6 +292,8 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     result: dict = {
         "machine": {
             "cpu": cpu_model(),
+            **cpu_flags(),
+            "load_before": load_before,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -304,32 +302,20 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         "forward_gflop_per_image": round(flops / 1e9, 3),
     }
 
-    def train(mode: Mode) -> dict:
-        times, rss = measure(lambda: train_step_fn(mode, args.width, args.image_size, args.per_site), steps, warmup)
-        return report_part(times, rss, batch, 3 * flops * batch)
-
-    def evaluate(mode: Mode) -> dict:
-        times, rss = measure(lambda: eval_fn(mode, args.width, args.image_size, batch, workdir), steps, warmup)
-        return report_part(times, rss, batch, flops * batch)
-
-    # (a) and (b): plain path, each lever alone, then the PyTorch levers that helped, together; the fast path
-    # is the quicker of that combination and ONNX Runtime (which replaces PyTorch, so it combines with nothing)
-    for part, fn, candidates in (("train_step", train, levers), ("eval_batch", evaluate, inference_levers)):
-        plain = fn(Mode())
-        entries = {"plain": plain}
-        helped = []
-        for lever in candidates:
-            entries[lever.name] = fn(lever)
-            entries[lever.name]["speedup"] = round(plain["seconds"] / entries[lever.name]["seconds"], 2)
-            if entries[lever.name]["speedup"] > 1.02:
-                helped.append(lever)
-        torch_helped = [m for m in helped if not m.replaces_torch]
-        combined = _combined(torch_helped)
-        if len(torch_helped) > 1:
-            entries[combined.name] = fn(combined)
-            entries[combined.name]["speedup"] = round(plain["seconds"] / entries[combined.name]["seconds"], 2)
-        fast = min([combined] + [m for m in helped if m.replaces_torch], key=lambda m: entries[m.name]["seconds"])
-        result[part] = {"paths": entries, "fast": fast.name, "speedup": entries[fast.name].get("speedup", 1.0)}
+    # (a) and (b): the plain path, each lever alone and every PyTorch lever together, in one interleaved run; the
+    # fast path is the quickest of them (ONNX Runtime replaces PyTorch, so it combines with nothing)
+    for part, candidates in (("train_step", levers), ("eval_batch", inference_levers)):
+        torch_levers = [m for m in candidates if not m.replaces_torch]
+        combined = [_combined(torch_levers)] if len(torch_levers) > 1 else []
+        timings = interleaved(_makers(args, part, [Mode(), *candidates, *combined], workdir), steps, warmup)
+        entries = _entries(timings, batch, (3 if part == "train_step" else 1) * flops * batch)
+        for name, entry in entries.items():
+            if name != "plain":
+                entry["speedup"] = round(entries["plain"]["seconds"] / entry["seconds"], 2)
+        fast = min(entries, key=lambda name: entries[name]["seconds"])
+        trusted, why = ratio_verdict(timings, result["machine"]["load_before"], machine_load())
+        result[part] = {"paths": entries, "fast": fast, "speedup": entries[fast].get("speedup", 1.0),
+                        "ratios_trusted": trusted, "ratios_note": why}
 
     result["single_image"] = _latency(args, workdir, Mode(**_flags(result["eval_batch"]["fast"])))
 
@@ -339,21 +325,21 @@ def _run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     peaks = {k: round(max(v, again[k]), 1) for k, v in peaks.items()}  # ratios use the figures reported
     result["matmul_gflops"] = peaks
     add_ratios(result, peaks)
+    result["machine"]["load_after"] = machine_load()
     return result
 
 
 def _latency(args: argparse.Namespace, workdir: Path, fast_eval: Mode) -> dict:
     """(c) single-image latency from a PNG file, plain and with the evaluation's fast path."""
     file = png_file(workdir)
-    latency = {}
-    for mode in dict.fromkeys([Mode(), fast_eval]):
-        times, rss = measure(lambda p=mode: latency_fn(p, args.width, args.image_size, file, workdir),
-                             4 * args.steps, args.warmup)
-        latency[mode.name] = {
-            "p50_ms": round(1e3 * statistics.median(times), 1),
-            "p90_ms": round(1e3 * float(np.percentile(times, 90)), 1),
-            "peak_rss_gb": round(rss, 2),
-        }
+    modes = list(dict.fromkeys([Mode(), fast_eval]))
+    timings = interleaved({m.name: (lambda m=m: latency_fn(m, args.width, args.image_size, file, workdir))
+                           for m in modes}, 4 * args.steps, args.warmup)
+    latency = {
+        name: {"p50_ms": round(1e3 * t.median, 1), "p90_ms": round(1e3 * float(np.percentile(t.times, 90)), 1),
+               "peak_rss_gb": round(t.peak_rss_gb, 2), "warmup_ms": round(1e3 * t.warmup_s, 1)}
+        for name, t in timings.items()
+    }
     return {"file": str(file), "paths": latency}
 
 
@@ -363,15 +349,20 @@ def _flags(name: str) -> dict[str, bool]:
 
 def print_table(result: dict) -> None:
     m = result["machine"]
-    print(f"{m['cpu_capability']} x {m['threads']} threads, torch {m['torch']}; "
-          f"forward {result['forward_gflop_per_image']} GFLOP/image; matmul GFLOP/s {result['matmul_gflops']}")
+    print(f"{m['cpu']} ({m['cpu_capability']}, AMX {m['amx']}, AVX-512 {m['avx512']}) x {m['threads']} threads, "
+          f"torch {m['torch']}; load before {m['load_before']}, after {m['load_after']}")
+    print(f"forward {result['forward_gflop_per_image']} GFLOP/image; matmul GFLOP/s {result['matmul_gflops']}")
     for part in ("train_step", "eval_batch"):
-        print(f"\n{part} (fast path: {result[part]['fast']}, x{result[part]['speedup']})")
-        print(f"  {'path':<28}{'s':>8}{'img/s':>9}{'GFLOP/s':>9}{'/fp32mm':>9}{'/bf16mm':>9}{'RSS GB':>8}{'x':>6}")
+        trusted = result[part]["ratios_trusted"]
+        verdict = f"x{result[part]['speedup']}" if trusted else f"speed-ups withheld: {result[part]['ratios_note']}"
+        print(f"\n{part} (fast path: {result[part]['fast']}, {verdict})")
+        print(f"  {'path':<28}{'s':>8}{'img/s':>9}{'GFLOP/s':>9}{'/fp32mm':>9}{'/bf16mm':>9}{'RSS GB':>8}"
+              f"{'warm s':>8}{'spread':>8}{'x' if trusted else '':>6}")
         for name, r in result[part]["paths"].items():
+            ratio = f"{r.get('speedup', 1.0):>6.2f}" if trusted else ""
             print(f"  {name:<28}{r['seconds']:>8.3f}{r['images_per_s']:>9.2f}{r['gflops']:>9.1f}"
                   f"{r['of_fp32_matmul']:>9.3f}{r['of_bf16_matmul']:>9.3f}{r['peak_rss_gb']:>8.2f}"
-                  f"{r.get('speedup', 1.0):>6.2f}")
+                  f"{r['warmup_s']:>8.2f}{r['spread']:>8.2f}{ratio}")
     print(f"\nsingle image from {result['single_image']['file']}")
     for name, r in result["single_image"]["paths"].items():
         print(f"  {name:<28} p50 {r['p50_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, peak RSS {r['peak_rss_gb']:.2f} GB")

@@ -9,9 +9,15 @@ step), or with ``data_on_device`` the slices kept on the device and cut there (`
 with the speed levers set: the plain path has every lever off (contiguous tensors, the site tensor, Adam's loop,
 fp32, eager); each lever is then switched on alone; ``fast`` is the engine's defaults on this machine (the levers
 `TrainConfig` turns on, bf16 where `native_bf16` says the hardware has it and the preset is large). Each figure
-is the median step time of ``--steps`` steps after a warm-up, with images/s, GFLOP/s (3 x the FLOPs of a forward),
-the fractions of an fp32 and a bf16 square matmul measured in the same process, and the speed-up over the plain
-path, which is measured first and last (the mean of both counts; both are reported, so drift shows).
+is the median step time of ``--steps`` steps, with images/s, GFLOP/s (3 x the FLOPs of a forward), the fractions
+of an fp32 and a bf16 square matmul measured in the same process, and the speed-up over the plain path.
+
+Every path is built and warmed (``--warmup`` steps, their seconds reported) before any is timed; then one step of
+each path runs in turn, ``--steps`` rounds (`crosssite.bench_timing.interleaved`), so a neighbour's burst of load
+slows every path alike. ``plain (again)`` is a second, separately built plain path in the same rounds: it should
+match ``plain``, and where the two differ, or a path's repeats spread, or the machine's load (recorded before and
+after, with the CPU model and its AMX / AVX-512 flags) fills the cores, the speed-ups are withheld with the reason
+(``ratios_trusted`` / ``ratios_note``).
 """
 
 from __future__ import annotations
@@ -22,22 +28,24 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from crosssite.bench import forward_flops, matmul_gflops
+from crosssite.bench_timing import cpu_flags, interleaved, machine_load, ratio_verdict
 from crosssite.data import load_sites
 from crosssite.data.resident import ResidentLoader
 from crosssite.errors import ConfigError
 from crosssite.training.config import TrainConfig, apply_overrides
 from crosssite.training.data import build_run_data, data_on_device
 from crosssite.training.methods import METHODS
-from crosssite.training.precision import native_bf16, resolve_precision
+from crosssite.training.precision import cpu_model, native_bf16, resolve_precision
 from crosssite.training.step import CompiledForward, build_model, make_optimizer, train_step
 
-__all__ = ["LEVERS", "preset_config", "measure_path", "run_preset_benchmark"]
+__all__ = ["LEVERS", "preset_config", "path_step", "run_preset_benchmark"]
 
 DATA = Path(os.environ.get("CROSSSITE_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 PLAIN = {"channels_last": False, "static_layout": False, "fused_adam": False, "precision": "fp32", "compile": False,
@@ -61,41 +69,69 @@ def preset_config(preset: str, device: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), {**PRESETS[preset], "device": device})
 
 
-def measure_path(config: TrainConfig, data: Any, steps: int, warmup: int,
-                 resident: ResidentLoader | None = None) -> dict[str, float]:
-    """Median wall seconds of one engine step of ``config``, the batch's loading included (model and optimiser
-    built fresh, seed 0); ``resident``: the device-resident twin of ``data.train``, used when `data_on_device`
-    says the config keeps its slices on the device."""
+class _Stream:
+    """Batches of one loader, started again when it ends: every path draws its next batch from the same stream."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.it = loader, iter(loader)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+def path_step(config: TrainConfig, n_sites: int, batches: _Stream) -> Callable[[], None]:
+    """One engine step of ``config`` with the batch's loading (model and optimiser built fresh, seed 0)."""
     device = torch.device("cuda" if config.device == "cuda" else "cpu")
     method = METHODS[config.method]
     torch.manual_seed(0)
-    model = build_model(config, len(data.sites), device)
+    model = build_model(config, n_sites, device)
     optimizer = make_optimizer(model, config)
     forward = CompiledForward(model, log=lambda line: None) if config.compile else model
     model.train()
-    batches = iter(resident if resident is not None and data_on_device(config, device) else data.train)
 
     def fail(what: str, values: dict) -> None:
         raise RuntimeError(f"non-finite {what} in the benchmark")
 
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        batch = next(batches)
-        train_step(model, forward, optimizer, batch, method, config, device, lr=config.lr, on_diverged=fail)
+    def step() -> None:
+        train_step(model, forward, optimizer, next(batches), method, config, device, lr=config.lr, on_diverged=fail)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    out = {"seconds": statistics.median(times)}
-    if config.compile:
-        out["compile_seconds"] = forward.compile_seconds
-    return out
+
+    step.forward = forward  # type: ignore[attr-defined]  # for the compile time
+    return step
+
+
+def _entries(timings: dict, steps_of: dict[str, Callable[[], None]], work: float, batch: int,
+             peaks: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each path's figures from its timings; ``work``: FLOPs of one step; the speed-up is over the mean of both
+    plain paths."""
+    paths: dict[str, dict[str, float]] = {}
+    for name, t in timings.items():
+        paths[name] = {"seconds": t.median, "warmup_s": round(t.warmup_s, 3), "spread": round(t.spread, 3)}
+        forward = getattr(steps_of[name], "forward", None)
+        if isinstance(forward, CompiledForward):
+            paths[name]["compile_seconds"] = forward.compile_seconds
+    plain = (paths["plain"]["seconds"] + paths["plain (again)"]["seconds"]) / 2
+    for entry in paths.values():
+        entry |= {
+            "images_per_s": round(batch / entry["seconds"], 1),
+            "gflops": round(work / entry["seconds"] / 1e9, 1),
+            "of_fp32_matmul": round(work / entry["seconds"] / 1e9 / peaks["fp32"], 3),
+            "of_bf16_matmul": round(work / entry["seconds"] / 1e9 / peaks["bf16"], 3),
+            "speedup": round(plain / entry["seconds"], 2),
+            "seconds": round(entry["seconds"], 4),
+        }
+    return paths
 
 
 def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threads: int | None = None,
                          compile: bool = False, device: str = "cpu", data_root: Path | None = None) -> dict[str, Any]:
     """The preset's engine step on the plain path, with each lever alone, and on the fast path (see the module)."""
+    load_before = machine_load()  # before this process adds its own load
     if threads:
         torch.set_num_threads(threads)
     root = data_root or DATA
@@ -111,32 +147,35 @@ def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threa
     batch = base.batch_per_site * len(sites)
     fast = base.replace(precision=resolve_precision(base, torch_device))
     levers = {k: v for k, v in LEVERS.items() if (k != "compile" or compile) and (k != "bf16" or native_bf16(torch_device))}
-    measure_path(base.replace(**PLAIN), data, steps, warmup)  # untimed: caches, allocator and threads warm up
-    paths: dict[str, dict[str, float]] = {}
     order = [("plain", PLAIN)] + [(k, PLAIN | v) for k, v in levers.items()] + [("fast", None), ("plain (again)", PLAIN)]
-    for name, changes in order:
+    streams = {False: _Stream(data.train), True: _Stream(resident)}
+    steps_of: dict[str, Callable[[], None]] = {}
+
+    def maker(name: str, changes: dict | None) -> Callable[[], Callable[[], None]]:
         config = fast if changes is None else base.replace(**changes)
-        paths[name] = measure_path(config, data, steps, warmup, resident)
-    plain = (paths["plain"]["seconds"] + paths["plain (again)"]["seconds"]) / 2
-    for entry in paths.values():
-        entry |= {
-            "images_per_s": round(batch / entry["seconds"], 1),
-            "gflops": round(3 * flops * batch / entry["seconds"] / 1e9, 1),
-            "of_fp32_matmul": round(3 * flops * batch / entry["seconds"] / 1e9 / peaks["fp32"], 3),
-            "of_bf16_matmul": round(3 * flops * batch / entry["seconds"] / 1e9 / peaks["bf16"], 3),
-            "speedup": round(plain / entry["seconds"], 2),
-            "seconds": round(entry["seconds"], 4),
-        }
+
+        def make() -> Callable[[], None]:
+            steps_of[name] = path_step(config, len(sites), streams[data_on_device(config, torch_device)])
+            return steps_of[name]
+
+        return make
+
+    timings = interleaved({name: maker(name, changes) for name, changes in order}, steps, warmup)
+    trusted, why = ratio_verdict(timings, load_before, machine_load(), same=("plain", "plain (again)"))
+    paths = _entries(timings, steps_of, 3 * flops * batch, batch, peaks)
     return {
         "preset": preset,
-        "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": device, "native_bf16": native_bf16(torch_device)},
+        "machine": {"cpu": cpu_model(), **cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+                    "native_bf16": native_bf16(torch_device), "load_before": load_before, "load_after": machine_load()},
         "config": {k: getattr(base, k) for k in ("image_size", "width", "batch_per_site", "method")},
         "fast_path": {k: getattr(fast, k) for k in PLAIN} | {"data_on_device": data_on_device(fast, torch_device)},
         "forward_gflop_per_image": round(flops / 1e9, 3),
         "matmul_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "steps": steps,
         "paths": paths,
+        "ratios_trusted": trusted,
+        "ratios_note": why,
     }
 
 
@@ -145,12 +184,19 @@ def print_preset(result: dict[str, Any]) -> None:
     print(f"preset {result['preset']} {result['config']}: {m['device']} {m['cpu_capability']} x {m['threads']} "
           f"threads, torch {m['torch']}, native bf16 {m['native_bf16']}; forward {result['forward_gflop_per_image']} "
           f"GFLOP/image; matmul GFLOP/s {result['matmul_gflops']}")
+    print(f"{m['cpu']} (AMX {m['amx']}, AVX-512 {m['avx512']}); load before {m['load_before']}, after "
+          f"{m['load_after']}")
     print(f"fast path: {result['fast_path']}")
-    print(f"  {'path':<16}{'s/step':>9}{'img/s':>9}{'GFLOP/s':>9}{'/fp32mm':>9}{'/bf16mm':>9}{'x plain':>9}")
+    trusted = result["ratios_trusted"]
+    if not trusted:
+        print(f"speed-ups withheld: {result['ratios_note']}")
+    print(f"  {'path':<16}{'s/step':>9}{'img/s':>9}{'GFLOP/s':>9}{'/fp32mm':>9}{'/bf16mm':>9}{'warm s':>8}{'spread':>8}"
+          f"{'x plain' if trusted else '':>9}")
     for name, r in result["paths"].items():
         extra = f"  (compiled in {r['compile_seconds']:.1f} s)" if r.get("compile_seconds") else ""
+        ratio = f"{r['speedup']:>9.2f}" if trusted else ""
         print(f"  {name:<16}{r['seconds']:>9.4f}{r['images_per_s']:>9.1f}{r['gflops']:>9.1f}{r['of_fp32_matmul']:>9.3f}"
-              f"{r['of_bf16_matmul']:>9.3f}{r['speedup']:>9.2f}{extra}")
+              f"{r['of_bf16_matmul']:>9.3f}{r['warmup_s']:>8.2f}{r['spread']:>8.2f}{ratio}{extra}")
 
 
 

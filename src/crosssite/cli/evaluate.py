@@ -152,11 +152,12 @@ def _evaluate_one(m: _Model, source: Path, known_sites: list, external_sites: li
 
 def _check_strategies(strategies: list[str], external: list[str]) -> None:
     """``--adapt-strategy`` values: known strategies, and only with ``--external`` sites."""
-    from crosssite.models.adaptation import STRATEGIES
+    from crosssite.models.adaptation import STRATEGIES, adaptation_strategies
 
     for key in strategies:
         if key not in STRATEGIES:
-            raise CrossSiteError(f"--adapt-strategy: unknown strategy {key!r}; choose from {', '.join(STRATEGIES)}")
+            raise CrossSiteError(f"--adapt-strategy: unknown strategy {key!r}; choose from "
+                                 f"{', '.join(adaptation_strategies())}")
     if strategies and not external:
         raise CrossSiteError("--adapt-strategy applies to --external sites; give at least one --external")
 
@@ -182,7 +183,10 @@ def evaluate(
 ) -> None:
     """Accuracy, F1, recall, specificity, precision and AUC per site (COVID positive), with 95% bootstrap
     intervals and confusion matrices."""
+    import torch
+
     from crosssite.data import load_site
+    from crosssite.inference.threads import torch_threads
     from crosssite.models.adaptation import DEFAULT_STRATEGY
     from crosssite.training.step import resolve_device
 
@@ -204,15 +208,23 @@ def evaluate(
                     f"site {name!r} is not one {source} was trained on "
                     f"({', '.join(n for m in models for n in m.site_names)}); pass it with --external"
                 )
-        for m in models:
-            # external sites: always the default strategy for an unseen site, then every --adapt-strategy
-            strategies = tuple(dict.fromkeys([DEFAULT_STRATEGY, *(adapt or [])])) if external_sites else ()
-            for r, row in _evaluate_one(m, source, known_sites, external_sites, all_images, batch_size, workers,
-                                        device, bootstrap, seed, strategies):
-                report["results"].append(row)
-                results.append(r)
+        # external sites: always the default strategy for an unseen site, then every --adapt-strategy
+        strategies = tuple(dict.fromkeys([DEFAULT_STRATEGY, *(adapt or [])])) if external_sites else ()
+        # torch on the cores that are free: OpenMP threads spinning on a core another process holds slow every
+        # forward pass many times over (crosssite.inference.threads)
+        with torch_threads(None if device == "cpu" else torch.get_num_threads()):
+            for m in models:
+                for r, row in _evaluate_one(m, source, known_sites, external_sites, all_images, batch_size, workers,
+                                            device, bootstrap, seed, strategies):
+                    report["results"].append(row)
+                    results.append(r)
     except CrossSiteError as e:
         raise fail(e) from None
+    _output(report, results, out, as_json)
+
+
+def _output(report: dict[str, Any], results: list[Any], out: Path | None, as_json: bool) -> None:
+    """The report as JSON or tables on stdout, and its files under ``out``."""
     if out is not None:
         _save(out, report, results)
     if as_json:

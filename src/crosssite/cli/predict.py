@@ -129,13 +129,12 @@ def split_model_argument(paths: list[Path]) -> tuple[Path, list[Path]]:
 
 def _strategy(adapt_flag: bool, strategy: str | None, site: str | None, save_adapted: Path | None) -> str | None:
     """The test-time strategy ``--adapt`` / ``--adapt-strategy`` ask for, checked against the other options."""
-    from crosssite.inference import STRATEGIES
-    from crosssite.models.adaptation import DEFAULT_STRATEGY
+    from crosssite.models.adaptation import DEFAULT_STRATEGY, MEAN_OF_SITES, STRATEGIES, adaptation_strategies
 
     if strategy is not None and strategy not in (*STRATEGIES, "none"):
         raise CrossSiteError(f"--adapt-strategy: unknown strategy {strategy!r}; choose one of "
-                             f"{', '.join(STRATEGIES)} or none")
-    if strategy == "none":  # the mean of the known sites' statistics, nothing adapted
+                             f"{', '.join(adaptation_strategies())} or none")
+    if strategy in ("none", MEAN_OF_SITES):  # the mean of the known sites' statistics, nothing adapted
         adapt = None
     elif strategy is not None:
         adapt = strategy
@@ -147,8 +146,9 @@ def _strategy(adapt_flag: bool, strategy: str | None, site: str | None, save_ada
         raise CrossSiteError("--site and --adapt exclude each other: choose one normalisation")
     if save_adapted is not None and not adapt:
         raise CrossSiteError("--save-adapted needs --adapt")
-    if save_adapted is not None and adapt not in ("adabn", "tent"):
-        raise CrossSiteError(f"--save-adapted needs AdaBN or TENT (--adapt-strategy {adapt} adds no site)")
+    if save_adapted is not None and not STRATEGIES[adapt].fits:
+        raise CrossSiteError(f"--save-adapted needs AdaBN or TENT, a strategy that adds a site "
+                             f"(--adapt-strategy {adapt} adds none)")
     return adapt
 
 
@@ -198,6 +198,9 @@ def predict(
     dry_run: Path | None = typer.Option(None, "--dry-run", metavar="DIR"),
     strict: bool = typer.Option(False, "--strict", help="Refuse inputs that would be predicted with a warning "
                                 "(DICOM not CT, localizer or non-axial slice, image below the minimum size)."),
+    draft_jpeg: bool = typer.Option(False, "--draft-jpeg", help="Decode JPEGs much larger than the model input at a "
+                                    "reduced scale: faster, but P(COVID) moves (docs/PERFORMANCE.md); default: in "
+                                    "full, as evaluate does."),
 ) -> None:
     """Predict P(COVID) for slices, DICOM series and NIfTI volumes, with per-volume scores."""
     from crosssite.inference import Predictor, failed
@@ -214,11 +217,11 @@ def predict(
             if folder is not None:
                 ensure_dir(folder, f"the {what} folder")  # before any work: a bad output path fails at once
         predictor = Predictor.from_file(model, site=site, adapt=adapt, batch_size=batch_size, top_k=top_k or None,
-                                        strict=strict, tta=tta)
+                                        strict=strict, tta=tta, draft=draft_jpeg)
         records = predictor.predict(inputs, cam_dir=cam)
-        if adapt in ("adabn", "tent"):
-            what = "AdaBN" if adapt == "adabn" else "TENT"
-            typer.echo(f"{what}: normalisation re-estimated on {predictor.adapted[1]} images", err=True)
+        if predictor.adapted is not None:
+            typer.echo(f"{predictor.adapted_with}: normalisation re-estimated on {predictor.adapted[1]} images",
+                       err=True)
         if save_adapted is not None:
             weights, _ = predictor.save_adapted(save_adapted, adapt_name)
             typer.echo(f"saved the adapted model (new site {adapt_name!r}) to {weights}", err=True)

@@ -39,6 +39,8 @@ __all__ = [
     "image_kind",
     "num_frames",
     "read_image",
+    "DRAFT_MARGIN",
+    "draft_scale",
     "read_volume",
     "expand_inputs",
     "apply_window",
@@ -164,6 +166,23 @@ def _pil_to_grey(img) -> np.ndarray:
     raise ValueError(f"unsupported image mode {mode}")
 
 
+DRAFT_MARGIN = 2
+"""A JPEG read with ``draft`` is decoded at a reduced DCT scale only while at least this many decoded pixels remain
+per pixel of the framed slice, on each axis that matters, so the resize that follows still averages over several
+decoded pixels instead of aliasing."""
+
+
+def draft_scale(width: int, height: int, size: int, frame: str) -> int:
+    """The coarsest JPEG DCT scale (1, 2, 4 or 8) for a slice of ``width`` x ``height`` that is then framed at
+    ``size`` (`crosssite.data.transforms.frame_slice`) that keeps `DRAFT_MARGIN` decoded pixels per framed pixel:
+    ``"pad"`` resizes the long side to ``size``, ``"resize"`` and ``"crop"`` bring the short side to it."""
+    side = max(width, height) if frame == "pad" else min(width, height)
+    for scale in (8, 4, 2):
+        if side / scale >= DRAFT_MARGIN * size:
+            return scale
+    return 1
+
+
 def _open_pil(path: Path):
     """``Image.open`` with our own size limit, checked from the header: a named error instead of Pillow's
     DecompressionBombWarning (a library path on stderr), whose threshold lies above `MAX_IMAGE_PIXELS`."""
@@ -182,10 +201,14 @@ def _open_pil(path: Path):
     return img
 
 
-def _read_pil(path: Path, frame: int | None) -> np.ndarray:
+def _read_pil(path: Path, frame: int | None, draft: tuple[int, str] | None = None) -> np.ndarray:
     with _open_pil(path) as img:
         if frame:
             img.seek(frame)
+        if draft is not None and img.format == "JPEG":
+            scale = draft_scale(*img.size, *draft)
+            if scale > 1:  # Pillow picks the coarsest scale whose result is at least the size asked for
+                img.draft(img.mode, (img.size[0] // scale, img.size[1] // scale))
         img.load()
         return _pil_to_grey(img)
 
@@ -369,12 +392,15 @@ def _fail(path: Path, e: BaseException) -> ImageReadError:
 
 
 def read_image(
-    path: Path | str, frame: int | None = None, window: tuple[float, float] | None = LUNG_WINDOW
+    path: Path | str, frame: int | None = None, window: tuple[float, float] | None = LUNG_WINDOW, *,
+    draft: tuple[int, str] | None = None,
 ) -> np.ndarray:
     """Read one 2D slice as float32 (H, W) in [0, 1]; ``frame`` picks a slice of a multi-slice file.
 
     ``window`` is the (level, width) in Hounsfield units for DICOM CT and NIfTI (None: the slice's own
-    range); it does not affect PNG/JPEG.
+    range); it does not affect PNG/JPEG. ``draft=(size, frame)``: the slice is for a model that frames it at
+    ``size``, so a JPEG may be decoded at a reduced DCT scale (`draft_scale`); every other format, and a JPEG too
+    small to reduce, decodes in full.
     """
     path = Path(path)
     kind = image_kind(path)
@@ -382,7 +408,7 @@ def read_image(
         raise ImageReadError(path, "unsupported file type (expected PNG, JPEG, BMP, TIFF, DICOM or NIfTI)")
     try:
         if kind == "pil":
-            image = _read_pil(path, frame)
+            image = _read_pil(path, frame, draft)
         elif kind == "dicom":
             image = _read_dicom(path, frame, window)
         else:

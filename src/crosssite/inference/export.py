@@ -57,7 +57,7 @@ from crosssite.inference.onnx_runtime import (
     require_onnx,
 )
 from crosssite.inference.predictor import MEAN_OF_SITES, SHARED, InferenceError, Preprocess, has_site_modules
-from crosssite.inference.predictor import load_slice, resolve_site, site_names_of
+from crosssite.inference.predictor import resolve_site, site_names_of
 
 __all__ = ["METADATA_KEY", "OPSET", "MIN_CALIBRATION_SLICES", "BinnedAvgPool2d", "Int8Export", "exportable",
            "missing_onnx_packages", "require_onnx", "export_onnx", "export_int8", "quantize_int8", "calibration_slices", "max_difference",
@@ -236,7 +236,7 @@ def calibration_slices(paths: Sequence[str | os.PathLike], preprocess: Preproces
     items = plan.items
     if len(items) > limit:
         items = [items[round(k * (len(items) - 1) / (limit - 1))] for k in range(limit)] if limit > 1 else items[:1]
-    loaded = [load_slice(preprocess, item) for item in items]
+    loaded = [preprocess.load(item) for item in items]
     errors = list(plan.errors) + [x for x in loaded if isinstance(x, ImageReadError)]
     return [x for x in loaded if isinstance(x, torch.Tensor)], errors
 
@@ -265,7 +265,7 @@ def export_int8(
     """Export the model at ``model_path`` to int8 ONNX at ``onnx_path`` (see the module docstring), with the
     activation ranges calibrated on up to ``max_slices`` slices of ``calibration`` (images of the site the
     export is for: ``site``, or any of the known sites for the mean-of-sites normalisation)."""
-    from crosssite.inference.predictor import TorchBackend
+    from crosssite.inference.backends import TorchBackend
     from crosssite.models import load
 
     require_onnx()
@@ -293,7 +293,7 @@ def export_int8(
 def max_difference(model_path: str | os.PathLike, onnx_path: str | os.PathLike, site: str | None = None,
                    n: int = 4, seed: int = 0) -> float:
     """Largest |P(COVID)| difference between the PyTorch model and its export on ``n`` random inputs."""
-    from crosssite.inference.predictor import TorchBackend
+    from crosssite.inference.backends import TorchBackend
     from crosssite.models import load
 
     model, card = load(model_path)

@@ -3,70 +3,65 @@
     predictor = Predictor.from_file("runs/x/model", site=None)     # mean of the known sites' statistics
     records = predictor.predict(["scan/", "slice.png"])          # list[Record]
 
-Preprocessing is the evaluation pipeline's, step for step, so a file gets the probability `evaluate`
-reports for it: the slice is decoded with `crosssite.data.read_image` (lung window for DICOM / NIfTI) and
-goes through `crosssite.data.eval_transform`, which takes a freshly decoded slice along the decode cache's
-path (short side ``short_side_for(image_size)``, rounded to uint8) before its own resize to ``image_size``,
-central square and normalisation. ``image_size``, mean and std come from the model card's
-``preprocessing``.
+Preprocessing is the evaluation pipeline's (`crosssite.inference.preprocess`). Slices are decoded by a thread
+pool a few batches ahead of the forward pass, so decoding and the network overlap; torch runs on the cores that
+are free (`crosssite.inference.threads`).
 
 Normalisation of an unseen hospital's images (site-specific BN):
 
 * ``site="NAME"``: a known site's statistics;
-* ``site=None``: the mean of every known site's statistics and affine parameters ("mean-of-sites");
-* ``adapt="adabn"`` (or ``True``): AdaBN (Li et al. 2016) -- every call of `Predictor.predict` first
-  re-estimates a new site slot's statistics on the readable slices it was given (at least
-  `MIN_ADAPT_IMAGES`), on a copy of the loaded model; `Predictor.save_adapted` keeps the adapted copy as an
-  ordinary model file with one more site;
-* ``adapt="tent"``: TENT (Wang et al., ICLR 2021) -- AdaBN, then one epoch of entropy minimisation of the new
-  slot's BN affine parameters on the same slices (`crosssite.models.adaptation.tent_adapt`), on a copy;
-* ``adapt="standardise"``: each slice standardised on its own to the training part's mean / std (the mean of
-  the known sites' statistics in the network; works for ONNX exports too);
-* ``adapt="ensemble"``: P(COVID) averaged over every known site's normalisation.
+* ``site=None``: the mean of every known site's statistics and affine parameters (``mean-of-sites``);
+* ``adapt="name"``: a test-time strategy of the registry `crosssite.models.adaptation.STRATEGIES` (``True``:
+  ``"adabn"``). A strategy that fits itself to the site's images (AdaBN, TENT) does so on every call of
+  `Predictor.predict`, on the readable slices it was given (at least `MIN_ADAPT_IMAGES`) and on a copy of the
+  loaded model; `Predictor.save_adapted` keeps the adapted copy as an ordinary model file with one more site.
 
 A model without site-specific modules has one shared normalisation ("shared") whatever the choice.
 
-Test-time augmentation: ``tta="flip"`` averages P(COVID) over each slice and its left-right mirror
-(`crosssite.data.tta_average`), for crosssite model files and ONNX exports alike; the default is the model card's
-``tta``, the setting the model was validated and selected with.
+Test-time augmentation: ``tta="flip"`` averages P(COVID) over each slice and its left-right mirror, both views in
+one forward pass, for crosssite model files and ONNX exports alike; the default is the model card's ``tta``, the
+setting the model was validated and selected with.
 
 Out-of-distribution flag: every slice gets ``ood_score``, its distance at the first batch-norm layer to the
-closest known site (`crosssite.models.adaptation.FirstNormShift`), and a volume the mean over its slices;
-``ood`` is set where the score exceeds the card's ``ood_threshold`` or `OOD_THRESHOLD`.
+closest known site (`crosssite.models.adaptation.FirstNormShift`), read in the same forward pass as the
+prediction, and a volume the mean over its slices; ``ood`` is set where the score exceeds the card's
+``ood_threshold`` or `OOD_THRESHOLD`.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from crosssite.data import (
-    CLASS_NAMES,
-    DEFAULT_FRAME,
-    DEFAULT_MEAN,
-    DEFAULT_STD,
-    TTA_MODES,
-    card_tta,
-    eval_transform,
-    preprocessing_transform,
-    read_image,
-    tta_average,
-)
+from crosssite.data import CLASS_NAMES, TTA_MODES, card_tta
 from crosssite.data.io import input_warnings
-from crosssite.errors import CheckpointError, ImageReadError, InferenceError
+from crosssite.errors import ImageReadError, InferenceError
+from crosssite.inference.backends import Backend, TorchBackend
+from crosssite.inference.cams import save_cams
 from crosssite.inference.inputs import InputPlan, SliceItem, collect_inputs
+from crosssite.inference.preprocess import Preprocess
 from crosssite.inference.records import DEFAULT_TOP_K, Record, volume_score
-from crosssite.models.adaptation import MIN_ADAPT_IMAGES, STRATEGIES, FirstNormShift, ensemble_probabilities, standardise_images
+from crosssite.inference.threads import free_cores, split_cores, torch_threads, usable_cores
+from crosssite.models.adaptation import (
+    MEAN_OF_SITES,
+    MIN_ADAPT_IMAGES,
+    STRATEGIES,
+    FirstNormShift,
+    adaptation_strategies,
+    has_site_modules,
+    standardise_images,
+)
 
 __all__ = [
     "MIN_ADAPT_IMAGES",
@@ -75,6 +70,7 @@ __all__ = [
     "STRATEGIES",
     "InferenceError",
     "Preprocess",
+    "TorchBackend",
     "site_names_of",
     "resolve_site",
     "Predictor",
@@ -84,14 +80,14 @@ __all__ = [
 OOD_THRESHOLD = 0.75
 """`FirstNormShift` score above which a slice (or a volume, by its slices' mean) is flagged out of
 distribution, unless the model card holds an ``ood_threshold``. A fixed value from tiny synthetic-site models
-(tests/test_unseen.py, training seeds 0-3): held-out and training slices of the known sites score 0.13-0.53,
-a site rendered at half the contrast 0.85-1.66, at twice the contrast 0.55-1.64. To be recalibrated on the
-real sites' validation slices (issue #16).
+(tests/test_unseen.py): the known sites' slices score below it, sites rendered at half or twice the contrast
+mostly above; to be recalibrated on the real sites' validation slices.
 """
 
-MEAN_OF_SITES = "mean-of-sites"
 SHARED = "shared"
 EMPTY_FOLDER = "folder holds no supported image files (searched recursively)"
+PREFETCH_BATCHES = 2
+"""Batches decoded ahead of the one the network runs on: enough to keep the decoding threads busy while it runs."""
 
 
 # ----------------------------------------------------------------------------------------- the model card
@@ -114,127 +110,28 @@ def resolve_site(card: dict[str, Any], site: str | None) -> int | None:
 
 
 def resolve_strategy(adapt: bool | str | None) -> str | None:
-    """``adapt`` as a strategy of `STRATEGIES` (True: ``"adabn"``; False / None: no adaptation)."""
+    """``adapt`` as a strategy of `STRATEGIES` (True: ``"adabn"``; False / None / ``"mean-of-sites"``: no
+    adaptation)."""
     if adapt is True:
         return "adabn"
-    if adapt is False or adapt is None:
+    if adapt is False or adapt is None or adapt == MEAN_OF_SITES:
         return None
     if adapt not in STRATEGIES:
-        raise InferenceError(f"adapt: unknown strategy {adapt!r}; choose one of {', '.join(STRATEGIES)}")
+        raise InferenceError(f"adapt: unknown strategy {adapt!r}; choose one of {', '.join(adaptation_strategies())}")
     return adapt
 
 
-def has_site_modules(model: nn.Module) -> bool:
-    """Whether any module of ``model`` holds per-site parameters (site BN, adapters, auxiliary heads)."""
-    from crosssite.models import SiteModule
-
-    return any(isinstance(m, SiteModule) for m in model.modules())
 
 
-class Preprocess:
-    """A decoded grey slice (H, W) in [0, 1] -> the model input (3, S, S), exactly as evaluation makes it:
-    the card's frame (whole slice, padded, or central crop), image size and the training part's mean / std."""
-
-    def __init__(
-        self,
-        image_size: int,
-        mean: Sequence[float] = DEFAULT_MEAN,
-        std: Sequence[float] = DEFAULT_STD,
-        frame: str = DEFAULT_FRAME,
-    ):
-        self.image_size = int(image_size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.frame = frame
-        self.transform = eval_transform(self.image_size, frame=frame, mean=self.mean, std=self.std)
-
-    @classmethod
-    def from_card(cls, card: dict[str, Any], where: object = "model card") -> Preprocess:
-        """The card's preprocessing; a card without ``frame`` (crosssite 0.1) was trained on central crops."""
-        pre = card.get("preprocessing") or {}
-        if "image_size" not in pre:
-            raise CheckpointError(f"{where}: the model card has no preprocessing.image_size (the training image size)")
-        try:
-            transform = preprocessing_transform(pre)  # the one reading of a card's preprocessing
-            return cls(transform.image_size, transform.normalise.mean, transform.normalise.std, transform.frame)
-        except ValueError as e:
-            raise CheckpointError(f"{where}: invalid preprocessing in the model card ({e})") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "frame": self.frame, "mean": list(self.mean), "std": list(self.std)}
-
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return self.transform(image)
-
-    def grey(self, x: torch.Tensor) -> np.ndarray:
-        """The grey slice (S, S) in [0, 1] a model input (3, S, S) was made from (for overlays)."""
-        return (x[0] * self.std[0] + self.mean[0]).clamp(0.0, 1.0).cpu().numpy()
-
-
-# -------------------------------------------------------------------------------------------- backends
-
-
-class Backend(Protocol):
-    """Runs the network: model inputs (B, 3, S, S) -> P(COVID) (B,)."""
-
-    def probabilities(self, images: torch.Tensor) -> np.ndarray: ...
-
-
-class TorchBackend:
-    """A crosssite model with a fixed normalisation (site index, or None for the mean of the sites)."""
-
-    def __init__(self, model: nn.Module, site: int | None, device: str | torch.device = "cpu") -> None:
-        self.model = model.eval()
-        self.site = site
-        self.device = torch.device(device)
-
-    def _site(self, n: int) -> torch.Tensor | None:
-        return None if self.site is None else torch.full((n,), self.site, dtype=torch.long, device=self.device)
-
-    @torch.no_grad()
-    def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        images = images.to(self.device)
-        logits = self.model(images, self._site(len(images))).logits  # (B, num_classes)
-        return torch.softmax(logits.float(), dim=1)[:, 1].cpu().double().numpy()
-
-    def grad_cam(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """``(p_covid (B,), maps (B, S, S))`` of the predicted class."""
-        from crosssite.gradcam import grad_cam
-
-        out = grad_cam(self.model, images.to(self.device), self._site(len(images)))
-        return out.p_covid.cpu().double().numpy(), out.cam.cpu().numpy()
-
-
-class EnsembleBackend(TorchBackend):
-    """P(COVID) averaged over the normalisation of each of the first ``num_sites`` sites (the Grad-CAM maps are
-    those of the mean of the sites' statistics)."""
-
-    def __init__(self, model: nn.Module, num_sites: int, device: str | torch.device = "cpu") -> None:
-        super().__init__(model, None, device)
-        self.num_sites = num_sites
-
-    def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        return ensemble_probabilities(self.model, images.to(self.device), self.num_sites).cpu().double().numpy()
-
-    def grad_cam(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        _, maps = super().grad_cam(images)
-        return self.probabilities(images), maps
-
-
-# ------------------------------------------------------------------------------------------- predictor
-
-
-def load_slice(preprocess: Preprocess, item: SliceItem) -> torch.Tensor | ImageReadError:
-    """The model input (3, S, S) of one slice, or the error that names why its file cannot be read."""
-    try:
-        return preprocess(read_image(item.ref.path, item.ref.frame))
-    except ImageReadError as e:
-        return e
-
-
-def _batches(items: Sequence[SliceItem], size: int) -> Iterator[Sequence[SliceItem]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _decoded(items: Sequence[SliceItem], size: int, load: Callable[[SliceItem], Any], pool: ThreadPoolExecutor
+             ) -> Iterator[tuple[Sequence[SliceItem], list]]:
+    """``(items, loaded)`` per batch of ``size`` items, decoded by ``pool`` `PREFETCH_BATCHES` batches ahead."""
+    batches = [items[i : i + size] for i in range(0, len(items), size)]
+    pending: deque[list[Future]] = deque()
+    for k, batch in enumerate(batches):
+        while len(pending) <= PREFETCH_BATCHES and k + len(pending) < len(batches):
+            pending.append([pool.submit(load, item) for item in batches[k + len(pending)]])
+        yield batch, [f.result() for f in pending.popleft()]
 
 
 class _Progress:
@@ -273,13 +170,19 @@ class Predictor:
         top_k: slices averaged into a volume's score (None: all).
         threshold: P(COVID) at which a slice is labelled COVID; default the card's ``threshold`` or 0.5.
         device: where the PyTorch model runs.
-        workers: threads decoding files (default min(4, CPUs)).
+        workers: threads decoding files (None: half the free cores, `crosssite.inference.threads.split_cores`).
         strict: refuse (as ``"error"`` rows) the slices of files that would otherwise be scored with a
             ``warning`` (a DICOM whose Modality is not CT, a localizer or non-axial slice, a tiny image).
         ood_threshold: `FirstNormShift` score above which a slice / volume is flagged ``ood``; default the
             card's ``ood_threshold`` or `OOD_THRESHOLD`.
         tta: test-time augmentation (`crosssite.data.TTA_MODES`); default the card's ``tta`` (``"none"`` where it
             has none).
+        draft: decode JPEGs much larger than the model input at a reduced DCT scale
+            (`crosssite.inference.preprocess`); off by default: it moved site B's test AUC by more than 0.2 points
+            (docs/PERFORMANCE.md), so every file decodes in full, as evaluation does.
+        threads: torch threads while predicting (None: the free cores the decoding threads leave, counted at
+            the start of each `predict` call, `crosssite.inference.threads.split_cores`; 0: leave torch's setting
+            alone).
     """
 
     def __init__(
@@ -298,6 +201,8 @@ class Predictor:
         strict: bool = False,
         ood_threshold: float | None = None,
         tta: str | None = None,
+        draft: bool = False,
+        threads: int | None = None,
     ) -> None:
         adapt = resolve_strategy(adapt)
         if site is not None and adapt:
@@ -308,7 +213,7 @@ class Predictor:
             raise InferenceError(f"top-k must be >= 1 (or all slices), got {top_k}")
         self.card = card
         self.source = source
-        self.preprocess = Preprocess.from_card(card, source)
+        self.preprocess = Preprocess.from_card(card, source, draft=draft)
         self.class_names = tuple(card.get("class_names") or CLASS_NAMES)
         self.threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
         if not 0.0 <= self.threshold <= 1.0:
@@ -316,7 +221,9 @@ class Predictor:
         self.batch_size = batch_size
         self.top_k = top_k
         self.device = torch.device(device)
-        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.workers = workers
+        self.decoders = 1  # decoding threads of the current call
+        self.threads = threads
         self.adapt = adapt
         self.strict = strict
         self.ood_threshold = float(card.get("ood_threshold", OOD_THRESHOLD) if ood_threshold is None else ood_threshold)
@@ -327,22 +234,30 @@ class Predictor:
             raise InferenceError(f"{source}: test-time augmentation {self.tta!r} is not one of {', '.join(TTA_MODES)}")
         self._warnings: dict[Path, list[str]] = {}  # per input file, for the current `predict` call
         self.adapted: tuple[nn.Module, int] | None = None  # (adapted model, images used) after AdaBN / TENT
-        self.adapted_with = ""  # "AdaBN" or "TENT", once adapted
+        self.adapted_with = ""  # the strategy that adapted it, once adapted
+        self.standardise = False  # each input standardised on its own before the network
         self._set_backend(model, site)
 
     def _set_backend(self, model: nn.Module | Backend, site: str | None) -> None:
-        """The backend and normalisation label for ``site`` / ``self.adapt`` (AdaBN and TENT replace it later)."""
+        """The backend and normalisation label for ``site`` / ``self.adapt`` (a fitting strategy replaces it
+        later, in `adapt_to`)."""
+        strategy = None if self.adapt is None else STRATEGIES[self.adapt]
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model.to(self.device).eval()
             self.site = resolve_site(self.card, site)
             self.backend: Backend = TorchBackend(self.model, self.site, self.device)
-            self.norm = self._norm_label(site)
-            if self.adapt == "ensemble":
-                if not has_site_modules(self.model):
-                    raise InferenceError(f"{self.source}: the ensemble needs site-specific layers; this model has "
+            self.norm = site if site is not None else MEAN_OF_SITES
+            if not has_site_modules(self.model):
+                if strategy is not None and strategy.needs_site_bn:
+                    raise InferenceError(f"{self.source}: {self.adapt} needs site-specific layers; this model has "
                                          "one shared normalisation")
-                self.backend = EnsembleBackend(self.model, len(self.site_names), self.device)
-                self.norm = f"ensemble:{len(self.site_names)}"
+                self.norm = SHARED
+            if strategy is not None and not strategy.fits:  # fixed from the start: no image to read first
+                adapted = strategy(self.model, (), len(self.site_names))
+                self.backend = TorchBackend(adapted.model, adapted.sites, self.device)
+                self.standardise = adapted.standardise
+                if adapted.sites != (None,):
+                    self.norm = f"{self.adapt}:{len(adapted.sites)}"
         else:
             if site is not None or self.adapt not in (None, "standardise"):
                 raise InferenceError(
@@ -351,13 +266,9 @@ class Predictor:
                 )
             self.model, self.site, self.backend = None, None, model
             self.norm = str(self.card.get("norm", MEAN_OF_SITES))
-        if self.adapt == "standardise":
+            self.standardise = self.adapt == "standardise"
+        if self.standardise:
             self.norm += "+standardise"
-
-    def _norm_label(self, site: str | None) -> str:
-        if not has_site_modules(self.model):
-            return SHARED
-        return site if site is not None else MEAN_OF_SITES
 
     # ------------------------------------------------------------------------------------ construction
 
@@ -384,31 +295,36 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------- reading
 
-    def _read(self, items: Sequence[SliceItem], pool: ThreadPoolExecutor) -> list[torch.Tensor | ImageReadError]:
-        return list(pool.map(lambda item: load_slice(self.preprocess, item), items))
-
     def _readable_batches(self, items: Sequence[SliceItem], counter: list[int]) -> Iterator[torch.Tensor]:
         """Batches of the readable slices' model inputs; ``counter[0]`` counts the slices yielded."""
         batch_size = max(self.batch_size, MIN_ADAPT_IMAGES)
-        with ThreadPoolExecutor(self.workers) as pool:
-            for batch in _batches(items, batch_size):
-                images = [x for x in self._read(batch, pool) if isinstance(x, torch.Tensor)]
+        with ThreadPoolExecutor(self.decoders) as pool:
+            for _, loaded in _decoded(items, batch_size, self.preprocess.load, pool):
+                images = [x for x in loaded if isinstance(x, torch.Tensor)]
                 if images:
                     counter[0] += len(images)
                     yield torch.stack(images)
 
-    # ------------------------------------------------------------------------------------------- AdaBN
+    def _threads(self) -> tuple[int, int]:
+        """(decoding threads, torch threads) for this call (see the ``workers`` and ``threads`` arguments)."""
+        free = free_cores() if self.threads is None or self.workers is None else usable_cores()
+        decoders, torch_n = split_cores(free, self.workers)
+        return decoders, torch_n if self.threads is None else self.threads
+
+    def _torch_threads(self, n: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.threads == 0 else torch_threads(n)
+
+    # ------------------------------------------------------------------------------------ adaptation
 
     def adapt_to(self, paths: Iterable[Path | str] | InputPlan, method: str = "adabn") -> int:
-        """AdaBN (``method="adabn"``: re-estimate a new site slot's statistics) or TENT (``"tent"``: AdaBN, then
-        entropy minimisation of that slot's BN affine parameters) on the readable slices of ``paths``, on a
-        copy of the loaded model, and predict with it from now on; return the number of slices used."""
-        from crosssite.models import adapt_norm
-        from crosssite.models.adaptation import tent_adapt
-
-        what = {"adabn": "AdaBN", "tent": "TENT"}.get(method)
-        if what is None:
-            raise InferenceError(f"adapt_to: method must be adabn or tent, got {method!r}")
+        """Fit the strategy ``method`` (one that reads the site's images first: ``"adabn"``, ``"tent"``) on the
+        readable slices of ``paths``, on a copy of the loaded model, and predict with it from now on; return the
+        number of slices used."""
+        strategy = STRATEGIES.get(method)
+        if strategy is None or not strategy.fits:
+            fitting = [name for name, s in STRATEGIES.items() if s.fits]
+            raise InferenceError(f"adapt_to: method must be one of {', '.join(fitting)}, got {method!r}")
+        what = {"adabn": "AdaBN", "tent": "TENT"}.get(method, method)
         if self.model is None:
             raise InferenceError(f"{self.source}: {what} needs a crosssite model file, not an ONNX export")
         plan = paths if isinstance(paths, InputPlan) else collect_inputs(paths)
@@ -416,22 +332,23 @@ class Predictor:
             raise InferenceError(
                 f"{what} needs at least {MIN_ADAPT_IMAGES} images of the new site, got {len(plan.items)}"
             )
-        model = copy.deepcopy(self.model)
         counter = [0]
+        adapted = None
         try:
-            batches = self._readable_batches(plan.items, counter)
-            new_site = adapt_norm(model, batches) if method == "adabn" else tent_adapt(model, batches)
+            self.decoders, torch_n = self._threads()
+            with self._torch_threads(torch_n):
+                adapted = strategy(self.model, self._readable_batches(plan.items, counter), len(self.site_names))
         except ValueError:
             if counter[0]:
                 raise
-            new_site = -1  # every slice was unreadable: reported just below
-        if counter[0] < MIN_ADAPT_IMAGES:
+        if counter[0] < MIN_ADAPT_IMAGES or adapted is None:
             raise InferenceError(
                 f"{what} needs at least {MIN_ADAPT_IMAGES} readable images of the new site, got {counter[0]}"
             )
-        self.adapted = (model.eval(), counter[0])
+        self.adapted = (adapted.model, counter[0])
         self.adapted_with = what
-        self.backend = TorchBackend(model, new_site, self.device)
+        self.backend = TorchBackend(adapted.model, adapted.sites, self.device)
+        self.standardise = adapted.standardise
         self.norm = f"{method}:{counter[0]}"
         return counter[0]
 
@@ -480,17 +397,6 @@ class Predictor:
         return [ImageReadError(item.ref.path, "refused (strict): " + "; ".join(self._warnings_of(item)))
                 if isinstance(x, torch.Tensor) and self._warnings_of(item) else x for x, item in zip(inputs, items)]
 
-    def _save_cams(self, cam_dir: Path, start: int, items: Sequence[SliceItem], images: torch.Tensor,
-                   maps: np.ndarray) -> list[Path]:
-        from crosssite.gradcam import overlay, save_png
-
-        paths = []
-        for i, (item, x, m) in enumerate(zip(items, images, maps)):
-            frame = "" if item.ref.frame is None else f"_f{item.ref.frame}"
-            name = f"{start + i:05d}_{item.ref.path.stem}{frame}.png"
-            paths.append(save_png(cam_dir / name, overlay(self.preprocess.grey(x), m)))
-        return paths
-
     def _predict_batch(self, items: Sequence[SliceItem], inputs: list, start: int,
                        cam_dir: Path | None) -> list[Record]:
         if self.strict:
@@ -502,31 +408,38 @@ class Predictor:
         }
         if good:
             images = torch.stack([inputs[i] for i in good])  # (B, 3, S, S)
-            model = getattr(self.backend, "model", None)
-            raw_shift = None
-            # the distance to the known sites is of the slices as they came, measured here when the forward pass
-            # sees other inputs (standardised ones) or runs in another thread (the server's micro-batcher)
-            if self.adapt == "standardise" or not isinstance(self.backend, TorchBackend):
-                raw_shift = FirstNormShift(model, len(self.site_names))
-                if model is not None:
-                    raw_shift.measure(model, images.to(self.device))
-            if self.adapt == "standardise":
-                images = standardise_images(images)
-            cams: list[Path | None] = [None] * len(good)
-            # the distance to the known sites, read in the forward pass at the first norm layer's input
-            with FirstNormShift(None if raw_shift is not None else model, len(self.site_names)) as shift:
-                if cam_dir is None:
-                    p = tta_average(self.backend.probabilities, images, self.tta)
-                else:
-                    p, maps = self.backend.grad_cam(images)  # the maps are of the slices as given
-                    cams = self._save_cams(cam_dir, start, [items[i] for i in good], images, maps)
-                    if self.tta != "none":
-                        p = tta_average(self.backend.probabilities, images, self.tta)
-            shift = raw_shift or shift
-            scores = [None] * len(good) if shift.scores is None else [float(v) for v in shift.scores]
+            p, scores, cams = self._score(images, [items[i] for i in good], start, cam_dir)
             for i, pi, cam, score in zip(good, p, cams, scores):
                 records[i] = self._slice_record(items[i], float(pi), cam, score)
         return [records[i] for i in range(len(items))]
+
+    def _score(self, images: torch.Tensor, items: Sequence[SliceItem], start: int, cam_dir: Path | None
+               ) -> tuple[np.ndarray, list[float | None], list[Path | None]]:
+        """P(COVID), out-of-distribution scores and Grad-CAM files of one batch (B, 3, S, S)."""
+        model = getattr(self.backend, "model", None)
+        n = images.shape[0]
+        raw_shift = None
+        # the distance to the known sites is of the slices as they came, measured apart when the forward pass that
+        # predicts sees other inputs (standardised ones) or runs in another thread (the server's micro-batcher)
+        if self.standardise or not isinstance(self.backend, TorchBackend):
+            raw_shift = FirstNormShift(model, len(self.site_names))
+            if model is not None:
+                raw_shift.measure(model, images.to(self.device))
+        if self.standardise:
+            images = standardise_images(images)
+        cams: list[Path | None] = [None] * n
+        if cam_dir is not None:  # the maps are of the slices as given
+            p, maps = self.backend.grad_cam(images)
+            cams = list(save_cams(cam_dir, start, items, images, maps, self.preprocess))
+        # the distance to the known sites, read in the forward pass at the first norm layer's input
+        with FirstNormShift(None if raw_shift is not None else model, len(self.site_names)) as shift:
+            if cam_dir is None or self.tta != "none":
+                views = torch.cat([images.flip(-1), images]) if self.tta == "flip" else images  # mirrors first
+                p = self.backend.probabilities(views)
+                p = (p[:n] + p[n:]) / 2 if self.tta == "flip" else p
+        shift = raw_shift or shift
+        scores: list[float | None] = [None] * n if shift.scores is None else [float(v) for v in shift.scores[-n:]]
+        return p, scores, cams
 
     def _volume_records(self, slices: list[Record]) -> list[Record]:
         """Slice rows with a volume row after the last slice of each volume."""
@@ -563,8 +476,9 @@ class Predictor:
         volume's row after its last slice, then the skipped non-image files.
 
         An unreadable file becomes an ``"error"`` row and the rest still run; inputs without any image file
-        at all raise `InferenceError` (an empty folder among other inputs is an ``"error"`` row). With ``cam_dir`` a Grad-CAM overlay PNG of each slice is written there.
-        ``progress`` (None: when stderr is a terminal and there is more than one batch) shows a progress bar.
+        at all raise `InferenceError` (an empty folder among other inputs is an ``"error"`` row). With
+        ``cam_dir`` a Grad-CAM overlay PNG of each slice is written there. ``progress`` (None: when stderr is a
+        terminal and there is more than one batch) shows a progress bar.
         """
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         self._warnings = {}
@@ -574,19 +488,21 @@ class Predictor:
             raise InferenceError(f"no image files found in {shown}")
         if cam_dir is not None and not isinstance(self.backend, TorchBackend):
             raise InferenceError(f"{self.source}: Grad-CAM needs a crosssite model file, not an ONNX export")
-        if self.adapt in ("adabn", "tent"):
+        if self.adapt is not None and STRATEGIES[self.adapt].fits:
             self.adapt_to(plan, self.adapt)
         if progress is None:
             progress = sys.stderr.isatty() and len(plan.items) > self.batch_size
         cam_path = None if cam_dir is None else Path(cam_dir)
         slices: list[Record] = [Record(kind="error", path=str(e.path), error=e.reason) for e in plan.errors]
         slices += [Record(kind="error", path=str(p), error=EMPTY_FOLDER) for p in plan.empty]
-        with ThreadPoolExecutor(self.workers) as pool, _Progress(
+        self.decoders, torch_n = self._threads()
+        with ThreadPoolExecutor(self.decoders) as pool, _Progress(
             progress, len(plan.items), f"predicting {len(plan.items)} slices"
-        ) as advance:
-            for start in range(0, len(plan.items), self.batch_size):
-                batch = plan.items[start : start + self.batch_size]
-                slices.extend(self._predict_batch(batch, self._read(batch, pool), start, cam_path))
+        ) as advance, torch.inference_mode(cam_path is None), self._torch_threads(torch_n):
+            start = 0
+            for batch, loaded in _decoded(plan.items, self.batch_size, self.preprocess.load, pool):
+                slices.extend(self._predict_batch(batch, loaded, start, cam_path))
+                start += len(batch)
                 advance(len(batch))
         skipped = [Record(kind="skipped", path=str(p), error="not an image file (unsupported type)")
                    for p in plan.skipped]
