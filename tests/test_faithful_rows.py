@@ -60,11 +60,14 @@ def test_original_covidnet_trains_on_real_site_a(site_a_path: Path, tmp_path: Pa
                          limit_per_site=480, lr=5e-4, ckpt_every=0)
     metrics = train(config, [f"A={site_a_path}"], tmp_path, progress=False)
     site = metrics["sites"]["A"]
-    # 5 epochs: after 3 the spread still depended on rounding (fused vs looped Adam: 0.02-0.07)
-    assert not metrics["collapsed"] and site["val_p_std"] > 0.05
-    assert site["val"]["auc"] > 0.65  # 0.70-0.75 over 2 seeds x 2 Adam kernels
+    # It learns: P(COVID) spreads across the validation slices (with PyTorch's default initialisation its logits
+    # barely vary, std ~1e-5) and ranks them. On the pseudo-patient-grouped split, seeds 0 / 1 x oneDNN on / off
+    # gave spread 0.015 / 0.097 / 0.045 / 0.072 and AUC 0.81 / 0.79 / 0.75 / 0.72: the spread depends on the
+    # kernels' rounding, so it is held to 10x the collapse threshold (1e-3), not to a size it happened to reach.
+    assert not metrics["collapsed"] and site["val_p_std"] > 0.01
+    assert site["val"]["auc"] > 0.65
     rows = _read_csv(tmp_path / "A" / "predictions.csv")
-    assert np.std([float(r["p_covid"]) for r in rows if r["part"] == "val"]) > 0.05
+    assert np.std([float(r["p_covid"]) for r in rows if r["part"] == "val"]) > 0.01
 
 
 def test_a_collapsed_run_is_flagged_everywhere(sites, tmp_path: Path) -> None:
