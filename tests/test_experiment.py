@@ -182,3 +182,42 @@ def test_a_failed_grid_leaves_no_claim_file(tmp_path: Path) -> None:
     run_experiment(load_sites(SITES), tmp_path, rows=ROWS[:1], folds=2, overrides=TINY, max_runs=1, progress=False,
                    log=lambda _: None)
     assert len(finished_keys(tmp_path / "results.jsonl")) == 1 and not list(tmp_path.rglob(".*.claim"))
+
+
+def test_repeated_cross_validation_tests_a_new_partition_per_repeat(tmp_path: Path) -> None:
+    """`repeats=2`: 2 partitions x 2 folds of one row, one model seed per partition (its own); each partition's
+    folds split the site differently, the runs resume by their full key, and the report's claims pair by it."""
+    keys = list(grid(ROWS[:1], folds=2, seeds=[0, 1, 2], repeats=2))
+    assert [(k.fold, k.split_seed, k.seed) for k in keys] == [(0, 0, 0), (1, 0, 0), (0, 1, 1), (1, 1, 1)]
+    assert keys[2].dirname.endswith("fold0_split1_seed1") and keys[0].dirname.endswith("fold0_seed0")
+    out = tmp_path / "repeated"
+    ran = run_experiment(load_sites(SITES), out, rows=ROWS[:1], folds=2, repeats=2, overrides=TINY, progress=False,
+                         log=lambda _: None)
+    assert sorted(ran) == sorted(keys) and finished_keys(out / "results.jsonl") == set(keys)
+    lines = _lines(out / "results.jsonl")
+    assert {(r["split_seed"], r["config"]["split_seed"], r["seed"]) for r in lines} == {(0, 0, 0), (1, 1, 1)}
+    tests = {(r["split_seed"], r["fold"]): json.loads((out / r["run_dir"] / "split.json").read_text())["sites"][0]
+             ["test"]["indices"] for r in lines}
+    assert tests[(0, 0)] != tests[(1, 0)]  # another partition, not the same test set again
+    assert run_experiment(load_sites(SITES), out, rows=ROWS[:1], folds=2, repeats=2, overrides=TINY,
+                          progress=False, log=lambda _: None) == []
+
+
+def test_corrected_interval_and_unit_means_test() -> None:
+    """The row's interval for its mean is the t interval with the corrected variance: with n_test/n_train = 0 it
+    is scipy's plain t interval, and a positive ratio widens it; partition means pair one value per partition."""
+    import numpy as np
+    from scipy import stats
+
+    from crosssite.evaluation import corrected_mean_interval, paired_ttest
+    from crosssite.reporting.claims import unit_means_ttest
+
+    values = [0.91, 0.94, 0.90, 0.95, 0.93, 0.92]
+    mean, low, high = corrected_mean_interval(values, 0.0)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values)) and (low, high) == pytest.approx(expected)
+    _, wide_low, wide_high = corrected_mean_interval(values, 0.42)
+    assert wide_low < low and wide_high > high
+    a, b, units = [0.9, 0.8, 0.7, 0.6], [0.85, 0.8, 0.6, 0.55], [0, 0, 1, 1]
+    got, expected = unit_means_ttest(a, b, units), paired_ttest([0.85, 0.65], [0.825, 0.575])
+    assert got.n == expected.n == 2 and (got.t, got.p) == pytest.approx((expected.t, expected.p))

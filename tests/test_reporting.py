@@ -88,7 +88,7 @@ def test_load_results_and_site_order(experiment: tuple[Path, list[dict]]) -> Non
         fh.write(json.dumps(again) + "\n")
     runs, notes = load_results(exp / "results.jsonl")
     assert len(runs) == len(rows) and len(notes) == 1 and "repeats run" in notes[0]
-    assert [r.wall_s for r in runs if r.key == ("single", "covidnet", 0, 0)] == [99.0]
+    assert [r.wall_s for r in runs if r.key == ("single", "covidnet", 0, 0, 0)] == [99.0]  # fold 0, seed 0, partition 0
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,9 @@ def experiment(
     methods: str = typer.Option("all", help="Comma-separated methods, or all (the nine rows of Table I)."),
     backbones: str = typer.Option("all", help="Comma-separated backbones (covidnet, covidnet_redesign), or all."),
     folds: int = typer.Option(4, min=2, help="Number of cross-validation folds."),
-    seeds: int = typer.Option(1, min=1, help="Independent runs per fold (seeds 0..N-1)."),
+    seeds: int = typer.Option(1, min=1, help="Independent runs per fold (seeds 0..N-1) on one partition."),
+    repeats: int = typer.Option(0, min=0, help="Repeated cross-validation: R partitions (split seeds 0..R-1), one "
+                                "model seed each, so every run tests a different test set (instead of --seeds)."),
     fold: list[int] = typer.Option(None, "--fold", help="Run only these folds (repeatable)."),
     max_runs: int = typer.Option(None, help="Stop after this many runs (the grid resumes next time)."),
     runners: int = typer.Option(1, min=1, help="Runner processes sharing the grid, each with an equal share of the "
@@ -77,7 +79,7 @@ def experiment(
     report: bool = typer.Option(True, help="Write report.md / report.html when the call ends."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
-    """Run every (method, backbone, fold, seed) of the paper's protocol; finished runs are skipped."""
+    """Run every (method, backbone, fold, seed, partition) of the paper's protocol; finished runs are skipped."""
     from crosssite.data import load_sites
     from crosssite.experiment import run_experiment, run_loso
     from crosssite.training.config import parse_overrides
@@ -85,6 +87,8 @@ def experiment(
     try:
         if protocol not in ("kfold", "loso"):
             raise CrossSiteError(f"--protocol: {protocol!r} is not one of kfold, loso")
+        if repeats and seeds > 1:
+            raise CrossSiteError("--repeats R runs one model seed per partition; give it without --seeds")
         rows = _parse_rows(methods, backbones)
         sites = load_sites(site)
         overrides = parse_overrides(set_ or [])
@@ -101,7 +105,8 @@ def experiment(
                 typer.echo(f"report (the leave-one-site-out table): {written.markdown} and {written.html}")
             return
         run_experiment(
-            sites, out, preset=preset, rows=rows, folds=folds, seeds=range(seeds), only_folds=fold or None,
+            sites, out, preset=preset, rows=rows, folds=folds, seeds=range(seeds), repeats=repeats,
+            only_folds=fold or None,
             overrides=overrides, max_runs=max_runs, runners=runners, progress=not quiet,
         )
         if report:

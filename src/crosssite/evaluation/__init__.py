@@ -22,11 +22,13 @@ from crosssite.evaluation.runner import (
     norm_strategies,
     patients_of,
 )
-from crosssite.evaluation.statistics import PairedTTest, corrected_resampled_ttest, holm, paired_ttest
+from crosssite.evaluation.statistics import PairedTTest, corrected_mean_interval, corrected_resampled_ttest, holm, \
+    paired_ttest
 
 __all__ = [
     "CLASS_NAMES", "METRICS", "ENSEMBLE", "MEAN_OF_SITES", "EvaluationError", "ConfusionMatrix", "PairedTTest",
     "Probabilities", "binary_metrics", "confusion_matrix", "bootstrap_ci", "paired_ttest",
-    "corrected_resampled_ttest", "holm", "collect_probabilities", "patients_of", "card_loader", "SiteEvaluation",
+    "corrected_resampled_ttest", "corrected_mean_interval", "holm", "collect_probabilities", "patients_of",
+    "card_loader", "SiteEvaluation",
     "evaluate_predictions", "norm_strategies", "evaluate_model",
 ]

@@ -12,7 +12,7 @@ from scipy import stats
 
 from crosssite.evaluation.metrics import EvaluationError
 
-__all__ = ["PairedTTest", "paired_ttest", "corrected_resampled_ttest", "holm"]
+__all__ = ["PairedTTest", "paired_ttest", "corrected_resampled_ttest", "corrected_mean_interval", "holm"]
 
 
 class PairedTTest(NamedTuple):
@@ -66,6 +66,24 @@ def corrected_resampled_ttest(ours: object, other: object, test_train_ratio: flo
         return PairedTTest(float("nan"), float("nan"), j)
     t = float(np.mean(d)) / math.sqrt((1 / j + test_train_ratio) * var)
     return PairedTTest(t, float(2 * stats.t.sf(abs(t), j - 1)), j)
+
+
+def corrected_mean_interval(values: object, test_train_ratio: float, level: float = 0.95
+                            ) -> tuple[float, float, float]:
+    """(mean, low, high): a ``level`` interval for the expected score of a cross-validated recipe from its ``J``
+    runs' scores, with the variance correction of `corrected_resampled_ttest` (the runs share training data):
+    ``mean +- t_{J-1} * sqrt((1 / J + n_test / n_train) * var)``. NaN scores are left out; fewer than 2 give NaN
+    bounds."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(np.mean(v))
+    if len(v) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * math.sqrt((1 / len(v) + test_train_ratio)
+                                                                     * float(np.var(v, ddof=1)))
+    return mean, mean - half, mean + half
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

@@ -40,6 +40,7 @@ def run_experiment(
     rows: Sequence[tuple[str, str]] | None = None,
     folds: int = 4,
     seeds: Sequence[int] = (0,),
+    repeats: int = 0,
     only_folds: Sequence[int] | None = None,
     overrides: dict[str, Any] | None = None,
     max_runs: int | None = None,
@@ -47,8 +48,9 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[RunKey]:
-    """Run every unfinished (method, backbone, fold, seed) of the grid, in `grid` order, skipping runs another
-    runner holds; ``runners`` > 1 shares them among that many runner processes. Returns the keys run this call."""
+    """Run every unfinished (method, backbone, fold, seed, split seed) of the grid, in `grid` order, skipping runs
+    another runner holds; ``runners`` > 1 shares them among that many runner processes. ``repeats`` = R > 0 runs R
+    partitions with one model seed each instead of ``seeds`` on one partition (`grid`). Returns the keys run."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if runners < 1:
@@ -57,9 +59,8 @@ def run_experiment(
     out_dir = Path(out_dir)
     results = out_dir / "results.jsonl"
     done = finished_keys(results)
-    todo = [
-        k for k in grid(rows, folds, seeds) if k not in done and (only_folds is None or k.fold in only_folds)
-    ]
+    todo = [k for k in grid(rows, folds, seeds, repeats)
+            if k not in done and (only_folds is None or k.fold in only_folds)]
     if max_runs is not None:
         todo = todo[:max_runs]
     runners = min(runners, len(todo)) if todo else 1

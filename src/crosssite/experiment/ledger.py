@@ -29,7 +29,8 @@ def finished_keys(results: Path) -> set[RunKey]:
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {RunKey(row["method"], row["backbone"], int(row["fold"]), int(row["seed"])) for row in rows}
+    return {RunKey(row["method"], row["backbone"], int(row["fold"]), int(row["seed"]), int(row.get("split_seed", 0)))
+            for row in rows}
 
 
 def append_line(results: Path, row: dict[str, Any]) -> None:

@@ -94,9 +94,10 @@ def run_keys(job: Job, todo: Sequence[RunKey], progress: bool, log: Callable[[st
             if key in finished_keys(results):  # finished by another runner since this call began
                 continue
             values = {**job.overrides, "method": key.method, "backbone": key.backbone, "fold": key.fold,
-                      "folds": job.folds, "seed": key.seed}
+                      "folds": job.folds, "seed": key.seed, "split_seed": key.split_seed}
             config = preset_config(PRESETS[job.preset], values)  # the method's recipe goes over the preset
-            log(f"[{i}/{len(todo)}] {key.method} / {key.backbone} fold {key.fold} seed {key.seed} -> {run_dir}")
+            log(f"[{i}/{len(todo)}] {key.method} / {key.backbone} fold {key.fold} split {key.split_seed} "
+                f"seed {key.seed} -> {run_dir}")
             resumed = run_dir.exists()
             start = time.perf_counter()
             metrics = train(config, list(job.sites), run_dir, resume=True, progress=progress)

@@ -24,12 +24,12 @@ def validation_ranking(runs: Sequence[RunResult], sites: Sequence[str]
     with_val = {row: [r for r in runs_of(runs, row) if not r.collapsed and all(s in r.val_auc for s in sites)]
                 for row in rows_for(runs)}
     with_val = {row: mine for row, mine in with_val.items() if mine}
-    common = set.intersection(*({(r.fold, r.seed) for r in mine} for mine in with_val.values())) if with_val else set()
+    common = set.intersection(*({r.pair for r in mine} for mine in with_val.values())) if with_val else set()
     if not common:
         return [], 0
     ranked = []
     for row, mine in with_val.items():
-        per_site = [float(np.mean([100 * r.val_auc[s] for r in mine if (r.fold, r.seed) in common])) for s in sites]
+        per_site = [float(np.mean([100 * r.val_auc[s] for r in mine if r.pair in common])) for s in sites]
         ranked.append((row, float(np.mean(per_site)), per_site))
     return sorted(ranked, key=lambda item: -item[1]), len(common)
 

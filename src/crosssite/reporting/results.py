@@ -75,10 +75,16 @@ class RunResult:
     site_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # optional: layout, has_patients per site
     collapsed: bool = False  # the engine flagged its validation predictions as collapsed (a near-constant output)
     val_auc: dict[str, float] = field(default_factory=dict)  # optional: the selected checkpoint's validation AUC
+    split_seed: int = 0  # the partition the fold is of (grids of several partitions: `--repeats`)
 
     @property
-    def key(self) -> tuple[str, str, int, int]:
-        return (self.method, self.backbone, self.fold, self.seed)
+    def key(self) -> tuple[str, str, int, int, int]:
+        return (self.method, self.backbone, self.fold, self.seed, self.split_seed)
+
+    @property
+    def pair(self) -> tuple[int, int, int]:
+        """What pairs two rows' runs in a test: the same test set (fold of one partition) and model seed."""
+        return (self.fold, self.seed, self.split_seed)
 
 
 def _metric_value(value: Any, where: str) -> float:
@@ -133,6 +139,7 @@ def _parse_line(text: str, where: str) -> RunResult:
         backbone=str(raw["backbone"]),
         fold=int(raw["fold"]),
         seed=int(raw["seed"]),
+        split_seed=int(raw.get("split_seed", 0)),
         run_dir=str(raw.get("run_dir", "")),
         sites=sites,
         config=dict(raw.get("config") or {}),

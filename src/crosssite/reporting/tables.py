@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crosssite.evaluation import bootstrap_ci
+from crosssite.evaluation import bootstrap_ci, corrected_mean_interval
 from crosssite.reporting.results import METRIC_LABELS, PAPER_SITES, TABLE_METRICS, RunResult, site_layout
 from crosssite.reporting.rows import TableRow, rows_for, runs_of, summarise
 
@@ -95,10 +95,20 @@ def table_one(runs: Sequence[RunResult], sites: Sequence[str]) -> Table:
     return Table("Table I. COVID-19 CT classification per site (mean ± std)", header, body, caption)
 
 
+def holdout_ratio(runs: Sequence[RunResult]) -> float:
+    """n_test / n_train of one run of the k-fold protocol: 1/k against (1 - 1/k)(1 - val_fraction)."""
+    config = next((r.config for r in runs if r.config), {})
+    k, val = int(config.get("folds", 4)), float(config.get("val_fraction", 0.2))
+    return (1 / k) / ((1 - 1 / k) * (1 - val))
+
+
 def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int = 200, seed: int = 0) -> Table:
-    """Per row and site: the mean test AUC and the mean over runs of each run's 95% bootstrap interval, drawn
-    over patients where the runs carry patient ids (site B), else over slices (site A has none)."""
-    header = ["Method"] + [f"{site_letter(i)} AUC (95% CI)" for i in range(len(sites))]
+    """Per row and site: the mean test AUC with a 95% interval for that mean (`corrected_mean_interval` over the
+    row's runs), and the mean over runs of each run's 95% bootstrap interval, drawn over patients where the runs
+    carry patient ids (site B), else over slices."""
+    header = ["Method"] + [h for i in range(len(sites))
+                           for h in (f"{site_letter(i)} mean AUC (95% CI of the mean)", f"{site_letter(i)} per-run CI")]
+    ratio = holdout_ratio(runs)
     units = {}
     body = []
     for row in rows_for(runs):
@@ -107,7 +117,7 @@ def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int 
         for site in sites:
             results = [r.sites[site] for r in mine if site in r.sites and len(r.sites[site].y_true)]
             if not results:
-                cells.append("–")
+                cells += ["–", "–"]
                 continue
             lows, highs, aucs = [], [], []
             for res in results:
@@ -116,13 +126,18 @@ def interval_table(runs: Sequence[RunResult], sites: Sequence[str], n_boot: int 
                 highs.append(high)
                 aucs.append(res.metrics.get("auc", float("nan")))
                 units.setdefault(site, set()).add("patients" if res.patients is not None else "slices")
-            cells.append(f"{100 * np.nanmean(aucs):.2f} ({100 * np.nanmean(lows):.2f}-{100 * np.nanmean(highs):.2f})")
+            mean, low, high = (100 * v for v in corrected_mean_interval(aucs, ratio))
+            cells.append(f"{mean:.2f} ({low:.2f}-{high:.2f})" if len(aucs) > 1 else f"{mean:.2f}")
+            cells.append(f"{100 * np.nanmean(lows):.2f}-{100 * np.nanmean(highs):.2f}")
         body.append(cells)
     resampled = "; ".join(f"site {site_letter(i)}: {' and '.join(sorted(units.get(s, {'-'})))}"
                           for i, s in enumerate(sites))
     caption = (
-        f"Columns: {sites_legend(sites)}. Each run's test AUC with a stratified percentile bootstrap interval "
-        f"({n_boot} resamples), averaged over the row's runs (collapsed runs left out). Resampled units: {resampled}. "
+        f"Columns: {sites_legend(sites)}. The row's mean test AUC over its runs (collapsed runs left out) with a "
+        "95% interval for that mean: mean +- t(J-1) sqrt((1/J + n_test/n_train) var), the variance corrected as "
+        f"in the corrected resampled t-test since the runs share training data (n_test/n_train = {ratio:.3f}). "
+        f"Beside it, the per-run 95% stratified percentile bootstrap intervals ({n_boot} resamples) averaged over "
+        f"the runs: how uncertain one run's test AUC is on its test set. Resampled units: {resampled}. "
         "Where patient ids exist, whole patients are drawn (a cluster bootstrap): slices of one patient are not "
         "independent, and drawing slices would give intervals that are too narrow."
     )
