@@ -169,6 +169,24 @@ def _show(predictor: Any, model: Path, records: list[Any], out: Path | None) -> 
     typer.echo(f"{header}; wrote {len(records)} rows to {out}", err=True)
 
 
+def _check_outputs(out: Path | None, cam: Path | None) -> None:
+    """Before any work, so that a bad output path fails at once."""
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise CrossSiteError(f"{out}: --out must end in .csv or .json")
+    for folder, what in ((None if out is None else out.parent, "--out"), (cam, "--cam")):
+        if folder is not None:
+            ensure_dir(folder, f"the {what} folder")
+
+
+def _say_adapted(predictor: Any, save_adapted: Path | None, adapt_name: str) -> None:
+    """What adaptation did, on stderr, and the adapted model written where asked."""
+    if predictor.adapted is not None:
+        typer.echo(f"{predictor.adapted_with}: normalisation re-estimated on {predictor.adapted[1]} images", err=True)
+    if save_adapted is not None:
+        weights, _ = predictor.save_adapted(save_adapted, adapt_name)
+        typer.echo(f"saved the adapted model (new site {adapt_name!r}) to {weights}", err=True)
+
+
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(None, metavar="[MODEL] INPUT...", help="Optional model file (stem, "
@@ -211,20 +229,11 @@ def predict(
     try:
         model, inputs = split_model_argument(paths)
         adapt = _strategy(adapt_flag, strategy, site, save_adapted)
-        if out is not None and out.suffix.lower() not in (".csv", ".json"):
-            raise CrossSiteError(f"{out}: --out must end in .csv or .json")
-        for folder, what in ((None if out is None else out.parent, "--out"), (cam, "--cam")):
-            if folder is not None:
-                ensure_dir(folder, f"the {what} folder")  # before any work: a bad output path fails at once
+        _check_outputs(out, cam)
         predictor = Predictor.from_file(model, site=site, adapt=adapt, batch_size=batch_size, top_k=top_k or None,
                                         strict=strict, tta=tta, draft=draft_jpeg)
         records = predictor.predict(inputs, cam_dir=cam)
-        if predictor.adapted is not None:
-            typer.echo(f"{predictor.adapted_with}: normalisation re-estimated on {predictor.adapted[1]} images",
-                       err=True)
-        if save_adapted is not None:
-            weights, _ = predictor.save_adapted(save_adapted, adapt_name)
-            typer.echo(f"saved the adapted model (new site {adapt_name!r}) to {weights}", err=True)
+        _say_adapted(predictor, save_adapted, adapt_name)
         _show(predictor, model, records, out)
     except CrossSiteError as e:
         raise fail(e) from None
