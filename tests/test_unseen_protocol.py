@@ -73,7 +73,7 @@ def test_the_runner_trains_leaves_one_site_out_scores_and_resumes(protocol, tmp_
         held = record["held_out"]
         assert targets == {held, f"{held}~h0", f"{held}~h1"}
         strategies = {row["strategy"] for row in record["scores"] if row["target"] == held}
-        assert {"adabn", "standardise", "tent", "ensemble", "mean"} <= strategies
+        assert {"adabn", "standardise", "tent", "ensemble", "mean-of-sites"} <= strategies
         for row in record["scores"]:
             assert row["n"] == 8 and 0.0 <= row["auc"] <= 1.0
             assert 0 <= row["canonical_fallback"] <= 8
