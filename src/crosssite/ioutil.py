@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 from crosssite.errors import OutputError
 
 __all__ = ["OUTPUT_ERRNOS", "output_error", "guard_output", "ensure_dir", "atomic_write", "atomic_write_bytes",
-           "atomic_write_text", "cache_root", "read_jsonl"]
+           "atomic_write_text", "atomic_folder", "cache_root", "read_jsonl"]
 
 OUTPUT_ERRNOS: dict[int, tuple[str, str]] = {
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose a path whose parents are folders"),
@@ -127,6 +128,25 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes, what: str = "file")
 def atomic_write_text(path: os.PathLike | str, text: str, what: str = "file") -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see `atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"), what)
+
+
+def atomic_folder(folder: Path, generate: Callable[[Path], None], done: str = "manifest.csv") -> Path:
+    """``folder``, made once by ``generate(tmp)`` in a temporary sibling renamed into place, so no user ever sees
+    half a folder; where another process finished it first (its ``done`` file exists), that folder is kept."""
+    if (folder / done).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        generate(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished the same folder first
+            if not (folder / done).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def cache_root() -> Path:

@@ -37,9 +37,6 @@ import csv
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from crosssite.errors import SiteError
-from crosssite.ioutil import cache_root
+from crosssite.ioutil import atomic_folder, cache_root
 
 __all__ = [
     "WINDOW_KINDS",
@@ -389,20 +386,5 @@ def materialise(spec: SimulatedSpec, items: Sequence[SourceItem], root: Path | N
     """Folder holding the simulated hospital's files and ``manifest.csv`` (path, label, patient, source), made on
     first use (atomically, so concurrent users never see half a folder)."""
     items = _limited(items, spec.limit)
-    base = (root or cache_root()) / "simulated"
-    digest = _digest(spec, items)
-    folder = base / digest
-    if (folder / "manifest.csv").is_file():
-        return folder
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=base))
-    try:
-        _generate(spec, items, tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same hospital first
-            if not (folder / "manifest.csv").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    folder = (root or cache_root()) / "simulated" / _digest(spec, items)
+    return atomic_folder(folder, lambda tmp: _generate(spec, items, tmp))

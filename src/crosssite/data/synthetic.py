@@ -22,16 +22,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from crosssite.errors import SiteError
-from crosssite.ioutil import cache_root
+from crosssite.ioutil import atomic_folder, cache_root
 
 __all__ = ["SyntheticParams", "SLICES_PER_PATIENT", "parse_synthetic_spec", "render_slice", "materialise"]
 
@@ -252,19 +249,4 @@ def _generate(params: SyntheticParams, folder: Path) -> None:
 
 def materialise(params: SyntheticParams, root: Path | None = None) -> Path:
     """Folder holding the site's PNG files and manifest, generated on first use (atomically)."""
-    base = (root or cache_root()) / "synthetic"
-    folder = base / params.digest()
-    if (folder / "manifest.csv").is_file():
-        return folder
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{params.digest()}-", dir=base))
-    try:
-        _generate(params, tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same site first
-            if not (folder / "manifest.csv").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return atomic_folder((root or cache_root()) / "synthetic" / params.digest(), lambda tmp: _generate(params, tmp))
