@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/crosssite demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py

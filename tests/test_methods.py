@@ -17,7 +17,9 @@ from crosssite.training import METHODS, PAPER_TABLE_I, LossTerm, Method, TrainCo
 from crosssite.training.methods import CONTRASTIVE, register_method
 
 SITES = ("near=synthetic:shift=0.0,n=16,seed=3,size=40", "far=synthetic:shift=1.5,n=16,seed=4,size=40")
-TINY = {"image_size": 32, "width": 0.0625, "epochs": 1, "batch_per_site": 4, "ckpt_every": 0, "folds": 2}
+# BN recalibration kept on (the cpu preset no longer has it): a 1-epoch run without it can collapse to a constant
+TINY = {"image_size": 32, "width": 0.0625, "epochs": 1, "batch_per_site": 4, "ckpt_every": 0, "folds": 2,
+        "bn_recalibrate": True}
 
 
 def _smoothing(out, labels, config, gather):

@@ -163,11 +163,29 @@ def create_app(service: Service, *, token: str | None = None, cors_origins: Sequ
     return app
 
 
+class _Slot:
+    """Who gives an admitted request's queue slot back: the scoring thread if it starts, else the handler, never
+    both -- a timeout can cancel the hand-over to the thread before the thread runs, and then only the handler
+    knows the slot is still taken."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def take(self) -> bool:
+        """True for the first caller only."""
+        with self._lock:
+            taken, self._taken = self._taken, True
+            return not taken
+
+
 def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]) -> None:
     """``POST /v1/predict``: admitted into the bounded queue, read within the timeout, scored in a thread."""
     limits = service.limits
 
-    def score(uploads: list[Upload], cam: bool, images: bool, cancel: threading.Event) -> dict[str, Any]:
+    def score(uploads: list[Upload], cam: bool, images: bool, cancel: threading.Event, slot: _Slot) -> dict[str, Any]:
+        if not slot.take():  # the request already ended (timed out before this thread started): no work
+            return {}
         try:
             return service.predict(uploads, cam=cam, images=images, cancel=cancel)
         finally:
@@ -184,7 +202,7 @@ def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]
         if not service.try_admit():
             raise HTTPException(503, "server busy: too many requests waiting; retry later",
                                 headers={"Retry-After": str(limits.retry_after_s)})
-        handed_over = False
+        slot = _Slot()
         cancel = threading.Event()  # set when this handler ends, however: a timed-out request's work stops too
         try:
             with anyio.fail_after(limits.timeout_s):
@@ -194,8 +212,7 @@ def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]
                     if not uploads:
                         raise HTTPException(400, "no files uploaded: send slices, DICOM, zip or NIfTI files as "
                                                  "the multipart form field 'files'")
-                    handed_over = True
-                    return await anyio.to_thread.run_sync(partial(score, uploads, cam, images, cancel),
+                    return await anyio.to_thread.run_sync(partial(score, uploads, cam, images, cancel, slot),
                                                           abandon_on_cancel=True)
                 finally:
                     await form.close()
@@ -205,7 +222,7 @@ def _add_predict(app: FastAPI, service: Service, authorised: Callable[..., None]
             raise HTTPException(400, str(e)) from None
         finally:
             cancel.set()
-            if not handed_over:
+            if slot.take():  # no scoring thread took the slot over (a timeout may cancel it before it starts)
                 service.release()
 
 
