@@ -141,9 +141,12 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(sites3, tmp_pat
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+# The killed run computes as this process does: its thread count and oneDNN setting (tests/conftest.py's
+# CROSSSITE_TEST_MKLDNN=0 switches oneDNN off here, and a child process does not read conftest).
 _CHILD = """
 import sys, torch
 torch.set_num_threads({threads})
+torch.backends.mkldnn.enabled = {mkldnn}
 from crosssite.training import TrainConfig, train
 from crosssite.data import load_sites
 train(TrainConfig(**{config!r}), load_sites({specs!r}), {out!r}, progress=False)
@@ -156,7 +159,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(sites3, tmp_path: Path) 
     assert reference["steps"] // 3 >= 3  # steps per epoch: room to be killed inside an epoch
 
     out = tmp_path / "killed"
-    code = _CHILD.format(threads=torch.get_num_threads(), config=config.to_dict(), specs=SPECS[:2], out=str(out))
+    code = _CHILD.format(threads=torch.get_num_threads(), mkldnn=torch.backends.mkldnn.enabled,
+                         config=config.to_dict(), specs=SPECS[:2], out=str(out))
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = out / "checkpoints" / "last.pt"
