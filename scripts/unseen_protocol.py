@@ -26,6 +26,7 @@ reported beside each pair and never read by the rule: with two real sites they a
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ import torch
 from crosssite.data import load_site, read_image
 from crosssite.data.canonical import canonical_view
 from crosssite.data.sites import Site
+from crosssite.data.transforms import CANONICAL_FRAMES
 from crosssite.evaluation import card_loader, evaluate_model
 from crosssite.experiment import git_commit, machine_info
 from crosssite.ioutil import atomic_write_text
@@ -71,9 +73,12 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def append_result(path: Path, record: dict[str, Any]) -> None:
-    """``record`` as one more line of ``path``, the file replaced atomically (never half a line)."""
-    old = path.read_text() if path.is_file() else ""
-    atomic_write_text(path, old + json.dumps(record) + "\n")
+    """``record`` as one more line of ``path``, the file replaced atomically (never half a line); a lock beside it
+    keeps two variants run at once from each writing back the file without the other's line."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = path.read_text() if path.is_file() else ""
+        atomic_write_text(path, old + json.dumps(record) + "\n")
 
 
 def _extra_strategies(model: torch.nn.Module) -> tuple[str, ...]:
@@ -82,7 +87,8 @@ def _extra_strategies(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def canonical_fallbacks(site: Site) -> int:
-    """How many of the site's slices have no lung field found, so the canonical frame shows them whole."""
+    """How many of the site's slices have no lung field found, so a canonical frame shows them whole (the anchor
+    plays no part in finding it)."""
     return sum(not canonical_view(read_image(s.path, s.frame)).found for s in site.samples)
 
 
@@ -91,7 +97,8 @@ def score_targets(run_dir: Path, targets: dict[str, Site], seed: int) -> list[di
     canonical frame, each target's count of slices shown whole for want of a lung field."""
     model, card = load(run_dir / "model")
     tta = str(card.get("tta", "none"))
-    canonical = (card.get("preprocessing") or {}).get("frame") == "canonical"
+    frame = (card.get("preprocessing") or {}).get("frame")
+    canonical = frame in CANONICAL_FRAMES
     rows = []
     for name, site in targets.items():
         loader = card_loader(site, card, batch_size=64)

@@ -116,3 +116,41 @@ def test_the_canonical_frame_through_the_cache_and_a_model_card(site_a, site_b, 
         np.testing.assert_array_equal(view(cache[i]).numpy(), view(decoded).numpy())
         np.testing.assert_array_equal(card_view(decoded).numpy(), view(decoded).numpy())
         np.testing.assert_array_equal(predict_view(decoded).numpy(), view(decoded).numpy())
+
+
+def test_the_aerated_anchor_keeps_ground_glass_that_the_median_anchor_maps_away(data_root: Path) -> None:
+    """Brighten the upper half of each lung, as ground glass does, on a real slice: the median anchor moves with
+    it and darkens the untouched aerated lung below it, the 10th-percentile anchor keeps that lung's grey."""
+    image = read_image(data_root / OUTLINES[0]["path"]).astype(np.float32)
+    if image.max() > 1.0:
+        image /= 255.0
+    lungs = canonical_view(image).lungs
+    rows = np.nonzero(lungs)[0]
+    upper = lungs & (np.arange(image.shape[0])[:, None] < np.median(rows))
+    glass = image.copy()
+    glass[upper] = np.clip(glass[upper] + 0.12, 0.0, 1.0)
+    lower = lungs & ~upper
+    shift = {}
+    for anchor in ("median", "aerated"):
+        views = [canonical_view(x, anchor=anchor) for x in (image, glass)]
+        assert all(v.found and v.box == views[0].box for v in views)
+        top, left, bottom, right = views[0].box
+        below = lower[top:bottom, left:right]
+        shift[anchor] = float(np.median(views[1].image[below]) - np.median(views[0].image[below]))
+    assert shift["median"] < -0.05  # the healthy lung drawn darker because its neighbour is diseased
+    assert abs(shift["aerated"]) < 0.5 * abs(shift["median"])
+    with pytest.raises(ValueError, match="anchor"):
+        canonical_view(image, anchor="mean")
+
+
+@pytest.mark.parametrize("entry", OUTLINES[:2], ids=[Path(e["path"]).name for e in OUTLINES[:2]])
+def test_the_lungs_view_keeps_the_hand_drawn_lungs_and_blanks_the_chest_wall(entry: dict, data_root: Path) -> None:
+    image = read_image(data_root / entry["path"])
+    body, lungs = canonical_view(image, anchor="aerated"), canonical_view(image, anchor="aerated", keep="lungs")
+    assert body.box == lungs.box
+    top, left, bottom, right = lungs.box
+    hand = _hand_mask(entry, image.shape)[top:bottom, left:right]
+    assert (lungs.image[hand] > 0).mean() > 0.95  # the lungs stay in view (coarse hand outlines: 0.965 measured)
+    np.testing.assert_array_equal(lungs.image[lungs.image > 0], body.image[lungs.image > 0])  # same greys
+    # far less of the rest of the body: what remains is the rim along the lungs
+    assert ((lungs.image > 0) & ~hand).sum() < 0.5 * ((body.image > 0) & ~hand).sum()

@@ -199,6 +199,10 @@ _FRAME_TEXT = {
     "pad": "whole slice padded to a square (median border grey), then resized",
     "crop": "short side to image_size, central square",
     "canonical": "lung field in canonical greys (crosssite.data.canonical), padded to a square, then resized",
+    "canonical-aerated": "lung field in canonical greys anchored on aerated lung (crosssite.data.canonical), padded "
+                         "to a square, then resized",
+    "canonical-lungs": "lung fields and their rim in canonical greys anchored on aerated lung "
+                       "(crosssite.data.canonical), padded to a square, then resized",
 }
 
 

@@ -4,9 +4,17 @@ Two hospitals' exports of one slice differ in what surrounds the patient (air, t
 padding, borders, burnt-in text), in how much of the chest is in the frame, and in how grey levels map to
 tissue (window, gamma, inversion, compressed ranges). The canonical view removes the first two by cropping to the
 lungs and blanking what lies outside the body, and the third by an affine grey map fixed by two tissues every
-chest slice has: the median grey of the lung fields goes to `LUNG_GREY` and the median grey of the rest of the
+chest slice has: a percentile of the lung fields' greys goes to `LUNG_GREY` and the median grey of the rest of the
 body (soft tissue, heart, bone) to `TISSUE_GREY`. Statistics of the frame as a whole would mostly measure its
 background and borders, which is what differs between exports.
+
+Which lung percentile is the anchor is the view's one choice (`LUNG_ANCHORS`): the median (``"median"``) or the
+10th percentile (``"aerated"``). Ground glass and consolidation raise the lung median, so anchoring on it maps a
+diseased lung to the same grey as a healthy one and erases part of what tells the classes apart; the 10th
+percentile is the lung's aerated parenchyma, which keeps its grey in both classes while the disease stays brighter.
+What stays in view is the other (`KEEP`): the whole body (``"body"``), or only the lung fields grown by
+`LUNG_RIM` of the working copy's side (``"lungs"``), so the chest wall, mediastinum, fat and table (the patient's
+build and the export's field of view) cannot become cues, while a lesion against the pleura stays in view.
 
 Segmentation is classical (`segment`), on a copy whose long side is at most `WORK_SIDE` pixels:
 
@@ -40,11 +48,14 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
-__all__ = ["LUNG_GREY", "TISSUE_GREY", "WORK_SIDE", "CANONICAL_VERSION", "Segmentation", "CanonicalView",
-           "segment", "canonical_view"]
+__all__ = ["LUNG_GREY", "TISSUE_GREY", "WORK_SIDE", "CANONICAL_VERSION", "LUNG_ANCHORS", "KEEP", "Segmentation",
+           "CanonicalView", "segment", "canonical_view"]
 
 CANONICAL_VERSION = 1  # part of the decode cache's key: a change to the view below must bump it
 LUNG_GREY, TISSUE_GREY = 0.25, 0.75
+LUNG_ANCHORS = {"median": 50.0, "aerated": 10.0}  # percentile of the lung fields' greys mapped to LUNG_GREY
+KEEP = ("body", "lungs")  # what of the crop stays in view; the rest is 0
+LUNG_RIM = 0.02  # of the working copy's long side: how far the kept lung fields reach beyond their masks
 WORK_SIDE = 256
 MIN_LUNG = 0.01  # of the frame's area
 SECOND_LUNG = 0.15  # of the larger lung's area
@@ -73,7 +84,8 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class CanonicalView:
-    """``image``: float32 (h, w) in [0, 1], the lung field in canonical greys with what lies outside the body at 0,
+    """``image``: float32 (h, w) in [0, 1], the lung field in canonical greys with what lies outside the kept region
+    (the body, or the lungs and their rim) at 0,
     or the whole slice as given where ``found`` is False. ``box``: (top, left, bottom, right) of the crop in the
     input slice's pixels. ``lungs``: the lung mask on the input slice, bool (H, W)."""
 
@@ -239,21 +251,32 @@ def _upsample(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(out) > 127
 
 
-def canonical_view(image: np.ndarray, margin: float = MARGIN) -> CanonicalView:
-    """The canonical view of a decoded slice (H, W), uint8 or float in [0, 1] (see the module docstring)."""
+def canonical_view(image: np.ndarray, margin: float = MARGIN, anchor: str = "median",
+                   keep: str = "body") -> CanonicalView:
+    """The canonical view of a decoded slice (H, W), uint8 or float in [0, 1], its lung greys anchored at the
+    percentile ``LUNG_ANCHORS[anchor]``, with ``keep`` (the body, or the lung fields and their rim) in view (see
+    the module docstring)."""
+    if anchor not in LUNG_ANCHORS:
+        raise ValueError(f"anchor must be one of {', '.join(LUNG_ANCHORS)}, got {anchor!r}")
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
     g = _grey01(image)
     h, w = g.shape
     seg = segment(g)
     if not seg.found:
         return CanonicalView(g, False, (0, 0, h, w), np.zeros((h, w), dtype=bool))
     work = _work_copy(g)
-    lung_grey = float(np.median(work[seg.lungs]))
+    lung_grey = float(np.percentile(work[seg.lungs], LUNG_ANCHORS[anchor]))
     tissue = seg.body & ~ndimage.binary_dilation(seg.lungs, iterations=2)
     tissue_grey = float(np.median(work[tissue])) if tissue.any() else lung_grey
     if abs(tissue_grey - lung_grey) < 0.02:  # no contrast between lung and tissue: nothing to anchor a map on
         return CanonicalView(g, False, (0, 0, h, w), np.zeros((h, w), dtype=bool))
     lungs = _upsample(seg.lungs, (h, w))
-    body = _upsample(seg.body, (h, w))
+    if keep == "lungs":
+        rim = disk(max(1, round(LUNG_RIM * max(seg.lungs.shape))))
+        body = _upsample(ndimage.binary_dilation(seg.lungs, structure=rim) & seg.body, (h, w))
+    else:
+        body = _upsample(seg.body, (h, w))
     rows, cols = np.nonzero(lungs)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     dy, dx = round(margin * (bottom - top)), round(margin * (right - left))

@@ -11,7 +11,10 @@ The paper: "all images are first resized to 224 x 224" -- the whole slice. A sli
   though 26-30% of a landscape slice's width, the lateral lungs, is never seen at evaluation);
 * ``"canonical"``: the slice's canonical view (`crosssite.data.canonical`: the lung field with a margin, what lies
   outside the body blanked, greys mapped from the lung and tissue medians), then framed as ``"pad"`` (padded with
-  the canonical background, 0); a slice without a found lung field is framed as ``"pad"`` as it is.
+  the canonical background, 0); a slice without a found lung field is framed as ``"pad"`` as it is;
+* ``"canonical-aerated"``: the same, greys anchored on the lungs' aerated part (their 10th percentile) instead of
+  their median, so ground glass that raises the median is not mapped away;
+* ``"canonical-lungs"``: as ``"canonical-aerated"``, with only the lung fields and a thin rim around them in view.
 
 Training (the paper's augmentation inside that frame): a random ``image_size`` square of the framed slice,
 flipped horizontally and vertically, each with probability 1/2. Evaluation: the framed square resized to
@@ -47,6 +50,7 @@ from crosssite.errors import ConfigError
 __all__ = [
     "DEFAULT_MEAN",
     "DEFAULT_STD",
+    "CANONICAL_FRAMES",
     "FRAMES",
     "DEFAULT_FRAME",
     "frame_slice",
@@ -77,7 +81,11 @@ DEFAULT_MEAN: tuple[float, float, float] = (0.63, 0.63, 0.63)
 DEFAULT_STD: tuple[float, float, float] = (0.29, 0.29, 0.29)
 
 
-FRAMES = ("resize", "pad", "crop", "canonical")
+# canonical frames -> the lung anchor of their grey map and what stays in view (crosssite.data.canonical)
+CANONICAL_FRAMES = {"canonical": {"anchor": "median", "keep": "body"},
+                    "canonical-aerated": {"anchor": "aerated", "keep": "body"},
+                    "canonical-lungs": {"anchor": "aerated", "keep": "lungs"}}
+FRAMES = ("resize", "pad", "crop", *CANONICAL_FRAMES)
 DEFAULT_FRAME = "pad"
 
 
@@ -147,10 +155,10 @@ def frame_slice(image: np.ndarray, size: int, frame: str = DEFAULT_FRAME) -> np.
     _check_frame(frame)
     if frame == "crop":
         return resize_short_side(image, size)
-    if frame == "canonical":
+    if frame in CANONICAL_FRAMES:
         from crosssite.data.canonical import canonical_view  # here: SciPy and scikit-image only for this frame
 
-        view = canonical_view(image)
+        view = canonical_view(image, **CANONICAL_FRAMES[frame])
         if view.found:
             return resize_to(pad_to_square(view.image, fill=0.0), size, size)
         frame = "pad"
@@ -162,11 +170,11 @@ def frame_slice(image: np.ndarray, size: int, frame: str = DEFAULT_FRAME) -> np.
 def frame_tag(frame: str) -> str:
     """The name under which slices framed with ``frame`` are cached: the canonical view carries its version, so a
     changed view is never read from slices an earlier one cached."""
-    if frame != "canonical":
+    if frame not in CANONICAL_FRAMES:
         return frame
     from crosssite.data.canonical import CANONICAL_VERSION
 
-    return f"canonical-v{CANONICAL_VERSION}"
+    return f"{frame}-v{CANONICAL_VERSION}"
 
 
 def is_framed(image: np.ndarray, size: int, frame: str) -> bool:
