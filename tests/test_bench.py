@@ -66,7 +66,7 @@ def test_preset_benchmark_measures_the_engine_step_on_real_sites(data_root, caps
     from crosssite.bench_preset import main
 
     result = main(["--preset", "cpu-small", "--steps", "1", "--warmup", "0", "--threads", "1", "--json",
-                   "--data", str(data_root)])
+                   "--data", str(data_root), "--limit-per-site", "96"])
     paths = result["paths"]
     assert {"plain", "channels_last", "static_layout", "fused_adam", "fast", "plain (again)"} <= set(paths)
     for entry in paths.values():

@@ -129,14 +129,17 @@ def _entries(timings: dict, steps_of: dict[str, Callable[[], None]], work: float
 
 
 def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threads: int | None = None,
-                         compile: bool = False, device: str = "cpu", data_root: Path | None = None) -> dict[str, Any]:
-    """The preset's engine step on the plain path, with each lever alone, and on the fast path (see the module)."""
+                         compile: bool = False, device: str = "cpu", data_root: Path | None = None,
+                         limit_per_site: int = 0) -> dict[str, Any]:
+    """The preset's engine step on the plain path, with each lever alone, and on the fast path (see the module);
+    ``limit_per_site`` > 0 builds the loaders from that many slices per site (a quick check: the step's cost does
+    not depend on how many slices the epoch holds, only the decoding before it does)."""
     load_before = machine_load()  # before this process adds its own load
     if threads:
         torch.set_num_threads(threads)
     root = data_root or DATA
     specs = [f"sars_cov2_ct={root / 'sars_cov2_ct'}", f"covid_ct={root / 'covid_ct'}"]
-    base = preset_config(preset, device)
+    base = preset_config(preset, device).replace(limit_per_site=limit_per_site)
     sites = load_sites(specs)
     torch_device = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +171,7 @@ def run_preset_benchmark(preset: str, *, steps: int = 20, warmup: int = 3, threa
         "machine": {"cpu": cpu_model(), **cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
                     "native_bf16": native_bf16(torch_device), "load_before": load_before, "load_after": machine_load()},
-        "config": {k: getattr(base, k) for k in ("image_size", "width", "batch_per_site", "method")},
+        "config": {k: getattr(base, k) for k in ("image_size", "width", "batch_per_site", "method", "limit_per_site")},
         "fast_path": {k: getattr(fast, k) for k in PLAIN} | {"data_on_device": data_on_device(fast, torch_device)},
         "forward_gflop_per_image": round(flops / 1e9, 3),
         "matmul_gflops": {k: round(v, 1) for k, v in peaks.items()},
@@ -211,10 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--data", type=Path, default=None, help="folder of the two real sites")
+    parser.add_argument("--limit-per-site", type=int, default=0,
+                        help="slices per site to build the loaders from (0: all; the step's cost is the same)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     result = run_preset_benchmark(args.preset, steps=args.steps, warmup=args.warmup, threads=args.threads,
-                                  compile=args.compile, device=args.device, data_root=args.data)
+                                  compile=args.compile, device=args.device, data_root=args.data,
+                                  limit_per_site=args.limit_per_site)
     if args.json:
         print(json.dumps(result))
     else:
