@@ -154,3 +154,27 @@ def test_the_lungs_view_keeps_the_hand_drawn_lungs_and_blanks_the_chest_wall(ent
     np.testing.assert_array_equal(lungs.image[lungs.image > 0], body.image[lungs.image > 0])  # same greys
     # far less of the rest of the body: what remains is the rim along the lungs
     assert ((lungs.image > 0) & ~hand).sum() < 0.5 * ((body.image > 0) & ~hand).sum()
+
+
+def test_the_cache_marks_and_the_run_reports_slices_shown_whole(site_a, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from crosssite.data.sites import Sample, Site
+    from crosssite.rundir import WHOLE, write_run_files
+
+    ramp = tmp_path / "ramp.png"  # no lung field in it: the canonical frame falls back to the whole slice
+    Image.fromarray(np.tile(np.linspace(0, 255, 160).astype(np.uint8), (120, 1))).save(ramp)
+    samples = [site_a.samples[0], Sample(ramp, 0, "p0")]
+    cache = SliceCache(samples, short_side=73, cache_dir=tmp_path / "c", frame="canonical", progress=False)
+    assert cache.whole.tolist() == [False, True] and cache.whole_samples() == [samples[1]]
+    assert not SliceCache(samples, short_side=73, cache_dir=tmp_path / "c", frame="pad", progress=False).whole.any()
+    # a pack written before the flag was stored is decoded again for a canonical frame, not read as "found"
+    for index in (tmp_path / "c").glob("pack-*.json"):
+        table = json.loads(index.read_text())
+        index.write_text(json.dumps({k: v[:3] for k, v in table.items()}))
+    again = SliceCache(samples, short_side=73, cache_dir=tmp_path / "c", frame="canonical", progress=False)
+    assert again.whole.tolist() == [False, True]
+    site = Site("mixed", "folder", tmp_path, samples, has_patients=True)
+    write_run_files(tmp_path / "run", [site], [], again, new_split=False)
+    assert "no lung field found in 1 of 2 slice(s) (mixed 1): shown whole" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / WHOLE).read_text()) == [{"path": str(ramp), "frame": None}]

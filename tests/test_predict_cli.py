@@ -177,3 +177,23 @@ def test_int8_export_and_predict(model_path: Path, folder: Path, site_a_path: Pa
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["counts"]["slice"] == 8 and {r["norm"] for r in doc["rows"]} == {"A+standardise"}
+
+
+def test_a_canonical_model_notes_the_slices_it_showed_whole(model_path: Path, folder: Path, tmp_path: Path) -> None:
+    """A slice without a lung field (a grey ramp) is shown whole by a canonical frame: its row says so, one line
+    sums it up, and --strict does not refuse it (it is not a problem of the file)."""
+    canonical = tmp_path / "canonical"
+    shutil.copy(model_path.with_suffix(".safetensors"), canonical.with_suffix(".safetensors"))
+    card = json.loads(model_path.with_suffix(".json").read_text())
+    card["preprocessing"]["frame"] = "canonical-aerated"
+    canonical.with_suffix(".json").write_text(json.dumps(card))
+    Image.fromarray(np.tile(np.linspace(0, 255, 160).astype(np.uint8), (120, 1))).save(folder / "ramp.png")
+    out = tmp_path / "pred.csv"
+    result = run("predict", canonical, folder, "--out", out, "--strict")
+    assert result.exit_code == 0, result.output
+    rows = {Path(r["path"]).name: r for r in read_csv(out) if r["kind"] == "slice"}
+    assert len(rows) == 9
+    assert "no lung field found" in rows["ramp.png"]["warning"]
+    assert all("no lung field" not in r["warning"] for name, r in rows.items() if name != "ramp.png")
+    assert "no lung field found in 1 of 9 slice(s)" in result.stderr and "ramp.png" in result.stderr
+    assert "predicted with a warning" not in result.stderr

@@ -55,6 +55,7 @@ MODEL_STEM = "model"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 SKIPPED = "skipped.json"
+WHOLE = "whole_slices.json"  # slices a canonical frame showed whole for want of a lung field
 PREDICTION_COLUMNS = ["site", "path", "frame", "patient", "label", "p_covid", "part"]
 
 
@@ -125,7 +126,7 @@ def read_predictions(run_dir: Path, part: str | None = None) -> list[Prediction]
     return out
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any] | list[Any]) -> None:
     """``data`` as indented JSON (non-finite floats as null), atomically."""
     atomic_write_text(path, json.dumps(json_safe(data), indent=2) + "\n")
 
@@ -183,14 +184,22 @@ def split_files(run_dir: Path, site: str, part: str) -> list[tuple[str, int | No
 
 def write_run_files(out_dir: Path, sites: list[Site], splits: list[Split], cache: SliceCache, *, new_split: bool,
                     prefix: str = "") -> None:
-    """Write ``split.json`` when the split was just made, and ``skipped.json`` (saying so on stdout, each line
-    starting with ``prefix``) when unreadable files were left out of the run (``cache.skipped``)."""
+    """Write ``split.json`` when the split was just made, ``skipped.json`` when unreadable files were left out of
+    the run (``cache.skipped``), and ``whole_slices.json`` when a canonical frame found no lung field in some
+    slices and shows them whole; each of the last two is said on stdout, each line starting with ``prefix``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if new_split:
         save_splits(out_dir / SPLIT, sites, splits)
     if cache.skipped:
         count = cache.write_skipped(out_dir / SKIPPED)
         print(f"{prefix}skipped {count} unreadable file(s), listed in {out_dir / SKIPPED}")
+    whole = cache.whole_samples()
+    if whole:
+        write_json(out_dir / WHOLE, [{"path": str(s.path), "frame": s.frame} for s in whole])
+        shown = set(whole)
+        where = ", ".join(f"{site.name} {n}" for site in sites if (n := sum(s in shown for s in site.samples)))
+        print(f"{prefix}no lung field found in {len(whole)} of {len(cache)} slice(s) ({where}): shown whole, listed in "
+              f"{out_dir / WHOLE}")
 
 
 _NORM_TEXT = {"train": "pixel mean / std of the run's training part", "fixed": "fixed constants, the same for any run"}

@@ -90,18 +90,30 @@ def _report_ood(records: list[Any], threshold: float) -> None:
 
 
 def _report_problems(records: list[Any]) -> None:
+    from crosssite.data.transforms import WHOLE_SLICE
+
     skipped = [r for r in records if r.kind == "skipped"]
     if skipped:
         typer.echo(f"skipped {len(skipped)} file(s) that are not images, e.g. {skipped[0].path}", err=True)
     warned: dict[str, str] = {}
+    whole = []  # slices the canonical view showed whole: one line for all, and --strict does not refuse them
     for r in records:
         if r.kind == "error":
             typer.echo(f"error: {r.path}: {one_line(r.error)}", err=True)
-        elif r.warning and r.path not in warned:
-            warned[r.path] = r.warning
-            typer.echo(f"warning: {r.path}: {one_line(r.warning)}", err=True)
+            continue
+        notes = (r.warning or "").split("; ") if r.warning else []
+        if WHOLE_SLICE in notes:
+            whole.append(r)
+            notes.remove(WHOLE_SLICE)
+        if notes and r.path not in warned:
+            warned[r.path] = "; ".join(notes)
+            typer.echo(f"warning: {r.path}: {one_line(warned[r.path])}", err=True)
     if warned:
         typer.echo(f"{len(warned)} file(s) predicted with a warning (--strict refuses them)", err=True)
+    if whole:
+        n = sum(r.kind == "slice" for r in records)
+        typer.echo(f"note: no lung field found in {len(whole)} of {n} slice(s) (e.g. {whole[0].path}): the model saw "
+                   "the whole slice there, not the canonical lung view it was trained on", err=True)
 
 
 def is_model_path(path: Path) -> bool:

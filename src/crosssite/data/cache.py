@@ -29,7 +29,7 @@ import numpy as np
 
 from crosssite.data.io import LUNG_WINDOW, READER_VERSION, check_image_size, read_image
 from crosssite.data.sites import Sample
-from crosssite.data.transforms import frame_slice, frame_tag
+from crosssite.data.transforms import CANONICAL_FRAMES, frame_tag, framed_view
 from crosssite.errors import ImageReadError
 from crosssite.ioutil import cache_root, guard_output
 
@@ -103,7 +103,8 @@ class SliceCache:
 
     ``cache[i]`` is sample ``i``'s slice, uint8 (h, w); `slot_of` finds a sample by value. With
     ``skip_bad=True`` an unreadable sample is recorded in ``skipped`` (sample, reason) and marked False in
-    ``valid``; otherwise its `ImageReadError` stops the build.
+    ``valid``; otherwise its `ImageReadError` stops the build. ``whole`` marks the slices a canonical frame shows
+    whole for want of a lung field (`crosssite.data.transforms.framed_view`), stored with each packed slice.
     """
 
     def __init__(
@@ -139,8 +140,9 @@ class SliceCache:
         text = f"{file_digest}|{sample.frame}|{framing}|{READER_VERSION}|{self.window}"
         return hashlib.sha1(text.encode()).hexdigest()
 
-    def _read_packs(self) -> dict[str, tuple[str, int, int, int]]:
-        entries: dict[str, tuple[str, int, int, int]] = {}
+    def _read_packs(self) -> dict[str, tuple[str, int, int, int, bool | None]]:
+        """key -> (pack, offset, h, w, whole); ``whole`` None in packs written before it was stored."""
+        entries: dict[str, tuple[str, int, int, int, bool | None]] = {}
         for index_file in sorted(self.cache_dir.glob("pack-*.json")):
             pack = index_file.stem
             try:
@@ -149,8 +151,8 @@ class SliceCache:
                 continue
             if not (self.cache_dir / f"{pack}.u8").is_file():
                 continue
-            for key, (offset, h, w) in table.items():
-                entries[key] = (pack, offset, h, w)
+            for key, (offset, h, w, *whole) in table.items():
+                entries[key] = (pack, offset, h, w, bool(whole[0]) if whole else None)
         return entries
 
     def _build(self, skip_bad: bool, progress: bool) -> None:
@@ -166,6 +168,8 @@ class SliceCache:
                 keys.append(None)
         hashes.save()
         entries = self._read_packs()
+        if self.frame in CANONICAL_FRAMES:  # an older pack does not say which slices were shown whole
+            entries = {k: e for k, e in entries.items() if e[4] is not None}
         missing: dict[str, Sample] = {}
         for sample, key in zip(self.samples, keys):
             if key is not None and key not in entries:
@@ -175,18 +179,19 @@ class SliceCache:
             entries.update(written)
             self.skipped.extend((s, failures[k]) for s, k in zip(self.samples, keys) if k in failures)
         self.valid = np.array([k is not None and k in entries for k in keys], dtype=bool)
-        loc = [entries[k] if ok else ("", 0, 0, 0) for k, ok in zip(keys, self.valid)]
+        loc = [entries[k] if ok else ("", 0, 0, 0, False) for k, ok in zip(keys, self.valid)]
         self._packs = [p for p, *_ in loc]
-        self._offsets = np.array([o for _, o, _, _ in loc], dtype=np.int64)
-        self._shapes = np.array([(h, w) for _, _, h, w in loc], dtype=np.int64).reshape(-1, 2)
+        self._offsets = np.array([o for _, o, _, _, _ in loc], dtype=np.int64)
+        self._shapes = np.array([(h, w) for _, _, h, w, _ in loc], dtype=np.int64).reshape(-1, 2)
+        self.whole = np.array([bool(e[4]) for e in loc], dtype=bool)
 
-    def _decode(self, sample: Sample) -> np.ndarray:
+    def _decode(self, sample: Sample) -> tuple[np.ndarray, bool]:
         image = check_image_size(sample.path, read_image(sample.path, sample.frame, self.window))
-        return frame_slice(image, self.short_side, self.frame)
+        return framed_view(image, self.short_side, self.frame)
 
     def _write_pack(
         self, missing: dict[str, Sample], skip_bad: bool, progress: bool
-    ) -> tuple[dict[str, tuple[str, int, int, int]], dict[str, str]]:
+    ) -> tuple[dict[str, tuple[str, int, int, int, bool]], dict[str, str]]:
         """Decode the missing slices into a new pack; return its entries and the failed keys' reasons."""
         pack = f"pack-{uuid.uuid4().hex[:16]}"
         data_path = self.cache_dir / f"{pack}.u8"
@@ -209,9 +214,10 @@ class SliceCache:
                                 raise result
                             failures[key] = result.reason
                             continue
-                        out.write(result.tobytes())
-                        table[key] = [offset, *result.shape]
-                        offset += result.size
+                        pixels, whole = result
+                        out.write(pixels.tobytes())
+                        table[key] = [offset, *pixels.shape, int(whole)]
+                        offset += pixels.size
             if table:
                 os.replace(tmp, data_path)
         finally:
@@ -219,9 +225,9 @@ class SliceCache:
         if not table:
             return {}, failures
         _atomic_write_text(self.cache_dir / f"{pack}.json", json.dumps(table))
-        return {k: (pack, o, h, w) for k, (o, h, w) in table.items()}, failures
+        return {k: (pack, o, h, w, bool(whole)) for k, (o, h, w, whole) in table.items()}, failures
 
-    def _try_decode(self, sample: Sample) -> np.ndarray | ImageReadError:
+    def _try_decode(self, sample: Sample) -> tuple[np.ndarray, bool] | ImageReadError:
         try:
             return self._decode(sample)
         except ImageReadError as e:
@@ -253,6 +259,10 @@ class SliceCache:
 
     def shape(self, i: int) -> tuple[int, int]:
         return tuple(int(v) for v in self._shapes[i])
+
+    def whole_samples(self) -> list[Sample]:
+        """The samples a canonical frame shows whole for want of a lung field (none for the other frames)."""
+        return [s for s, w in zip(self.samples, self.whole) if w]
 
     def write_skipped(self, path: Path | str) -> int:
         """Write the skipped samples (path, frame, reason) as JSON; return how many there are."""

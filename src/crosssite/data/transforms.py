@@ -54,6 +54,8 @@ __all__ = [
     "FRAMES",
     "DEFAULT_FRAME",
     "frame_slice",
+    "framed_view",
+    "WHOLE_SLICE",
     "frame_tag",
     "short_side_for",
     "resize_short_side",
@@ -149,22 +151,33 @@ def frame_slice(image: np.ndarray, size: int, frame: str = DEFAULT_FRAME) -> np.
     """A decoded slice (H, W), uint8 or float in [0, 1], framed as the decode cache stores it; uint8.
 
     ``"resize"``: (size, size), the whole slice; ``"pad"``: padded to a square, then (size, size);
-    ``"crop"``: short side ``size``, aspect ratio kept; ``"canonical"``: the canonical view, padded with 0 to a
-    square, then (size, size) (see the module docstring).
+    ``"crop"``: short side ``size``, aspect ratio kept; the canonical frames: the canonical view, padded with 0 to
+    a square, then (size, size) (see the module docstring).
     """
+    return framed_view(image, size, frame)[0]
+
+
+WHOLE_SLICE = "no lung field found: the whole slice was used"
+"""The note on a slice that a canonical frame showed whole (`framed_view`)."""
+
+
+def framed_view(image: np.ndarray, size: int, frame: str = DEFAULT_FRAME) -> tuple[np.ndarray, bool]:
+    """`frame_slice`'s output, and whether a canonical frame found no lung field and so shows the whole slice,
+    framed as ``"pad"`` (always False for the other frames), so that callers can count and report it."""
     _check_frame(frame)
     if frame == "crop":
-        return resize_short_side(image, size)
+        return resize_short_side(image, size), False
+    whole = False
     if frame in CANONICAL_FRAMES:
         from crosssite.data.canonical import canonical_view  # here: SciPy and scikit-image only for this frame
 
         view = canonical_view(image, **CANONICAL_FRAMES[frame])
         if view.found:
-            return resize_to(pad_to_square(view.image, fill=0.0), size, size)
-        frame = "pad"
+            return resize_to(pad_to_square(view.image, fill=0.0), size, size), False
+        frame, whole = "pad", True
     if frame == "pad":
         image = pad_to_square(image)
-    return resize_to(image, size, size)
+    return resize_to(image, size, size), whole
 
 
 def frame_tag(frame: str) -> str:

@@ -31,6 +31,7 @@ prediction, and a volume the mean over its slices; ``ood`` is set where the scor
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections import deque
@@ -46,6 +47,7 @@ from torch import nn
 
 from crosssite.data import CLASS_NAMES, TTA_MODES, card_tta
 from crosssite.data.io import input_warnings
+from crosssite.data.transforms import WHOLE_SLICE
 from crosssite.errors import ImageReadError, InferenceError
 from crosssite.inference.backends import Backend, TorchBackend
 from crosssite.inference.cams import save_cams
@@ -377,12 +379,14 @@ class Predictor:
     def _ood(self, score: float | None) -> bool | None:
         return None if score is None else bool(score > self.ood_threshold)
 
-    def _slice_record(self, item: SliceItem, p: float, cam: Path | None, ood_score: float | None) -> Record:
+    def _slice_record(self, item: SliceItem, p: float, cam: Path | None, ood_score: float | None,
+                      whole: bool = False) -> Record:
+        notes = self._warnings_of(item) + ([WHOLE_SLICE] if whole else [])
         return Record(
             kind="slice", path=str(item.ref.path), frame=item.ref.frame,
             volume=None if item.volume is None else str(item.volume), slice=item.index,
             p_covid=p, label=self._label(p), norm=self.norm, cam=None if cam is None else str(cam),
-            warning="; ".join(self._warnings_of(item)) or None, ood=self._ood(ood_score), ood_score=ood_score,
+            warning="; ".join(notes) or None, ood=self._ood(ood_score), ood_score=ood_score,
         )
 
     def _warnings_of(self, item: SliceItem) -> list[str]:
@@ -398,7 +402,7 @@ class Predictor:
                 if isinstance(x, torch.Tensor) and self._warnings_of(item) else x for x, item in zip(inputs, items)]
 
     def _predict_batch(self, items: Sequence[SliceItem], inputs: list, start: int,
-                       cam_dir: Path | None) -> list[Record]:
+                       cam_dir: Path | None, whole: set[tuple[Path, int | None]]) -> list[Record]:
         if self.strict:
             inputs = self._refused(inputs, items)
         good = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
@@ -410,7 +414,8 @@ class Predictor:
             images = torch.stack([inputs[i] for i in good])  # (B, 3, S, S)
             p, scores, cams = self._score(images, [items[i] for i in good], start, cam_dir)
             for i, pi, cam, score in zip(good, p, cams, scores):
-                records[i] = self._slice_record(items[i], float(pi), cam, score)
+                records[i] = self._slice_record(items[i], float(pi), cam, score,
+                                                (items[i].ref.path, items[i].ref.frame) in whole)
         return [records[i] for i in range(len(items))]
 
     def _score(self, images: torch.Tensor, items: Sequence[SliceItem], start: int, cam_dir: Path | None
@@ -500,8 +505,10 @@ class Predictor:
             progress, len(plan.items), f"predicting {len(plan.items)} slices"
         ) as advance, torch.inference_mode(cam_path is None), self._torch_threads(torch_n):
             start = 0
-            for batch, loaded in _decoded(plan.items, self.batch_size, self.preprocess.load, pool):
-                slices.extend(self._predict_batch(batch, loaded, start, cam_path))
+            whole: set[tuple[Path, int | None]] = set()  # slices a canonical frame shows whole, this call's
+            load = functools.partial(self.preprocess.load, whole=whole)
+            for batch, loaded in _decoded(plan.items, self.batch_size, load, pool):
+                slices.extend(self._predict_batch(batch, loaded, start, cam_path, whole))
                 start += len(batch)
                 advance(len(batch))
         skipped = [Record(kind="skipped", path=str(p), error="not an image file (unsupported type)")

@@ -16,12 +16,14 @@ prediction path decode in full. Every other format decodes in full either way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from crosssite.data import DEFAULT_FRAME, DEFAULT_MEAN, DEFAULT_STD, eval_transform, preprocessing_transform, read_image
+from crosssite.data.transforms import framed_view
 from crosssite.errors import CheckpointError, ImageReadError
 from crosssite.inference.inputs import SliceItem
 
@@ -67,13 +69,20 @@ class Preprocess:
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.transform(image)
 
-    def load(self, item: SliceItem) -> torch.Tensor | ImageReadError:
-        """The model input (3, S, S) of one slice, or the error that names why its file cannot be read."""
+    def load(self, item: SliceItem, whole: set[tuple[Path, int | None]] | None = None
+             ) -> torch.Tensor | ImageReadError:
+        """The model input (3, S, S) of one slice, or the error that names why its file cannot be read. With
+        ``whole``, the slice's (path, frame) is added to it when a canonical frame found no lung field in it and
+        shows it whole."""
         draft = (self.transform.framed_size, self.frame) if self.draft else None
         try:
-            return self(read_image(item.ref.path, item.ref.frame, draft=draft))
+            image = read_image(item.ref.path, item.ref.frame, draft=draft)
         except ImageReadError as e:
             return e
+        framed, shown_whole = framed_view(image, self.transform.framed_size, self.frame)
+        if shown_whole and whole is not None:
+            whole.add((item.ref.path, item.ref.frame))
+        return self(framed)
 
     def grey(self, x: torch.Tensor) -> np.ndarray:
         """The grey slice (S, S) in [0, 1] a model input (3, S, S) was made from (for overlays)."""
