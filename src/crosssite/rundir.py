@@ -212,6 +212,8 @@ _FRAME_TEXT = {
                          "to a square, then resized",
     "canonical-lungs": "lung fields and their rim in canonical greys anchored on aerated lung "
                        "(crosssite.data.canonical), padded to a square, then resized",
+    "canonical-equalised": "lung field with the body's greys histogram-equalised (crosssite.data.canonical), padded "
+                           "to a square, then resized",
 }
 
 

@@ -12,6 +12,11 @@ Which lung percentile is the anchor is the view's one choice (`LUNG_ANCHORS`): t
 10th percentile (``"aerated"``). Ground glass and consolidation raise the lung median, so anchoring on it maps a
 diseased lung to the same grey as a healthy one and erases part of what tells the classes apart; the 10th
 percentile is the lung's aerated parenchyma, which keeps its grey in both classes while the disease stays brighter.
+The grey map itself is the third (`GREY_MAPS`): the affine map above (``"affine"``), or histogram equalisation
+over the body (``"equalise"``): each grey goes to its rank among the body's greys, so any monotone change of the
+export's grey levels (window, level, gamma, a compressed range) gives the same view, at the price of absolute
+density (the share of the body that is darker than a pixel, not its grey, is what the network sees). An inverted
+export is equalised as its negative, told by its lungs being brighter than its tissue.
 What stays in view is the other (`KEEP`): the whole body (``"body"``), or only the lung fields grown by
 `LUNG_RIM` of the working copy's side (``"lungs"``), so the chest wall, mediastinum, fat and table (the patient's
 build and the export's field of view) cannot become cues, while a lesion against the pleura stays in view.
@@ -48,13 +53,15 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
-__all__ = ["LUNG_GREY", "TISSUE_GREY", "WORK_SIDE", "CANONICAL_VERSION", "LUNG_ANCHORS", "KEEP", "Segmentation",
+__all__ = ["LUNG_GREY", "TISSUE_GREY", "WORK_SIDE", "CANONICAL_VERSION", "LUNG_ANCHORS", "KEEP", "GREY_MAPS", "Segmentation",
            "CanonicalView", "segment", "canonical_view"]
 
 CANONICAL_VERSION = 1  # part of the decode cache's key: a change to the view below must bump it
 LUNG_GREY, TISSUE_GREY = 0.25, 0.75
 LUNG_ANCHORS = {"median": 50.0, "aerated": 10.0}  # percentile of the lung fields' greys mapped to LUNG_GREY
 KEEP = ("body", "lungs")  # what of the crop stays in view; the rest is 0
+GREY_MAPS = ("affine", "equalise")
+_LEVELS = np.linspace(0.0, 1.0, 257)  # quantiles of the body's greys that histogram equalisation interpolates
 LUNG_RIM = 0.02  # of the working copy's long side: how far the kept lung fields reach beyond their masks
 WORK_SIDE = 256
 MIN_LUNG = 0.01  # of the frame's area
@@ -251,8 +258,21 @@ def _upsample(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(out) > 127
 
 
+def _equalised(crop: np.ndarray, body_greys: np.ndarray, inverted: bool) -> np.ndarray:
+    """``crop``'s greys as their rank (0-1) among ``body_greys``; a grey level that many body pixels share (a
+    clipped window) goes to the middle of its ranks. ``inverted``: ranked as the negative (air bright)."""
+    if inverted:
+        crop, body_greys = 1.0 - crop, 1.0 - body_greys
+    q = np.quantile(body_greys, _LEVELS)
+    levels, tie = np.unique(q, return_inverse=True)
+    ranks = np.bincount(tie, weights=_LEVELS) / np.bincount(tie)
+    if len(levels) < 2:
+        return np.full_like(crop, 0.5)
+    return np.interp(crop, levels, ranks).astype(np.float32)
+
+
 def canonical_view(image: np.ndarray, margin: float = MARGIN, anchor: str = "median",
-                   keep: str = "body") -> CanonicalView:
+                   keep: str = "body", grey: str = "affine") -> CanonicalView:
     """The canonical view of a decoded slice (H, W), uint8 or float in [0, 1], its lung greys anchored at the
     percentile ``LUNG_ANCHORS[anchor]``, with ``keep`` (the body, or the lung fields and their rim) in view (see
     the module docstring)."""
@@ -260,6 +280,8 @@ def canonical_view(image: np.ndarray, margin: float = MARGIN, anchor: str = "med
         raise ValueError(f"anchor must be one of {', '.join(LUNG_ANCHORS)}, got {anchor!r}")
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
+    if grey not in GREY_MAPS:
+        raise ValueError(f"grey must be one of {', '.join(GREY_MAPS)}, got {grey!r}")
     g = _grey01(image)
     h, w = g.shape
     seg = segment(g)
@@ -282,7 +304,10 @@ def canonical_view(image: np.ndarray, margin: float = MARGIN, anchor: str = "med
     dy, dx = round(margin * (bottom - top)), round(margin * (right - left))
     box = (max(0, top - dy), max(0, left - dx), min(h, bottom + dy), min(w, right + dx))
     crop = g[box[0] : box[2], box[1] : box[3]]
-    slope = (TISSUE_GREY - LUNG_GREY) / (tissue_grey - lung_grey)
-    mapped = np.clip(LUNG_GREY + (crop - lung_grey) * slope, 0.0, 1.0)
+    if grey == "equalise":
+        mapped = _equalised(crop, work[seg.body], inverted=tissue_grey < lung_grey)
+    else:
+        slope = (TISSUE_GREY - LUNG_GREY) / (tissue_grey - lung_grey)
+        mapped = np.clip(LUNG_GREY + (crop - lung_grey) * slope, 0.0, 1.0)
     mapped[~body[box[0] : box[2], box[1] : box[3]]] = 0.0
     return CanonicalView(mapped.astype(np.float32), True, box, lungs)

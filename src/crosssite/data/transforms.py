@@ -14,7 +14,9 @@ The paper: "all images are first resized to 224 x 224" -- the whole slice. A sli
   the canonical background, 0); a slice without a found lung field is framed as ``"pad"`` as it is;
 * ``"canonical-aerated"``: the same, greys anchored on the lungs' aerated part (their 10th percentile) instead of
   their median, so ground glass that raises the median is not mapped away;
-* ``"canonical-lungs"``: as ``"canonical-aerated"``, with only the lung fields and a thin rim around them in view.
+* ``"canonical-lungs"``: as ``"canonical-aerated"``, with only the lung fields and a thin rim around them in view;
+* ``"canonical-equalised"``: the canonical crop with the body's greys histogram-equalised instead of mapped
+  affinely (the same view under any monotone change of the export's grey levels).
 
 Training (the paper's augmentation inside that frame): a random ``image_size`` square of the framed slice,
 flipped horizontally and vertically, each with probability 1/2. Evaluation: the framed square resized to
@@ -83,10 +85,11 @@ DEFAULT_MEAN: tuple[float, float, float] = (0.63, 0.63, 0.63)
 DEFAULT_STD: tuple[float, float, float] = (0.29, 0.29, 0.29)
 
 
-# canonical frames -> the lung anchor of their grey map and what stays in view (crosssite.data.canonical)
+# canonical frames -> their grey map, its lung anchor and what stays in view (crosssite.data.canonical)
 CANONICAL_FRAMES = {"canonical": {"anchor": "median", "keep": "body"},
                     "canonical-aerated": {"anchor": "aerated", "keep": "body"},
-                    "canonical-lungs": {"anchor": "aerated", "keep": "lungs"}}
+                    "canonical-lungs": {"anchor": "aerated", "keep": "lungs"},
+                    "canonical-equalised": {"grey": "equalise", "keep": "body"}}
 FRAMES = ("resize", "pad", "crop", *CANONICAL_FRAMES)
 DEFAULT_FRAME = "pad"
 

@@ -77,7 +77,7 @@ class TrainConfig:
     # ("pad", the default, chosen on validation: docs/METHODS.md), "crop" keeps a central square of a
     # short-side-resized slice (kept so models trained with it stay reproducible), "canonical" the lung field in
     # canonical greys (crosssite.data.canonical), "canonical-aerated" the same anchored on the aerated lung,
-    # "canonical-lungs" that with only the lungs in view
+    # "canonical-lungs" that with only the lungs in view, "canonical-equalised" the lung field histogram-equalised
     frame: str = "pad"
     # input normalisation: "train" = pixel mean / std of the run's training part (stored in the model card);
     # "fixed" = the constants DEFAULT_MEAN / DEFAULT_STD (the same for every run). A federated client sees only its
