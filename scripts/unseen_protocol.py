@@ -193,11 +193,38 @@ def print_choice(result: dict[str, Any]) -> None:
     print(f"chosen: {result['chosen']}")
 
 
+def markdown(result: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """The rule's table as Markdown, eligible pairs only, with each real held-out site's AUC over the seeds
+    (mean, and the lowest and highest seed) and the chosen pair in bold."""
+    seeds: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for record in records:
+        for row in record["scores"]:
+            if row["kind"] != "simulated" and row["auc"] is not None:
+                seeds[(record["variant"], row["strategy"], row["target"])].append(100 * float(row["auc"]))
+    sites = sorted({t for (_, _, t) in seeds})
+    lines = ["| variant | strategy | mean over simulated hospitals | worst | n | "
+             + " | ".join(f"real held-out {t} (mean; seeds min-max)" for t in sites) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(sites)]
+    chosen = result["chosen"] or {}
+    for r in result["table"]:
+        if not r["eligible"]:
+            continue
+        mark = "**" if chosen == {"variant": r["variant"], "strategy": r["strategy"]} else ""
+        real = []
+        for t in sites:
+            x = seeds.get((r["variant"], r["strategy"], t), [])
+            real.append(f"{np.mean(x):.1f} ({min(x):.1f}-{max(x):.1f})" if x else "")
+        lines.append(f"| {mark}{r['variant']}{mark} | {mark}{r['strategy']}{mark} | {100 * r['mean_simulated']:.1f} | "
+                     f"{100 * r['worst_simulated']:.1f} | {r['n_simulated']} | " + " | ".join(real) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = Path(os.environ.get("CROSSSITE_DATA", ROOT.parent / "shared" / "data"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--choose", action="store_true", help="print the table and the rule's choice, train nothing")
+    parser.add_argument("--markdown", action="store_true", help="with --choose: the table as Markdown")
     parser.add_argument("--variant", default="baseline", help="name of the configuration under test")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override")
     parser.add_argument("--site", action="append", metavar="NAME=PATH",
@@ -219,7 +246,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.choose:
-        print_choice(choose(read_results(args.out / RESULTS)))
+        records = read_results(args.out / RESULTS)
+        result = choose(records)
+        print(markdown(result, records) if args.markdown else "", end="\n" if args.markdown else "")
+        if not args.markdown:
+            print_choice(result)
         return
     torch.set_num_threads(int(os.environ.get("CROSSSITE_THREADS", "1")))
     run_protocol(args)
