@@ -55,8 +55,8 @@ MEAN_OF_SITES = "mean-of-sites"
 
 DEFAULT_STRATEGY = "standardise"
 """What ``predict`` (without ``--site``, or with a bare ``--adapt``), ``serve`` and ``evaluate --external`` use for
-a site the model never saw: the strategy with the best leave-one-site-out AUC (docs/RESULTS.md, "Unseen
-hospitals")."""
+a site the model never saw: the strategy that the unseen-hospital protocol's rule chose together with the shipped
+model's frame, on 48 simulated held-out hospitals (docs/RESULTS.md, "A new hospital"; results/unseen-v1)."""
 
 MIN_ADAPT_IMAGES = 8
 """Fewest readable slices of a new site that AdaBN (predict ``--adapt``, ``add-site``) accepts: batch statistics of
