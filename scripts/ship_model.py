@@ -5,7 +5,7 @@
 
 Writes ``src/crosssite/pretrained/<SHIPPED_NAME>.safetensors`` (float16 weights) and ``.json`` (the run's card plus
 the training command, commit, licences and the validation AUC of the float16 weights against float32 on the run's
-own validation parts, and, with ``--cv``, the cross-validated test AUC of the same method and backbone in a grid's
+own validation parts, and, with ``--cv``, the cross-validated test AUC of the same method, backbone and frame in a grid's
 ``results.jsonl``: mean and std over its finished runs, with their count), and refuses the float16 file when it moves any site's validation AUC by 0.5 points or more.
 """
 
@@ -33,12 +33,15 @@ LICENCES = {
 
 
 def cross_validated(results: Path, card: dict) -> dict:
-    """Test AUC (%) per site of the grid's finished, not collapsed runs of the card's method and backbone."""
+    """Test AUC (%) per site of the grid's finished, not collapsed runs of the card's method, backbone and frame (a
+    grid of another frame estimates another model)."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    frame = card["train_config"].get("frame", "pad")
     mine = [r for r in rows if r["method"] == card["method"] and r["backbone"] == card["architecture"]
-            and not r.get("collapsed")]
+            and r.get("config", {}).get("frame", "pad") == frame and not r.get("collapsed")]
     if not mine:
-        return {"grid": str(results), "runs": 0, "note": "no finished run of this recipe yet"}
+        return {"grid": str(results), "runs": 0,
+                "note": f"no finished run of this recipe (method, backbone and frame {frame!r}) in the grid yet"}
     aucs = {site: [100 * r["sites"][site]["auc"] for r in mine] for site in mine[0]["sites"]}
     return {"grid": str(results), "runs": len(mine), "folds_seeds": sorted([r["fold"], r["seed"]] for r in mine),
             "test_auc_mean": {s: round(statistics.mean(v), 2) for s, v in aucs.items()},
