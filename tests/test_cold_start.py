@@ -1,5 +1,6 @@
 """Start-up imports only what a command uses: ``crosssite --help`` loads no torch at all, and ``crosssite predict``
-on one slice loads neither the training stack (scikit-learn, SciPy), nor the service (FastAPI, uvicorn), nor
+on one slice loads neither the training stack (scikit-learn; SciPy too unless the model's frame is a canonical
+view, which segments the slice with it), nor the service (FastAPI, uvicorn), nor
 federated learning (Flower), nor plotting (matplotlib), nor torch's compiler (dynamo, inductor), nor ONNX Runtime.
 Checked on ``sys.modules`` in a fresh interpreter; how long start-up takes is measured in docs/RELIABILITY.md."""
 
@@ -9,6 +10,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from crosssite.data.transforms import CANONICAL_FRAMES
+from crosssite.pretrained import shipped_model
 
 NEVER = ("sklearn", "scipy", "matplotlib", "fastapi", "starlette", "uvicorn", "flwr", "torch._dynamo",
          "torch._inductor", "onnxruntime", "onnx")
@@ -38,4 +42,8 @@ def test_predict_on_one_slice_imports_only_what_it_uses(tmp_path: Path, site_a_p
             "    assert not e.code, e.code\n")
     loaded = loaded_after(code, tmp_path)
     assert "torch" in loaded  # it did predict
-    assert [m for m in loaded if m in NEVER] == []
+    # a model on a canonical frame segments the slice (SciPy's ndimage, scikit-image): then SciPy is in use
+    frame = json.loads(shipped_model().with_suffix(".json").read_text())["preprocessing"]["frame"]
+    used = ("scipy",) if frame in CANONICAL_FRAMES else ()
+    assert all(m in loaded for m in used)
+    assert [m for m in loaded if m in NEVER and m not in used] == []
