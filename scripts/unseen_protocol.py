@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosssite.data import load_site, read_image
-from crosssite.data.canonical import canonical_view
+from crosssite.data import load_site
 from crosssite.data.sites import Site
 from crosssite.data.transforms import CANONICAL_FRAMES
 from crosssite.evaluation import card_loader, evaluate_model
@@ -86,23 +85,17 @@ def _extra_strategies(model: torch.nn.Module) -> tuple[str, ...]:
     return ("standardise", "tent", "ensemble") if site_bn else ("standardise",)
 
 
-def canonical_fallbacks(site: Site) -> int:
-    """How many of the site's slices have no lung field found, so a canonical frame shows them whole (the anchor
-    plays no part in finding it)."""
-    return sum(not canonical_view(read_image(s.path, s.frame)).found for s in site.samples)
-
-
 def score_targets(run_dir: Path, targets: dict[str, Site], seed: int) -> list[dict[str, Any]]:
     """AUC (with its bootstrap interval) of the run's model on each target site under every strategy; with the
     canonical frame, each target's count of slices shown whole for want of a lung field."""
     model, card = load(run_dir / "model")
     tta = str(card.get("tta", "none"))
-    frame = (card.get("preprocessing") or {}).get("frame")
-    canonical = frame in CANONICAL_FRAMES
+    canonical = (card.get("preprocessing") or {}).get("frame") in CANONICAL_FRAMES
     rows = []
     for name, site in targets.items():
         loader = card_loader(site, card, batch_size=64)
-        fallback = {"canonical_fallback": canonical_fallbacks(site)} if canonical else {}
+        # the decode cache framed every slice with the card's own frame and kept which ones it showed whole
+        fallback = {"canonical_fallback": int(loader.dataset.cache.whole.sum())} if canonical else {}
         if fallback.get("canonical_fallback"):
             print(f"{name}: no lung field found in {fallback['canonical_fallback']} of {len(site)} slices "
                   "(shown whole)", flush=True)
@@ -248,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.choose:
         records = read_results(args.out / RESULTS)
         result = choose(records)
-        print(markdown(result, records) if args.markdown else "", end="\n" if args.markdown else "")
-        if not args.markdown:
+        if args.markdown:
+            print(markdown(result, records))
+        else:
             print_choice(result)
         return
     torch.set_num_threads(int(os.environ.get("CROSSSITE_THREADS", "1")))

@@ -101,7 +101,7 @@ def _report_problems(records: list[Any]) -> None:
         if r.kind == "error":
             typer.echo(f"error: {r.path}: {one_line(r.error)}", err=True)
             continue
-        notes = (r.warning or "").split("; ") if r.warning else []
+        notes = r.warning.split("; ") if r.warning else []
         if WHOLE_SLICE in notes:
             whole.append(r)
             notes.remove(WHOLE_SLICE)
